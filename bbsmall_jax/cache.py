@@ -1,0 +1,48 @@
+"""The static decoder KV cache: an explicit pytree owned by the decoding loop."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from .config import BlenderbotSmallConfig
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated self-attention keys/values plus the cross-attention keys/values projected once.
+
+    `index` is the position the next decoder token is written to (one for all layers).
+    """
+
+    self_key: jax.Array  # [L, B, max_len, H, Dh]
+    self_value: jax.Array  # [L, B, max_len, H, Dh]
+    index: jax.Array  # [] int32
+    cross_key: Optional[jax.Array] = None  # [L, B, S, H, Dh]; None for a decoder without encoder
+    cross_value: Optional[jax.Array] = None  # [L, B, S, H, Dh]
+    encoder_mask: Optional[jax.Array] = None  # [B, S] bool, True where the encoder output is real
+
+    @classmethod
+    def empty(cls, config: BlenderbotSmallConfig, batch_size: int, max_length: int,
+              dtype=jnp.float32) -> "KVCache":
+        """A zeroed self-attention cache of `max_length` positions, without cross-attention entries."""
+        heads = config.decoder_attention_heads
+        shape = (config.decoder_layers, batch_size, max_length, heads, config.d_model // heads)
+        return cls(self_key=jnp.zeros(shape, dtype), self_value=jnp.zeros(shape, dtype),
+                   index=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_length(self) -> int:
+        return self.self_key.shape[2]
+
+    def reorder(self, batch_indices: jax.Array) -> "KVCache":
+        """Gather the self-attention entries along the batch axis (beam search's reorder).
+
+        Cross-attention entries are left alone: beams never move between batch elements, so they
+        are the same for every beam of a batch element.
+        """
+        return self.replace(self_key=jnp.take(self.self_key, batch_indices, axis=1),
+                            self_value=jnp.take(self.self_value, batch_indices, axis=1))

@@ -1,0 +1,66 @@
+"""Checks at the API boundary: JAX clamps out-of-range gathers silently, so bad input is caught here."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+def as_token_array(ids, name: str, vocab_size: int, allow_ignore_index: bool = False) -> np.ndarray:
+    """A [B, T] int32 array of ids in [0, vocab_size) (or -100 for labels); raises naming `name`."""
+    array = np.asarray(ids)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, length], got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {array.dtype}")
+    valid = (array >= 0) & (array < vocab_size)
+    if allow_ignore_index:
+        valid |= array == -100
+    if not valid.all():
+        bad = array[~valid]
+        where = tuple(int(i) for i in np.argwhere(~valid)[0])
+        raise ValueError(f"{name} holds id {int(bad[0])} at position {where}, outside the vocabulary "
+                         f"[0, {vocab_size}){' (or -100)' if allow_ignore_index else ''}")
+    return array.astype(np.int32)
+
+
+def check_length(length: int, max_positions: int, name: str) -> None:
+    """Learned positions stop at `max_position_embeddings`."""
+    if length > max_positions:
+        raise ValueError(f"{name} has length {length}, more than max_position_embeddings={max_positions}; "
+                         "truncate it (the tokenizer's conversation helper keeps the most recent turns)")
+
+
+def as_mask(mask, shape: tuple[int, ...], name: str) -> Optional[np.ndarray]:
+    """A 0/1 mask of exactly `shape` (or None)."""
+    if mask is None:
+        return None
+    array = np.asarray(mask)
+    if array.ndim == 1 and len(shape) == 2 and shape[0] == 1:
+        array = array[None]
+    if array.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {array.shape}, but its ids/embeddings have shape {tuple(shape)}")
+    if array.size and not np.isin(array, (0, 1)).all():
+        raise ValueError(f"{name} must hold only 0 and 1")
+    return array.astype(np.int32)
+
+
+def as_embeddings(embeds, d_model: int, name: str) -> np.ndarray:
+    """A finite [B, T, d_model] float array."""
+    array = np.asarray(embeds)
+    if array.ndim != 3 or array.shape[-1] != d_model:
+        raise ValueError(f"{name} must have shape [batch, length, {d_model}], got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return array
+
+
+def exactly_one(ids, embeds, ids_name: str, embeds_name: str, required: bool = True) -> None:
+    """`ids` xor `embeds`."""
+    if ids is not None and embeds is not None:
+        raise ValueError(f"pass either {ids_name} or {embeds_name}, not both")
+    if required and ids is None and embeds is None:
+        raise ValueError(f"pass {ids_name} or {embeds_name}")
