@@ -95,5 +95,6 @@ def save_safetensors(state_dict: dict[str, np.ndarray], directory: str) -> str:
     path = os.path.join(directory, SAFETENSORS)
     tmp = path + ".tmp"
     save_file(state_dict, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
