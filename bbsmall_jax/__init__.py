@@ -1,6 +1,7 @@
 """BlenderbotSmall in JAX/Flax: exact parity with transformers, jitted generation, fast tokenizer."""
 
 from .config import BlenderbotSmallConfig
+from .generation_config import GenerationConfig
 from .modeling import (
     BlenderbotSmallForCausalLM,
     BlenderbotSmallForConditionalGeneration,
@@ -13,5 +14,6 @@ __all__ = [
     "BlenderbotSmallForCausalLM",
     "BlenderbotSmallForConditionalGeneration",
     "BlenderbotSmallModel",
+    "GenerationConfig",
     "shift_tokens_right",
 ]

@@ -44,5 +44,6 @@ class KVCache:
         Cross-attention entries are left alone: beams never move between batch elements, so they
         are the same for every beam of a batch element.
         """
-        return self.replace(self_key=jnp.take(self.self_key, batch_indices, axis=1),
-                            self_value=jnp.take(self.self_value, batch_indices, axis=1))
+        # mode="clip": the indices are in range, and XLA's clipping gather is several times faster than "fill"
+        return self.replace(self_key=jnp.take(self.self_key, batch_indices, axis=1, mode="clip"),
+                            self_value=jnp.take(self.self_value, batch_indices, axis=1, mode="clip"))

@@ -14,6 +14,7 @@ Array = jax.Array
 Dtype = Any
 
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's default; Flax's is 1e-6
+SINGLE_STEP_MIN_ROWS = 4  # one-token attention with at least this many rows uses multiply-and-reduce
 
 ACTIVATION_FUNCTIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # the exact erf form, as torch's default
@@ -80,13 +81,26 @@ class Attention(nn.Module):
         query [B, T, H, Dh], key/value [B, S, H, Dh], bias broadcastable to [B, H, T, S].
         Returns the output [B, T, D] and the float32 weights [B, H, T, S].
         """
-        scores = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
+        # One decoding step of a batch (beams): multiply-and-reduce over the cache in its own layout. XLA's
+        # CPU batched dot transposes the whole cache for this and is slower from a few rows on; at batch 1
+        # the dot is faster.
+        single = query.shape[1] == 1 and query.shape[0] >= SINGLE_STEP_MIN_ROWS and deterministic
+        if single:
+            scores = jnp.sum(query.astype(jnp.float32) * key.astype(jnp.float32), axis=-1)  # [B, S, H]
+            scores = jnp.swapaxes(scores, 1, 2)[:, :, None, :]  # [B, H, 1, S]
+        else:
+            scores = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
         scores = scores * (self.head_dim ** -0.5)
         if bias is not None:
             scores = scores + bias
         weights = jax.nn.softmax(scores, axis=-1)
-        dropped = self.attn_dropout(weights, deterministic=deterministic)
-        out = jnp.einsum("bhts,bshd->bthd", dropped.astype(self.dtype), value.astype(self.dtype))
+        if single:
+            # [B, H, 1, S] -> [B, S, H, 1] weights times values [B, S, H, Dh], summed over S -> [B, 1, H, Dh]
+            per_key = jnp.swapaxes(weights[:, :, 0, :], 1, 2)[..., None]
+            out = jnp.sum(per_key * value.astype(jnp.float32), axis=1, keepdims=True).astype(self.dtype)
+        else:
+            dropped = self.attn_dropout(weights, deterministic=deterministic)
+            out = jnp.einsum("bhts,bshd->bthd", dropped.astype(self.dtype), value.astype(self.dtype))
         # [B, T, H, Dh] -> [B, T, D]
         out = out.reshape(out.shape[:2] + (self.config.d_model,))
         return self.out_proj(out), weights

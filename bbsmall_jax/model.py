@@ -59,22 +59,30 @@ def _embedding_init(config: BlenderbotSmallConfig):
     return init
 
 
-class Encoder(nn.Module):
-    """Token embeddings (shared, passed in) + learned positions -> LayerNorm -> post-LN layers."""
+class _Stack(nn.Module):
+    """What encoder and decoder share: the token embedding passed in, learned positions, a LayerNorm."""
 
     config: BlenderbotSmallConfig
     embed_tokens: nn.Embed
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def setup(self):
+    def _setup_embeddings(self):
         c = self.config
         self.embed_positions = nn.Embed(c.max_position_embeddings, c.d_model, dtype=self.dtype,
                                         param_dtype=self.param_dtype,
                                         embedding_init=nn.initializers.normal(c.init_std))
         self.layernorm_embedding = layer_norm(self.dtype, self.param_dtype, "layernorm_embedding")
-        self.layers = [EncoderLayer(c, self.dtype, self.param_dtype) for _ in range(c.encoder_layers)]
         self.dropout = nn.Dropout(c.dropout)
+
+
+class Encoder(_Stack):
+    """Token embeddings (shared, passed in) + learned positions -> LayerNorm -> post-LN layers."""
+
+    def setup(self):
+        self._setup_embeddings()
+        c = self.config
+        self.layers = [EncoderLayer(c, self.dtype, self.param_dtype) for _ in range(c.encoder_layers)]
 
     def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
                  inputs_embeds: Optional[Array] = None, deterministic: bool = True,
@@ -102,26 +110,17 @@ class Encoder(nn.Module):
             attentions=tuple(all_weights) if output_attentions else None)
 
 
-class Decoder(nn.Module):
+class Decoder(_Stack):
     """LayerNorm(token embeddings) + learned positions -> post-LN layers with cross-attention.
 
     Runs either over a whole sequence (causal mask) or, given a `KVCache`, over new tokens at
     `cache.index` (one token per step in generation, or several to prefill).
     """
 
-    config: BlenderbotSmallConfig
-    embed_tokens: nn.Embed
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
     def setup(self):
+        self._setup_embeddings()
         c = self.config
-        self.embed_positions = nn.Embed(c.max_position_embeddings, c.d_model, dtype=self.dtype,
-                                        param_dtype=self.param_dtype,
-                                        embedding_init=nn.initializers.normal(c.init_std))
-        self.layernorm_embedding = layer_norm(self.dtype, self.param_dtype, "layernorm_embedding")
         self.layers = [DecoderLayer(c, i, self.dtype, self.param_dtype) for i in range(c.decoder_layers)]
-        self.dropout = nn.Dropout(c.dropout)
 
     def project_cross_key_value(self, encoder_hidden_states: Array) -> tuple[Array, Array]:
         """Cross-attention keys and values of every layer, stacked: [L, B, S, H, Dh] each."""

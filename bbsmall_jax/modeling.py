@@ -12,6 +12,8 @@ import numpy as np
 from . import validation as check
 from .config import BlenderbotSmallConfig
 from .convert import flax_to_hf, hf_to_flax
+from .generation import GenerationMixin
+from .generation_config import GenerationConfig
 from .hf_io import load_state_dict, save_safetensors
 from .hub import resolve_directory
 from .model import Head, build_module, init_params
@@ -56,12 +58,17 @@ class _PretrainedModel:
         params = hf_to_flax(load_state_dict(directory), config, cls.head, dtype=param_dtype)
         model = cls(config, params, dtype=dtype, param_dtype=param_dtype)
         model._loaded_from = directory
+        if os.path.isfile(os.path.join(directory, "generation_config.json")):
+            model._generation_config = GenerationConfig.from_pretrained(directory)
         return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write `config.json` and `model.safetensors` that transformers' `from_pretrained` loads."""
+        """Write `config.json`, `model.safetensors` (and `generation_config.json`) that transformers loads."""
         directory = os.fspath(directory)
         self._config_to_save().save_pretrained(directory)
+        generation_config = getattr(self, "generation_config", None)  # the classes that generate
+        if generation_config is not None:
+            generation_config.save_pretrained(directory)
         save_safetensors(flax_to_hf(jax.device_get(self.params), self.config, self.head), directory)
 
     def _config_to_save(self) -> BlenderbotSmallConfig:
@@ -160,7 +167,7 @@ class BlenderbotSmallModel(_Seq2Seq):
         return super().__call__(*args, **kwargs)
 
 
-class BlenderbotSmallForConditionalGeneration(_Seq2Seq):
+class BlenderbotSmallForConditionalGeneration(GenerationMixin, _Seq2Seq):
     """Encoder-decoder with the tied LM head plus `final_logits_bias`: `logits` and `loss`."""
 
     head = "seq2seq_lm"
@@ -170,7 +177,7 @@ class BlenderbotSmallForConditionalGeneration(_Seq2Seq):
         return super().__call__(*args, **kwargs)
 
 
-class BlenderbotSmallForCausalLM(_PretrainedModel):
+class BlenderbotSmallForCausalLM(GenerationMixin, _PretrainedModel):
     """The decoder alone with the tied LM head; cross-attention when `encoder_hidden_states` are given."""
 
     head = "decoder_only"

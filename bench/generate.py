@@ -1,0 +1,156 @@
+"""Benchmark `generate`: ours (jit) against transformers' PyTorch eager on the same random 90M-shaped weights."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per case (the median is reported)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="greedy: tokens generated per sequence")
+    parser.add_argument("--source-length", type=int, default=32, help="tokens per input sequence")
+    parser.add_argument("--cases", default="greedy1,greedy32,beam10", help="comma-separated subset to run")
+    parser.add_argument("--small", action="store_true", help="a 4-layer, 8k-vocab model (quick smoke run)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="threads for PyTorch (0: time one decoder step with 1 and with all cores, keep the faster)")
+    parser.add_argument("--no-torch", action="store_true", help="time ours only")
+    return parser.parse_args()
+
+
+ARGS = parse_args()
+os.environ.setdefault("XLA_FLAGS", "")  # set before jax is imported, to take effect
+
+import jax  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from hf_models import FULL_90M, random_hf_model, save_hf_model, scale_reference_decoder_embeddings  # noqa: E402
+
+from bbsmall_jax import BlenderbotSmallForConditionalGeneration  # noqa: E402
+
+BEAM_DEFAULTS = dict(num_beams=10, min_length=20, max_length=128, length_penalty=0.65, no_repeat_ngram_size=3,
+                     forced_eos_token_id=2)
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes copied per second by numpy (one read plus one write of each byte, counted once)."""
+    src = np.ones(megabytes * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return src.nbytes / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def step_weight_bytes(config) -> int:
+    """Weight bytes one decoder step reads: decoder layers (cross-attention K/V are cached), LM head, bias."""
+    d, f, v = config.d_model, config.decoder_ffn_dim, config.vocab_size
+    attention = 4 * (d * d + d)  # q, k, v, out projections
+    cross = 2 * (d * d + d)  # q and out only
+    ffn = d * f + f + f * d + d
+    norms = 3 * 2 * d
+    layer = attention + cross + ffn + norms
+    return 4 * (config.decoder_layers * layer + v * d + v + 2 * d)
+
+
+def pick_torch_threads(model, ids) -> int:
+    """The thread count at which one PyTorch decoder step is fastest (two threads can be slower on small VMs)."""
+    best, best_time = 1, float("inf")
+    with torch.no_grad():
+        encoder_outputs = model.get_encoder()(ids)
+        start = torch.ones((ids.shape[0], 1), dtype=torch.long)
+        for threads in sorted({1, os.cpu_count() or 1}):
+            torch.set_num_threads(threads)
+            model(encoder_outputs=encoder_outputs, decoder_input_ids=start)
+            elapsed = min(_timed(lambda: model(encoder_outputs=encoder_outputs, decoder_input_ids=start))
+                          for _ in range(3))
+            if elapsed < best_time:
+                best, best_time = threads, elapsed
+    torch.set_num_threads(best)
+    return best
+
+
+def time_ours(model, ids, mask, kwargs, runs):
+    first = _timed(lambda: np.asarray(model.generate(ids, attention_mask=mask, **kwargs)))
+    times = [_timed(lambda: np.asarray(model.generate(ids, attention_mask=mask, **kwargs))) for _ in range(runs)]
+    out = np.asarray(model.generate(ids, attention_mask=mask, **kwargs))
+    return statistics.median(times), first - statistics.median(times), out
+
+
+def time_torch(model, ids, mask, kwargs, runs):
+    ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(ids_t, attention_mask=mask_t, **kwargs).numpy()
+        times = [_timed(lambda: model.generate(ids_t, attention_mask=mask_t, **kwargs)) for _ in range(runs)]
+    return statistics.median(times), out
+
+
+def main():
+    shape = dict(FULL_90M)
+    if ARGS.small:
+        shape.update(vocab_size=8192, encoder_layers=4, decoder_layers=4)
+    hf = random_hf_model(**shape)
+    with tempfile.TemporaryDirectory() as directory:
+        save_hf_model(hf, directory)
+        ours = BlenderbotSmallForConditionalGeneration.from_pretrained(directory)
+    scale_reference_decoder_embeddings(hf)
+    bandwidth = copy_bandwidth()
+    weight_bytes = step_weight_bytes(ours.config)
+    bound_step = weight_bytes / bandwidth
+
+    rng = np.random.default_rng(0)
+    cases = {
+        "greedy1": ("greedy, batch 1", 1, dict(max_new_tokens=ARGS.new_tokens, min_new_tokens=ARGS.new_tokens)),
+        "greedy32": ("greedy, batch 32", 32, dict(max_new_tokens=ARGS.new_tokens, min_new_tokens=ARGS.new_tokens)),
+        "beam10": ("beam 10, checkpoint defaults, batch 1", 1, BEAM_DEFAULTS),
+    }
+    threads = None
+    rows = []
+    for name in ARGS.cases.split(","):
+        label, batch, kwargs = cases[name]
+        ids = rng.integers(3, shape["vocab_size"], (batch, ARGS.source_length)).astype(np.int32)
+        mask = np.ones_like(ids)
+        ours_time, compile_time, ours_out = time_ours(ours, ids, mask, kwargs, ARGS.runs)
+        steps = ours_out.shape[1] - 1  # decoder steps run (the first token is the decoder start)
+        tokens = steps * batch
+        row = dict(label=label, tokens=tokens, ours=tokens / ours_time, compile=compile_time,
+                   bound=batch / bound_step, ours_step=ours_time / steps)
+        if not ARGS.no_torch:
+            if threads is None:
+                threads = ARGS.torch_threads or pick_torch_threads(hf, torch.tensor(ids[:1], dtype=torch.long))
+                torch.set_num_threads(threads)
+            torch_time, torch_out = time_torch(hf, ids, mask, kwargs, ARGS.runs)
+            row.update(torch=tokens / torch_time, ratio=torch_time / ours_time,
+                       same=torch_out.shape == ours_out.shape and bool((torch_out == ours_out).all()))
+        rows.append(row)
+        print(row, flush=True)
+
+    print()
+    print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"torch {torch.__version__} ({threads} threads), XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}")
+    print(f"numpy copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per decoder step "
+          f"{weight_bytes / 1e6:.0f} MB -> bound {bound_step * 1e3:.1f} ms/step")
+    print()
+    print("| case | tokens | ours tok/s | transformers tok/s | ratio | same tokens | compile s | ours ms/step "
+          "| bound tok/s | ours / bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['label']} | {r['tokens']} | {r['ours']:.1f} | {r.get('torch', float('nan')):.1f} "
+              f"| {r.get('ratio', float('nan')):.2f}x | {r.get('same', '-')} | {r['compile']:.1f} "
+              f"| {r['ours_step'] * 1e3:.1f} | {r['bound']:.1f} | {r['ours'] / r['bound']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The static KV cache: step-by-step decoding equals the full decoder; beam reorder; no recompilation per length."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForCausalLM, BlenderbotSmallForConditionalGeneration
+from bbsmall_jax import generation
+from bbsmall_jax.cache import KVCache
+from hf_models import TINY
+
+
+@pytest.fixture(scope="module")
+def seq2seq():
+    return BlenderbotSmallForConditionalGeneration(BlenderbotSmallConfig(**TINY), seed=3)
+
+
+def test_step_by_step_with_cache_equals_full_decoder(seq2seq):
+    module, variables = seq2seq.module, {"params": seq2seq.params}
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(3, 101, (2, 7)), jnp.int32)
+    mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3], jnp.int32)
+    decoder_ids = jnp.asarray(rng.integers(3, 101, (2, 6)), jnp.int32)
+    encoded = module.apply(variables, ids, mask, method="encode").last_hidden_state
+    full = module.apply(variables, decoder_input_ids=decoder_ids, encoder_hidden_states=encoded,
+                        encoder_attention_mask=mask, method="decode").last_hidden_state
+    full_logits = module.apply(variables, full, method="logits")
+
+    cache = module.apply(variables, 2, 10, encoded, mask, method="init_cache")
+    assert cache.self_key.shape == (2, 2, 10, 4, 8)  # [layers, batch, max_len, heads, head_dim]
+
+    @jax.jit
+    def step(tokens, cache):
+        out = module.apply(variables, decoder_input_ids=tokens, cache=cache, method="decode")
+        return module.apply(variables, out.last_hidden_state, method="logits"), out.cache
+
+    logits, cache = step(decoder_ids[:, :2], cache)  # a two-token prefill, then one token per step
+    steps = [logits]
+    for t in range(2, 6):
+        logits, cache = step(decoder_ids[:, t:t + 1], cache)
+        steps.append(logits)
+    assert int(cache.index) == 6
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_only_step_by_step_with_cache_equals_full_decoder():
+    model = BlenderbotSmallForCausalLM(BlenderbotSmallConfig(**TINY), seed=4)
+    module, variables = model.module, {"params": model.params}
+    ids = jnp.asarray(np.random.default_rng(1).integers(3, 101, (2, 5)), jnp.int32)
+    full = module.apply(variables, ids, method="decode").last_hidden_state
+    cache = module.apply(variables, 2, 8, method="init_cache")
+    step = jax.jit(lambda tokens, cache: module.apply(variables, input_ids=tokens, cache=cache, method="decode"))
+    hidden = []
+    for t in range(5):
+        out = step(ids[:, t:t + 1], cache)
+        hidden.append(out.last_hidden_state)
+        cache = out.cache
+    np.testing.assert_allclose(jnp.concatenate(hidden, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_reorder_gathers_self_attention_only():
+    config = BlenderbotSmallConfig(**TINY)
+    cache = KVCache.empty(config, 3, 4)
+    values = jnp.arange(cache.self_key.size, dtype=jnp.float32).reshape(cache.self_key.shape)
+    cross = jnp.ones((2, 3, 5, 4, 8))
+    cache = cache.replace(self_key=values, self_value=-values, cross_key=cross, cross_value=cross)
+    moved = cache.reorder(jnp.asarray([2, 2, 0]))
+    np.testing.assert_array_equal(moved.self_key[:, 1], values[:, 2])
+    np.testing.assert_array_equal(moved.self_value[:, 2], -values[:, 0])
+    assert moved.cross_key is cache.cross_key
+
+
+def test_lengths_in_one_bucket_do_not_recompile(seq2seq):
+    rng = np.random.default_rng(2)
+    kwargs = dict(num_beams=2, max_new_tokens=6, no_repeat_ngram_size=2)
+    seq2seq.generate(rng.integers(3, 101, (3, 5)), **kwargs)
+    before = generation.trace_count()
+    for batch, length in ((4, 9), (3, 16), (4, 12), (3, 11)):
+        ids = rng.integers(3, 101, (batch, length))
+        mask = np.ones_like(ids)
+        mask[0, length // 2:] = 0
+        seq2seq.generate(ids, attention_mask=mask, min_length=length % 5, length_penalty=0.5 + length / 10,
+                         **kwargs)
+    assert generation.trace_count() == before  # batch bucket 4, source bucket 16: one program
+    seq2seq.generate(rng.integers(3, 101, (3, 17)), **kwargs)  # the next source bucket compiles once
+    assert generation.trace_count() == before + 1
+
+
+def test_padding_to_a_bucket_does_not_change_results(seq2seq):
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, 101, (3, 6))
+    kwargs = dict(num_beams=2, max_new_tokens=6, no_repeat_ngram_size=2)
+    together = np.asarray(seq2seq.generate(ids, **kwargs))
+    for row in range(3):
+        alone = np.asarray(seq2seq.generate(ids[row:row + 1], **kwargs))
+        np.testing.assert_array_equal(alone[0], together[row, :alone.shape[1]])
+        assert (together[row, alone.shape[1]:] == 2).all()  # beam search pads with EOS when pad_token_id is 0
