@@ -1,0 +1,195 @@
+"""The `bbsmall` command: chat (once and REPL), batch generate (order, bad lines, kill and resume), convert, errors."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bbsmall_jax as bb
+from bbsmall_jax import cli
+from bbsmall_jax.batch_inference import run_batch
+from bbsmall_jax.chat import ChatSession, run_repl
+from bbsmall_jax.inference import DEMO_MODEL_DIR, Responder, load_chat_model
+from bbsmall_jax.tokenizer_training import train_tokenizer
+
+FAST = ["--num-beams", "1", "--max-length", "8", "--min-length", "0"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random-weight tiny chat model with a vocabulary trained on chitchat utterances."""
+    import chitchat_dataset
+
+    directory = tmp_path_factory.mktemp("tiny_chat")
+    texts = [m["text"] for conv in list(chitchat_dataset.Dataset().values())[:300]
+             for turn in conv["messages"] for m in turn]
+    tokenizer = train_tokenizer(texts, 400, directory)
+    config = bb.BlenderbotSmallConfig(vocab_size=tokenizer.vocab_size, d_model=32, encoder_layers=1,
+                                      decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                                      encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                                      scale_embedding=True)
+    model = bb.BlenderbotSmallForConditionalGeneration(config, seed=3)
+    # Random weights: make special tokens unlikely so replies decode to non-empty text.
+    model.params["final_logits_bias"] = model.params["final_logits_bias"].at[:4].set(-20.0)
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def responder(model_dir):
+    model, tokenizer = load_chat_model(model_dir)
+    return Responder(model, tokenizer, dict(num_beams=1, max_length=8, min_length=0))
+
+
+def test_chat_once_on_the_embedded_demo_model(capsys):
+    assert os.path.isfile(os.path.join(DEMO_MODEL_DIR, "model.safetensors"))
+    assert cli.main(["chat", "--once", "hello, how are you?"]) == 0
+    reply = capsys.readouterr().out.strip()
+    assert reply and len(reply.split()) >= 2
+
+
+def test_console_script_runs(model_dir):
+    result = subprocess.run([sys.executable, "-m", "bbsmall_jax", "chat", "--model", model_dir, "--once", "hi",
+                             *FAST], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_repl_two_turns_reset_quit(responder):
+    session = ChatSession(responder)
+    stdin = io.StringIO("hello there\nwhat do you like to do?\n\n/reset\nhi again\n/quit\nnever read\n")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert run_repl(session, stdin, stdout, stderr) == 0
+    lines = stdout.getvalue().splitlines()
+    assert [line.startswith("bot> ") for line in lines] == [True, True, False, True]
+    assert lines[2] == "(conversation reset)"
+    assert len(session.history) == 2 and session.history[0] == "hi again"
+    assert "empty message ignored" in stderr.getvalue()
+
+
+def test_history_is_truncated_from_the_left(responder):
+    session = ChatSession(responder)
+    long_turn = "tell me about your favourite food and the places you travelled " * 6
+    for _ in range(3):
+        session.send(long_turn)
+    ids = responder.context_ids(session.history + ["and now?"])
+    assert 0 < len(ids) <= responder.max_context_tokens == 64
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+INPUT_LINES = [
+    json.dumps({"context": ["hi", "hello! how are you?", "good, you?"], "id": 1}),
+    json.dumps({"text": "what is your favourite food?", "id": 2}),
+    "{this is not json",
+    json.dumps({"context": "i like dogs", "id": 4}),
+    json.dumps({"context": [], "id": 5}),
+    json.dumps({"text": "do you play any sports? i play tennis every weekend with my brother", "id": 6}),
+    json.dumps({"context": ["bye"], "id": 7}),
+]
+
+
+def expected_replies(responder):
+    turns = {1: ["hi", "hello! how are you?", "good, you?"], 2: ["what is your favourite food?"],
+             4: ["i like dogs"], 6: ["do you play any sports? i play tennis every weekend with my brother"],
+             7: ["bye"]}
+    return {k: responder.reply([v])[0] for k, v in turns.items()}
+
+
+def test_generate_keeps_order_and_reports_bad_lines(responder, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", INPUT_LINES)
+    log = io.StringIO()
+    summary = run_batch(responder, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), batch_size=2,
+                        log=log, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 2, 4, 6, 7]
+    assert summary["replies"] == 5 and summary["skipped"] == 2
+    assert "in.jsonl:3: not valid JSON" in log.getvalue() and "in.jsonl:5" in log.getvalue()
+    expected = expected_replies(responder)
+    assert {r["id"]: r["reply"] for r in rows} == expected
+    assert rows[0]["context"] == ["hi", "hello! how are you?", "good, you?"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_batch(responder, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), show_progress=False)
+
+
+def test_generate_fatal_bad_line(responder, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", INPUT_LINES)
+    with pytest.raises(ValueError, match="in.jsonl:3"):
+        run_batch(responder, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), on_error="fail",
+                  show_progress=False, log=io.StringIO())
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs."""
+
+
+def test_killed_then_resumed_run_writes_everything_exactly_once(responder, tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "in.jsonl", INPUT_LINES)
+    out = tmp_path / "out.jsonl"
+    real = Responder.reply_ids
+    calls = {"n": 0}
+
+    def dying(self, contexts, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with open(out, "a") as f:
+                f.write('{"partial": ')  # a half-written line, as a kill mid-write leaves
+            raise Killed()
+        return real(self, contexts, **kw)
+
+    monkeypatch.setattr(Responder, "reply_ids", dying)
+    with pytest.raises(Killed):
+        run_batch(responder, str(tmp_path / "in.jsonl"), str(out), batch_size=1, window=2,
+                  show_progress=False, log=io.StringIO())
+    done_before = len(out.read_text().splitlines())
+    assert 1 <= done_before < 5
+    monkeypatch.setattr(Responder, "reply_ids", real)
+    run_batch(responder, str(tmp_path / "in.jsonl"), str(out), batch_size=1, window=2, resume=True,
+              show_progress=False, log=io.StringIO())
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 2, 4, 6, 7]
+    assert {r["id"]: r["reply"] for r in rows} == expected_replies(responder)
+    assert not os.path.exists(str(out) + ".progress.json")
+
+
+def test_generate_command_end_to_end(model_dir, tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", INPUT_LINES[:2])
+    code = cli.main(["generate", "--model", model_dir, "--input", str(tmp_path / "in.jsonl"), "--output",
+                     str(tmp_path / "out.jsonl"), "--quiet", "--summary-json", *FAST])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["replies"] == 2
+
+
+def test_convert_command_round_trip(model_dir, tmp_path):
+    assert cli.main(["convert", model_dir, str(tmp_path / "converted")]) == 0
+    a = bb.BlenderbotSmallForConditionalGeneration.from_pretrained(model_dir)
+    b = bb.BlenderbotSmallForConditionalGeneration.from_pretrained(tmp_path / "converted")
+    ids = np.array([[5, 6, 7, 2]])
+    assert np.array_equal(a(input_ids=ids, decoder_input_ids=[[1, 5]]).logits,
+                          b(input_ids=ids, decoder_input_ids=[[1, 5]]).logits)
+    assert os.path.isfile(tmp_path / "converted" / "vocab.json")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["chat", "--model", "/nonexistent/model/dir", "--once", "hi"], "no such directory"),
+    (["chat", "--once", "   "], "empty message"),
+    (["generate", "--input", "/nonexistent.jsonl", "--output", "/tmp/x.jsonl"], "no such input file"),
+    (["chat", "--once", "hi", "--temperature", "0.5"], "only apply with --sample"),
+])
+def test_errors_are_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unknown_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["chat", "--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
