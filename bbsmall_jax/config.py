@@ -21,6 +21,28 @@ _ATTRIBUTE_MAP = {
 }
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file holding one object; a malformed file raises naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_json_file(directory: str | os.PathLike, filename: str, data: dict[str, Any]) -> str:
+    """Write `data` as indented, key-sorted JSON to `directory/filename`; returns the path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, filename)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class BlenderbotSmallConfig:
     """Every parameter of transformers' `BlenderbotSmallConfig`, with the same defaults.
@@ -151,13 +173,7 @@ class BlenderbotSmallConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "BlenderbotSmallConfig":
         """Read an HF `config.json`; a malformed file raises naming the file."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(path)
         model_type = data.get("model_type")
         if model_type not in (None, "blenderbot-small", "blenderbot_small"):
             raise ValueError(f"{path}: model_type is {model_type!r}, expected 'blenderbot-small'")
@@ -165,12 +181,7 @@ class BlenderbotSmallConfig:
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write `config.json` into `directory`; returns its path."""
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "config.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        return path
+        return write_json_file(directory, "config.json", self.to_dict())
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike) -> "BlenderbotSmallConfig":

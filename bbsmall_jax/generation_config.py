@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Optional, Union
 
-from .config import BlenderbotSmallConfig
+from .config import BlenderbotSmallConfig, read_json_object, write_json_file
 
 TokenIds = Union[int, tuple, None]
 
@@ -128,14 +127,7 @@ class GenerationConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "GenerationConfig":
         """Read a `generation_config.json`; a malformed file raises naming the file."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "GenerationConfig":
@@ -147,9 +139,4 @@ class GenerationConfig:
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write `generation_config.json` into `directory`; returns its path."""
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "generation_config.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        return path
+        return write_json_file(directory, "generation_config.json", self.to_dict())

@@ -127,17 +127,25 @@ class Decoder(_Stack):
         pairs = [layer.project_cross_key_value(encoder_hidden_states) for layer in self.layers]
         return jnp.stack([k for k, _ in pairs]), jnp.stack([v for _, v in pairs])
 
-    def _self_attention_bias(self, batch: int, length: int, attention_mask: Optional[Array],
-                             cache: Optional[KVCache]) -> Array:
-        """[B or 1, 1, T, keys] bias: causal, plus key padding from `attention_mask`."""
+    def _self_attention_bias(self, length: int, attention_mask: Optional[Array],
+                             cache: Optional[KVCache]) -> tuple[Array, Optional[Array]]:
+        """Biases among the T input tokens (causal, [B or 1, 1, T, T]) and over the cached keys.
+
+        The cache bias [B or 1, 1, 1, max_len] allows the keys before `cache.index` (None without a cache).
+        Both take key padding from `attention_mask`: [B, T] without a cache, [B, max_len] with one.
+        """
+        positions = jnp.arange(length)
+        allowed = (positions[None, :] <= positions[:, None])[None, None]  # [1, 1, T, T]
         if cache is None:
-            positions, keys = jnp.arange(length), jnp.arange(length)
-        else:
-            positions, keys = cache.index + jnp.arange(length), jnp.arange(cache.max_length)
-        allowed = (keys[None, :] <= positions[:, None])[None, None]  # [1, 1, T, K]
+            if attention_mask is not None:
+                allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
+            return mask_to_bias(allowed), None
+        cached = (jnp.arange(cache.max_length) < cache.index)[None, None, None, :]  # [1, 1, 1, K]
         if attention_mask is not None:
-            allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
-        return mask_to_bias(allowed)
+            mask = attention_mask.astype(bool)
+            cached = cached & mask[:, None, None, :]
+            allowed = allowed & jax.lax.dynamic_slice_in_dim(mask, cache.index, length, axis=1)[:, None, None, :]
+        return mask_to_bias(allowed), mask_to_bias(cached)
 
     def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
                  encoder_hidden_states: Optional[Array] = None, encoder_attention_mask: Optional[Array] = None,
@@ -147,12 +155,12 @@ class Decoder(_Stack):
         c = self.config
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids) * c.decoder_embed_scale
-        batch, length = inputs_embeds.shape[:2]
+        length = inputs_embeds.shape[1]
         offset = 0 if cache is None else cache.index
         positions = jax.lax.dynamic_slice_in_dim(self.embed_positions.embedding, offset, length)
         hidden = self.layernorm_embedding(inputs_embeds.astype(self.dtype)) + positions.astype(self.dtype)
         hidden = self.dropout(hidden, deterministic=deterministic)
-        self_bias = self._self_attention_bias(batch, length, attention_mask, cache)
+        self_bias, cache_bias = self._self_attention_bias(length, attention_mask, cache)
 
         if cache is not None and cache.cross_key is not None:
             cross_kv, encoder_mask = (cache.cross_key, cache.cross_value), cache.encoder_mask
@@ -164,23 +172,24 @@ class Decoder(_Stack):
         if cross_kv is not None and encoder_mask is not None:
             cross_bias = mask_to_bias(encoder_mask.astype(bool))[:, None, None, :]  # [B, 1, 1, S]
 
-        cache_kv = None if cache is None else (cache.self_key, cache.self_value)
-        all_hidden, all_self, all_cross = [hidden], [], []
+        all_hidden, all_self, all_cross, new_kv = [hidden], [], [], []
         for i, layer in enumerate(self.layers):
             layer_cross = None if cross_kv is None else (cross_kv[0][i], cross_kv[1][i])
+            layer_cache = None if cache is None else (cache.self_key[i], cache.self_value[i])
             outputs = _run_layer_drop(
                 self, c.decoder_layerdrop if cache is None else 0.0, deterministic,
                 (hidden, jnp.zeros((), jnp.float32), None if cross_kv is None else jnp.zeros((), jnp.float32),
-                 cache_kv),
-                lambda: layer(hidden, self_bias, layer_cross, cross_bias, deterministic, cache_kv,
-                              None if cache is None else cache.index))
-            hidden, self_weights, cross_weights, cache_kv = outputs
+                 (jnp.zeros((), self.dtype), jnp.zeros((), self.dtype))),
+                lambda: layer(hidden, self_bias, layer_cross, cross_bias, deterministic, layer_cache,
+                              None if cache is None else cache.index, cache_bias))
+            hidden, self_weights, cross_weights, kv = outputs
             all_hidden.append(hidden)
             all_self.append(self_weights)
             all_cross.append(cross_weights)
+            new_kv.append(kv)
 
-        if cache is not None:
-            cache = cache.replace(self_key=cache_kv[0], self_value=cache_kv[1], index=cache.index + length)
+        if cache is not None:  # every layer's new entries written once, after all reads of the old buffers
+            cache = cache.write(jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
         return DecoderOutput(
             last_hidden_state=hidden,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
