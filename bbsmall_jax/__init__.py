@@ -1,19 +1,31 @@
-"""BlenderbotSmall in JAX/Flax: exact parity with transformers, jitted generation, fast tokenizer."""
+"""BlenderbotSmall in JAX/Flax: exact parity with transformers, jitted generation, fast tokenizer.
 
-from .config import BlenderbotSmallConfig
-from .generation_config import GenerationConfig
-from .modeling import (
-    BlenderbotSmallForCausalLM,
-    BlenderbotSmallForConditionalGeneration,
-    BlenderbotSmallModel,
-)
-from .model import shift_tokens_right
+Names are imported on first use, so `from bbsmall_jax import BlenderbotSmallTokenizer` does not load JAX.
+"""
 
-__all__ = [
-    "BlenderbotSmallConfig",
-    "BlenderbotSmallForCausalLM",
-    "BlenderbotSmallForConditionalGeneration",
-    "BlenderbotSmallModel",
-    "GenerationConfig",
-    "shift_tokens_right",
-]
+import importlib
+
+_EXPORTS = {
+    "BlenderbotSmallConfig": ".config",
+    "BlenderbotSmallModel": ".modeling",
+    "BlenderbotSmallForConditionalGeneration": ".modeling",
+    "BlenderbotSmallForCausalLM": ".modeling",
+    "GenerationConfig": ".generation_config",
+    "BlenderbotSmallTokenizer": ".tokenizer",
+    "train_tokenizer": ".tokenizer_training",
+    "shift_tokens_right": ".model",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bbsmall_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
