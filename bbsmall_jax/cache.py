@@ -38,6 +38,14 @@ class KVCache:
     def max_length(self) -> int:
         return self.self_key.shape[2]
 
+    def write(self, key: jax.Array, value: jax.Array) -> "KVCache":
+        """Write new entries key/value [L, B, T, H, Dh] at `index` and advance it by T."""
+        start = (0, 0, self.index, 0, 0)
+        return self.replace(
+            self_key=jax.lax.dynamic_update_slice(self.self_key, key.astype(self.self_key.dtype), start),
+            self_value=jax.lax.dynamic_update_slice(self.self_value, value.astype(self.self_value.dtype), start),
+            index=self.index + key.shape[2])
+
     def reorder(self, batch_indices: jax.Array) -> "KVCache":
         """Gather the self-attention entries along the batch axis (beam search's reorder).
 

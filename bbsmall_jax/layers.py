@@ -14,7 +14,6 @@ Array = jax.Array
 Dtype = Any
 
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's default; Flax's is 1e-6
-SINGLE_STEP_MIN_ROWS = 4  # one-token attention with at least this many rows uses multiply-and-reduce
 
 ACTIVATION_FUNCTIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # the exact erf form, as torch's default
@@ -81,29 +80,76 @@ class Attention(nn.Module):
         query [B, T, H, Dh], key/value [B, S, H, Dh], bias broadcastable to [B, H, T, S].
         Returns the output [B, T, D] and the float32 weights [B, H, T, S].
         """
-        # One decoding step of a batch (beams): multiply-and-reduce over the cache in its own layout. XLA's
-        # CPU batched dot transposes the whole cache for this and is slower from a few rows on; at batch 1
-        # the dot is faster.
-        single = query.shape[1] == 1 and query.shape[0] >= SINGLE_STEP_MIN_ROWS and deterministic
-        if single:
-            scores = jnp.sum(query.astype(jnp.float32) * key.astype(jnp.float32), axis=-1)  # [B, S, H]
-            scores = jnp.swapaxes(scores, 1, 2)[:, :, None, :]  # [B, H, 1, S]
-        else:
-            scores = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
+        if query.shape[1] == 1:
+            return self._attend_one(query, [key], [value], [bias], deterministic)
+        scores = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
         scores = scores * (self.head_dim ** -0.5)
         if bias is not None:
             scores = scores + bias
         weights = jax.nn.softmax(scores, axis=-1)
-        if single:
-            # [B, H, 1, S] -> [B, S, H, 1] weights times values [B, S, H, Dh], summed over S -> [B, 1, H, Dh]
-            per_key = jnp.swapaxes(weights[:, :, 0, :], 1, 2)[..., None]
-            out = jnp.sum(per_key * value.astype(jnp.float32), axis=1, keepdims=True).astype(self.dtype)
+        dropped = self.attn_dropout(weights, deterministic=deterministic)
+        out = jnp.einsum("bhts,bshd->bthd", dropped.astype(self.dtype), value.astype(self.dtype))
+        return self._project_out(out), weights
+
+    def _attend_one(self, query: Array, keys: list, values: list, biases: list,
+                    deterministic: bool) -> tuple[Array, Array]:
+        """One query token over one or more key/value parts under one softmax, by multiply-and-reduce.
+
+        query [B, 1, H, Dh]; keys/values [B, S_i, H, Dh]; biases broadcastable to [B, H, 1, S_i] (or None).
+        XLA's CPU batched dot transposes keys/values to [B, H, S, Dh] for every step and runs B * H tiny
+        products; multiply-and-reduce reads them in place. Returns the output [B, 1, D] and the float32
+        weights [B, H, 1, sum S_i].
+        """
+        parts = []
+        for key, bias in zip(keys, biases):
+            scores = jnp.sum(query.astype(jnp.float32) * key.astype(jnp.float32), axis=-1)  # [B, S, H]
+            scores = scores * (self.head_dim ** -0.5)
+            if bias is not None:  # [B or 1, 1, 1, S] -> [B or 1, S, 1]
+                scores = scores + jnp.swapaxes(bias[:, :, 0, :], 1, 2)
+            parts.append(scores)
+        weights = jax.nn.softmax(jnp.concatenate(parts, axis=1), axis=1)  # [B, S, H]
+        dropped = self.attn_dropout(weights, deterministic=deterministic)
+        out, offset = 0.0, 0
+        for value in values:
+            # [B, S, H, 1] weights times values [B, S, H, Dh], summed over S -> [B, 1, H, Dh]
+            part = jax.lax.slice_in_dim(dropped, offset, offset + value.shape[1], axis=1)[..., None]
+            out = out + jnp.sum(part * value.astype(jnp.float32), axis=1, keepdims=True)
+            offset += value.shape[1]
+        # [B, S, H] -> [B, H, 1, S]
+        return self._project_out(out.astype(self.dtype)), jnp.swapaxes(weights, 1, 2)[:, :, None, :]
+
+    def attend_cached(self, query: Array, key: Array, value: Array, cache_key: Array, cache_value: Array,
+                      cache_bias: Array, bias: Array, cache_index: Array,
+                      deterministic: bool) -> tuple[Array, Array]:
+        """Attention over the cache as it was before this step plus the new tokens' own keys/values.
+
+        query/key/value [B, T, H, Dh] of the T new tokens; cache_key/cache_value [B, K, H, Dh] (only read:
+        writing the new entries first and reading the buffer back makes XLA copy the whole cache);
+        cache_bias [B or 1, 1, 1, K] allows the cached keys before `cache_index`; bias [B or 1, 1, T, T]
+        the new tokens among themselves. One softmax over both parts. Returns the output [B, T, D] and the
+        float32 weights [B, H, T, K] laid out as if the new keys were written at `cache_index`.
+        """
+        if query.shape[1] == 1:
+            out, weights = self._attend_one(query, [cache_key, key], [cache_value, value], [cache_bias, bias],
+                                            deterministic)
         else:
+            scale = self.head_dim ** -0.5
+            old = jnp.einsum("bthd,bkhd->bhtk", query, cache_key.astype(query.dtype),
+                             preferred_element_type=jnp.float32) * scale + cache_bias
+            new = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32) * scale + bias
+            weights = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)  # [B, H, T, K + T]
             dropped = self.attn_dropout(weights, deterministic=deterministic)
-            out = jnp.einsum("bhts,bshd->bthd", dropped.astype(self.dtype), value.astype(self.dtype))
+            old_dropped, new_dropped = jnp.split(dropped, [cache_key.shape[1]], axis=-1)
+            out = self._project_out(
+                jnp.einsum("bhtk,bkhd->bthd", old_dropped.astype(self.dtype), cache_value.astype(self.dtype))
+                + jnp.einsum("bhts,bshd->bthd", new_dropped.astype(self.dtype), value.astype(self.dtype)))
+        # the masked cache positions from `cache_index` on have weight 0; the new tokens' weights go there
+        old_weights, new_weights = jnp.split(weights, [cache_key.shape[1]], axis=-1)
+        return out, jax.lax.dynamic_update_slice(old_weights, new_weights, (0, 0, 0, cache_index))
+
+    def _project_out(self, out: Array) -> Array:
         # [B, T, H, Dh] -> [B, T, D]
-        out = out.reshape(out.shape[:2] + (self.config.d_model,))
-        return self.out_proj(out), weights
+        return self.out_proj(out.reshape(out.shape[:2] + (self.config.d_model,)))
 
     def __call__(self, hidden: Array, key_value_states: Optional[Array] = None, bias: Optional[Array] = None,
                  deterministic: bool = True) -> tuple[Array, Array]:
@@ -154,8 +200,8 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Post-LN block: causal self-attention, cross-attention (when there is an encoder), feed-forward.
 
-    With a cache, the new keys/values are written into the preallocated `[L, B, max_len, H, Dh]`
-    buffers at `cache_index` and the query attends over the whole buffer under `self_bias`.
+    With a cache, the new tokens attend over the cached keys/values and their own; the decoder writes
+    every layer's new keys/values into the `[L, B, max_len, H, Dh]` buffers once, after all layers.
     """
 
     config: BlenderbotSmallConfig
@@ -180,18 +226,20 @@ class DecoderLayer(nn.Module):
     def __call__(self, hidden: Array, self_bias: Array, cross_key_value: Optional[tuple[Array, Array]],
                  cross_bias: Optional[Array], deterministic: bool,
                  cache_key_value: Optional[tuple[Array, Array]] = None,
-                 cache_index: Optional[Array] = None):
-        """Returns (hidden, self-attention weights, cross-attention weights, updated cache buffers)."""
+                 cache_index: Optional[Array] = None, cache_bias: Optional[Array] = None):
+        """Returns (hidden, self-attention weights, cross-attention weights, the new keys/values).
+
+        With a cache, `cache_key_value` are this layer's buffers [B, max_len, H, Dh] (read only),
+        `cache_bias` masks them and `self_bias` masks the new tokens among themselves; the caller
+        writes the returned new keys/values [B, T, H, Dh] at `cache_index`.
+        """
         query = self.self_attn.project_query(hidden)
         key, value = self.self_attn.project_key_value(hidden)
-        if cache_key_value is not None:
-            cache_k, cache_v = cache_key_value
-            start = (self.layer_index, 0, cache_index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, key[None].astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, value[None].astype(cache_v.dtype), start)
-            key, value = cache_k[self.layer_index], cache_v[self.layer_index]
-            cache_key_value = (cache_k, cache_v)
-        attended, self_weights = self.self_attn.attend(query, key, value, self_bias, deterministic)
+        if cache_key_value is None:
+            attended, self_weights = self.self_attn.attend(query, key, value, self_bias, deterministic)
+        else:
+            attended, self_weights = self.self_attn.attend_cached(
+                query, key, value, *cache_key_value, cache_bias, self_bias, cache_index, deterministic)
         hidden = self.self_attn_layer_norm(hidden + self.dropout(attended, deterministic=deterministic))
 
         cross_weights = None
@@ -203,4 +251,4 @@ class DecoderLayer(nn.Module):
 
         ffn = self.ffn(hidden, deterministic)
         hidden = self.final_layer_norm(hidden + self.dropout(ffn, deterministic=deterministic))
-        return hidden, self_weights, cross_weights, cache_key_value
+        return hidden, self_weights, cross_weights, (key, value)
