@@ -1,0 +1,340 @@
+"""Dialogue data: (context turns, response) examples from JSONL or chitchat, tokenized, in static bucketed batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import queue
+import threading
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Data that cannot be read or used; the message names the file (and line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One training example: the conversation so far and the reply to learn."""
+
+    context: tuple[str, ...]
+    response: str
+
+
+# ---- sources ----
+
+def _example_from_record(record, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "context" in record:
+        context, response = record["context"], record.get("response")
+        if isinstance(context, str):
+            context = [context]
+    elif "text" in record:
+        context, response = record["text"], record.get("labels", record.get("label"))
+        if not isinstance(context, str):
+            raise DataError(f"{where}: 'text' must be a string")
+        context = context.split("\n")  # ParlAI's format: turns joined by newlines
+        if isinstance(response, list):
+            response = response[0] if response else None
+    else:
+        raise DataError(f"{where}: a record needs 'context' and 'response', or 'text' and 'labels'")
+    if not isinstance(response, str):
+        raise DataError(f"{where}: the response/labels must be a string, got {response!r}")
+    if not isinstance(context, list) or not all(isinstance(turn, str) for turn in context):
+        raise DataError(f"{where}: 'context' must be a list of strings")
+    return Example(tuple(context), response)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Example]:
+    """Examples of a JSONL file of `{"context": [...], "response": ...}` or `{"text": ..., "labels": ...}`."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read data file {path}: {getattr(err, 'strerror', None) or err}") from None
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        examples.append(_example_from_record(record, f"{path}:{number}"))
+    if not examples:
+        raise DataError(f"{path}: holds no examples")
+    return examples
+
+
+def chitchat_conversations() -> list[list[str]]:
+    """The conversations of the `chitchat-dataset` package; one sender's consecutive messages form a turn."""
+    try:
+        import chitchat_dataset
+    except ImportError:
+        raise DataError("the built-in 'chitchat' corpus needs the chitchat-dataset package: "
+                        "`pip install chitchat-dataset`") from None
+    return [list(conversation) for conversation in chitchat_dataset.ConversationDataset()]
+
+
+def conversation_examples(conversations: Sequence[Sequence[str]]) -> list[Example]:
+    """Every reply of every conversation, with the turns before it as context."""
+    return [Example(tuple(turns[:i]), turns[i]) for turns in conversations for i in range(1, len(turns))]
+
+
+def split_conversations(conversations: Sequence, valid_fraction: float, seed: int) -> tuple[list, list]:
+    """Shuffle conversations with `seed` and split off `valid_fraction` of them (at least one if any)."""
+    order = np.random.default_rng(seed).permutation(len(conversations))
+    n_valid = int(round(valid_fraction * len(conversations)))
+    if valid_fraction > 0 and len(conversations) > 1:
+        n_valid = min(max(n_valid, 1), len(conversations) - 1)
+    valid = [conversations[i] for i in sorted(order[:n_valid])]
+    train = [conversations[i] for i in sorted(order[n_valid:])]
+    return train, valid
+
+
+def load_examples(data: str, valid_data: Optional[str], valid_fraction: float,
+                  seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, valid) examples of "chitchat" or a JSONL file, split by conversation (record) with `seed`."""
+    if data == "chitchat":
+        train, valid = split_conversations(chitchat_conversations(), valid_fraction, seed)
+        train, valid = conversation_examples(train), conversation_examples(valid)
+    else:
+        train = read_jsonl(data)
+        train, valid = split_conversations(train, 0.0 if valid_data else valid_fraction, seed)
+    if valid_data:
+        valid = read_jsonl(valid_data)
+    return train, valid
+
+
+# ---- tokenization ----
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExamples:
+    """Ragged token ids of N examples: example i's source is `source[source_offsets[i]:source_offsets[i+1]]`."""
+
+    source: np.ndarray  # [total source tokens] int32
+    source_offsets: np.ndarray  # [N + 1] int64
+    target: np.ndarray  # [total target tokens] int32
+    target_offsets: np.ndarray  # [N + 1] int64
+    example_index: Optional[np.ndarray] = None  # [N] position of each in the examples it was made from
+
+    def __len__(self) -> int:
+        return len(self.source_offsets) - 1
+
+    @property
+    def source_lengths(self) -> np.ndarray:
+        return np.diff(self.source_offsets)
+
+    @property
+    def target_lengths(self) -> np.ndarray:
+        return np.diff(self.target_offsets)
+
+    def source_ids(self, i: int) -> np.ndarray:
+        return self.source[self.source_offsets[i]:self.source_offsets[i + 1]]
+
+    def target_ids(self, i: int) -> np.ndarray:
+        return self.target[self.target_offsets[i]:self.target_offsets[i + 1]]
+
+
+def _ragged(rows: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Flat ids and offsets of rows, each row a list of id lists (flattened in C, not in Python)."""
+    lengths = [sum(len(part) for part in row) for row in rows]
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(rows))
+    return np.fromiter(flat, np.int32, count=int(offsets[-1])), offsets
+
+
+SEPARATORS = {"newline": "\n", "end_start": "__end__ __start__"}  # how context turns are joined
+
+
+def _left_truncated(context: Sequence[str], ids: dict, sep: str, budget: int) -> list[list[int]]:
+    """`encode_conversation`'s rule: drop whole turns from the left to fit; a last turn too long keeps its end."""
+    kept, total = [], 0
+    for k in range(len(context) - 1, -1, -1):  # newest turn first; stops at the first that does not fit
+        turn = ids[context[k]] if k == len(context) - 1 else ids[context[k] + sep]
+        if total + len(turn) > budget:
+            if not kept:
+                kept = [turn[-budget:]]
+            break
+        kept.append(turn)
+        total += len(turn)
+    return kept[::-1]
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer, max_source_length: int, max_target_length: int,
+                      separator: str = "newline", add_end: bool = False) -> TokenizedExamples:
+    """Token ids of contexts and responses.
+
+    A context is what `tokenizer.encode_conversation(turns, max_source_length, separator, add_end)`
+    returns: turns joined by the separator, oldest whole turns dropped to fit. The same ids are built
+    here from one batched encoding of each distinct `turn + separator` (tests check the equality), which
+    is what makes the pipeline fast. A response gets `__end__` appended and is then cut to
+    `max_target_length`, as ParlAI truncates labels. Examples whose context has no tokens are dropped.
+    """
+    sep = SEPARATORS[separator]
+    turns = set().union(*(ex.context for ex in examples))  # distinct context turns (a C-level union: fast)
+    texts = sorted({t + sep for t in turns} | turns | {ex.response for ex in examples})
+    ids = dict(zip(texts, tokenizer(texts)["input_ids"])) if texts else {}
+    budget = max_source_length - (1 if add_end else 0)
+    eos = tokenizer.eos_token_id
+    sources, targets, kept = [], [], []
+    for i, ex in enumerate(examples):
+        source = _left_truncated(ex.context, ids, sep, budget)
+        if not any(source):
+            continue
+        kept.append(i)
+        sources.append(source + [[eos]] if add_end else source)
+        targets.append([(ids[ex.response] + [eos])[:max_target_length]])
+    if not sources:
+        raise DataError("no example has a non-empty context")
+    return TokenizedExamples(*_ragged(sources), *_ragged(targets), np.asarray(kept, np.int64))
+
+
+# ---- batching ----
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where the stream stands: batch `index` of `epoch` is the next one."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedBatch:
+    """One batch before it is materialised: its bucket and its example rows (-1 for filler rows)."""
+
+    bucket: tuple[int, int]  # (source_len, target_len)
+    rows: np.ndarray  # [batch_size] int64
+    position: Position  # this batch's position in the stream
+    tokens: int  # real (non-pad) source + target tokens
+
+
+class Batcher:
+    """Bucketed, shuffled, deterministic batches: epoch e's order depends only on (seed, e).
+
+    Each example goes to the smallest bucket (source_len, target_len) it fits; batches are drawn
+    within a bucket and the batches of an epoch are shuffled. Training drops each bucket's
+    remainder; evaluation (`drop_remainder=False`) fills the last batch with empty rows.
+    """
+
+    def __init__(self, data: TokenizedExamples, batch_size: int, buckets: Sequence[tuple[int, int]], seed: int,
+                 pad_token_id: int, shuffle: bool = True, drop_remainder: bool = True):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.buckets = tuple(tuple(b) for b in buckets)
+        self.pad_token_id, self.shuffle, self.drop_remainder = pad_token_id, shuffle, drop_remainder
+        src, tgt = data.source_lengths, data.target_lengths
+        fits = np.stack([(src <= s) & (tgt <= t) for s, t in self.buckets], axis=1)  # [N, n_buckets]
+        if not fits[:, -1].all():
+            raise DataError(f"an example is longer than the largest bucket {self.buckets[-1]}")
+        self.bucket_of = fits.argmax(axis=1)
+        self.lengths = src + tgt
+        self._plans: dict[int, list[tuple[int, np.ndarray]]] = {}
+
+    def epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """[(bucket index, rows)] of one epoch."""
+        if epoch not in self._plans:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.data)) if self.shuffle else np.arange(len(self.data))
+            plan = []
+            for b in range(len(self.buckets)):
+                rows = order[self.bucket_of[order] == b]
+                n_full = len(rows) // self.batch_size
+                for k in range(n_full):
+                    plan.append((b, rows[k * self.batch_size:(k + 1) * self.batch_size]))
+                rest = rows[n_full * self.batch_size:]
+                if len(rest) and not self.drop_remainder:
+                    plan.append((b, np.concatenate([rest, np.full(self.batch_size - len(rest), -1)])))
+            if self.shuffle:
+                plan = [plan[i] for i in rng.permutation(len(plan))]
+            if not plan:
+                raise DataError(f"{len(self.data)} examples make no full batch of {self.batch_size}")
+            self._plans = {epoch: plan}  # keep one epoch's plan
+        return self._plans[epoch]
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self.epoch_plan(0))
+
+    def plan(self, start: Position = Position()) -> Iterator[PlannedBatch]:
+        """Planned batches from `start` on, endlessly over epochs (one epoch when not shuffling)."""
+        epoch, index = start.epoch, start.index
+        while True:
+            plan = self.epoch_plan(epoch)
+            for i in range(index, len(plan)):
+                b, rows = plan[i]
+                real = rows[rows >= 0]
+                yield PlannedBatch(self.buckets[b], rows, Position(epoch, i), int(self.lengths[real].sum()))
+            if not self.shuffle:
+                return
+            epoch, index = epoch + 1, 0
+
+    def materialize(self, bucket: tuple[int, int], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Right-padded int32 arrays: input_ids, attention_mask [R, S] and labels [R, T] (-100 on padding)."""
+        source_len, target_len = bucket
+        n = len(rows)
+        input_ids = np.full((n, source_len), self.pad_token_id, np.int32)
+        labels = np.full((n, target_len), -100, np.int32)
+        data = self.data
+        for r, row in enumerate(rows):
+            if row < 0:
+                continue
+            src, tgt = data.source_ids(row), data.target_ids(row)
+            input_ids[r, :len(src)] = src
+            labels[r, :len(tgt)] = tgt
+        lengths = data.source_lengths[np.maximum(rows, 0)] * (rows >= 0)
+        attention_mask = (np.arange(source_len)[None, :] < lengths[:, None]).astype(np.int32)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class Prefetcher:
+    """Runs an iterator in a background thread, `size` items ahead; errors surface in the consumer."""
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator, size: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iterator,), daemon=True)
+        self._thread.start()
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, iterator):
+        try:
+            for item in iterator:
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            self._put((self._END, err))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item, err = self._queue.get()
+        if err is not None:
+            raise err
+        if item is self._END:
+            raise StopIteration
+        return item
+
+    def close(self):
+        """Stop the background thread."""
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,240 @@
+"""Training: gradients and loss curves against PyTorch, exact resume, divergence, devices and processes."""
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from bbsmall_jax import BlenderbotSmallForConditionalGeneration
+from bbsmall_jax import data as data_lib
+from bbsmall_jax.convert import flax_to_hf
+from bbsmall_jax.train_config import ConfigError
+from bbsmall_jax.model import build_module
+from bbsmall_jax.training import (CheckpointStore, DivergedError, abstract_state, learning_rate_schedule, loss_sum,
+                                  make_mesh, make_optimizer, make_train_step, train, zero_frozen)
+from hf_models import random_hf_model, save_hf_model, scale_reference_decoder_embeddings
+from train_helpers import (read_metrics, shared_job, subprocess_env, synthetic_datasets, tiny_config,
+                           torch_reference_losses, use_compile_cache)
+
+WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # subprocesses compile afresh: less compile time, slower steps
+
+use_compile_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A random-weight transformers model (decoder embeddings scaled as the checkpoint) and ours, same weights."""
+    directory = tmp_path_factory.mktemp("hf")
+    hf = random_hf_model(seed=0, encoder_layers=1, decoder_layers=1)  # one layer a side: quicker XLA:CPU compiles
+    save_hf_model(hf, directory)
+    scale_reference_decoder_embeddings(hf)
+    return hf, BlenderbotSmallForConditionalGeneration.from_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    """Output directory of the shared job run on this process's single device."""
+    cfg, datasets, model_config = shared_job()
+    directory = tmp_path_factory.mktemp("one_device")
+    train(cfg, str(directory), datasets, model_config)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(one_device_run):
+    return np.array([r["loss"] for r in read_metrics(one_device_run)])
+
+
+def _batches(cfg, datasets, count):
+    batcher = data_lib.Batcher(datasets.train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, 0)
+    return [batcher.materialize(p.bucket, p.rows) for p, _ in zip(batcher.plan(), range(count))]
+
+
+def test_gradients_match_pytorch(reference):
+    hf, ours = reference
+    cfg = tiny_config(label_smoothing=0.1)
+    batch = _batches(cfg, synthetic_datasets(), 1)[0]
+    assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()  # padding on both sides
+
+    def mean_loss(params):
+        total, count = loss_sum(ours.module, params, batch, None, cfg.label_smoothing)
+        return total / count
+
+    grads = flax_to_hf(jax.device_get(zero_frozen(jax.grad(mean_loss)(ours.params))), ours.config, "seq2seq_lm")
+    hf.zero_grad()
+    tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    logits = hf(**tensors).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tensors["labels"].flatten(),
+                                             label_smoothing=cfg.label_smoothing)
+    loss.backward()
+    scale = max(float(p.grad.abs().max()) for p in hf.parameters())
+    worst, compared = 0.0, 0
+    for name, param in hf.named_parameters():
+        expected, diff = param.grad.numpy(), np.abs(grads[name] - param.grad.numpy()).max()
+        if name.endswith("k_proj.bias"):  # zero in exact arithmetic (softmax ignores a per-query constant)
+            assert diff <= 1e-6 * scale
+            continue
+        worst, compared = max(worst, float(diff / np.abs(expected).max())), compared + 1
+    print(f"max relative gradient difference over {compared} tensors: {worst:.2e}")
+    assert worst <= 1e-4
+
+
+def test_loss_curve_matches_pytorch_adamw(reference, tmp_path):
+    hf, ours = reference
+    cfg = tiny_config(max_steps=20, warmup_steps=4, learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.5,
+                      grad_accum_steps=2, batch_size=8, eval_every=20, save_every=20)
+    datasets = synthetic_datasets()
+    train(cfg, str(tmp_path), datasets, ours.config, host_params=jax.device_get(ours.params))
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    expected = torch_reference_losses(copy.deepcopy(hf), _batches(cfg, datasets, 20), cfg)
+    diff = np.abs(np.array(losses) - np.array(expected)).max()
+    print(f"20 AdamW steps: losses {expected[0]:.4f} -> {expected[-1]:.4f}, max difference {diff:.2e}")
+    assert len(losses) == 20 and expected[-1] < expected[0] - 0.3
+    assert diff <= 1e-4
+
+
+
+def test_resume_is_exact_after_a_kill(one_device_run, tmp_path):
+    cfg, datasets, model_config = shared_job()  # dropout 0.1: the RNG must resume too
+    expected = read_metrics(one_device_run)
+    run = tmp_path / "killed"
+    train(cfg.replace(max_steps=4), str(run), datasets, model_config)  # checkpoints at steps 3 and 4
+    # A kill after step 4 and before its save completed: step 4's checkpoint is a partial temporary directory.
+    shutil.rmtree(run / "checkpoints" / "4")
+    (run / "checkpoints" / "4.orbax-checkpoint-tmp").mkdir()
+    (run / "checkpoints" / "4.orbax-checkpoint-tmp" / "partial").write_text("cut")
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    train(cfg, str(run), datasets, model_config)  # the same command again resumes from step 3
+    resumed = read_metrics(run)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for key in ("loss", "grad_norm", "eval_loss"):
+        a = np.array([r.get(key, 0.0) for r in expected])
+        b = np.array([r.get(key, 0.0) for r in resumed])
+        print(f"resume: max |{key} difference| {np.abs(a - b).max():.1e}")
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    assert os.path.isfile(run / "final" / "model.safetensors")
+
+    with pytest.raises(ConfigError, match="different training config.*learning_rate"):
+        train(cfg.replace(learning_rate=1e-2), str(run), datasets, model_config)
+    with pytest.raises(ConfigError, match="total_schedule_steps.*set decay_steps"):
+        train(cfg.replace(max_steps=20, decay_steps=0), str(run), datasets, model_config)
+    assert train(cfg.replace(max_steps=8), str(run), datasets, model_config).step == 8  # training on
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg, datasets, model_config = shared_job()
+    cfg = cfg.replace(learning_rate=1e6, warmup_steps=4, max_grad_norm=0.0, save_every=1, max_steps=12)
+    with pytest.raises(DivergedError, match=r"NaN or infinite values at step \d+.*last good checkpoint, step") as err:
+        train(cfg, str(tmp_path), datasets, model_config)
+    print(err.value)
+    store = CheckpointStore(str(tmp_path / "checkpoints"), 2)
+    try:
+        latest = store.latest_step()
+        module = build_module(model_config, "seq2seq_lm")
+        state = store.restore(latest, abstract_state(module, make_optimizer(cfg), make_mesh(), False))
+    finally:
+        store.close()
+    assert f"step {latest}," in str(err.value)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def _run_worker(args, env):
+    return subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _result(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_eight_devices_match_one_device(one_device_losses, tmp_path):
+    env = subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+    result = _result(_run_worker(["--output-dir", str(tmp_path), "--fsdp", "off"], env))  # FSDP: 2-process test
+    assert result["devices"] == 8
+    for name, losses in result["losses"].items():
+        diff = np.abs(np.array(losses) - one_device_losses).max()
+        print(f"8 devices ({name}) vs 1 device: max loss difference {diff:.1e}")
+        assert diff <= 1e-5
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(one_device_losses, tmp_path):
+    # Gloo binds to this host's name: run only where that name is a loopback address.
+    if not socket.gethostbyname(socket.gethostname()).startswith("127."):
+        pytest.skip("the host name does not resolve to a loopback address; CPU collectives would leave loopback")
+    coordinator = f"127.0.0.1:{_free_loopback_port()}"
+    flags = ["--output-dir", str(tmp_path), "--fsdp", "on", "--coordinator", coordinator, "--num-processes", "2"]
+    env = subprocess_env(XLA_FLAGS=FAST_COMPILE)
+    workers = [_run_worker(flags + ["--process-id", str(i)], env) for i in range(2)]
+    result = _result(workers[0])
+    _, err = workers[1].communicate(timeout=300)
+    assert workers[1].returncode == 0, err[-3000:]
+    assert result["processes"] == 2 and result["devices"] == 2
+    diff = np.abs(np.array(result["losses"]["fsdp_True"]) - one_device_losses).max()
+    print(f"2 processes (FSDP over both) vs 1 process: max loss difference {diff:.1e}")
+    assert diff <= 1e-5
+    assert os.path.isfile(tmp_path / "fsdp_True" / "final" / "model.safetensors")
+
+
+def test_remat_and_bf16_compute(reference):
+    hf, ours = reference
+    cfg = tiny_config()
+    batch = _batches(cfg, synthetic_datasets(), 1)[0]
+    hf.zero_grad()
+    expected_loss = hf(**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}).loss
+    expected_loss.backward()
+    expected_norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in hf.parameters())))
+    state = {"params": ours.params, "step": jax.numpy.zeros((), "int32"), "rng": jax.random.PRNGKey(0)}
+
+    def one_step(dtype, remat):
+        module = build_module(ours.config, "seq2seq_lm", jax.numpy.dtype(dtype))
+        optimizer = make_optimizer(cfg)
+        step = jax.jit(make_train_step(module, optimizer, learning_rate_schedule(cfg), remat=remat))
+        accum_batch = {k: v[None] for k, v in batch.items()}  # [accum=1, B, T]
+        return jax.device_get(step(dict(state, opt_state=optimizer.init(ours.params)), accum_batch))
+
+    remat_state, remat = one_step("float32", "full")
+    np.testing.assert_allclose([remat["loss"], remat["grad_norm"]], [expected_loss.item(), expected_norm], rtol=1e-5)
+    bf16_state, bf16 = one_step("bfloat16", "dots")
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(bf16_state["params"]))  # f32 master params
+    assert abs(bf16["loss"] - expected_loss.item()) < 2e-2 and abs(bf16["grad_norm"] / expected_norm - 1) < 5e-2
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+    cfg, datasets, model_config = shared_job()
+    cfg = cfg.replace(max_steps=10_000, save_every=10_000)  # only the signal makes it save
+
+    def send_sigterm_after_step_2():
+        metrics = tmp_path / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_sigterm_after_step_2, daemon=True).start()
+    result = train(cfg, str(tmp_path), datasets, model_config)
+    assert result.status == "stopped" and result.step >= 2 and result.export_dir is None
+    store = CheckpointStore(str(tmp_path / "checkpoints"), 2)
+    try:
+        assert store.latest_step() == result.step
+        assert store.read_meta(result.step)["index"] == result.step  # the data position came along
+    finally:
+        store.close()

@@ -1,0 +1,120 @@
+"""Training config and command line: YAML and overrides, clear errors, and a smoke run on chitchat."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from bbsmall_jax.train_cli import EXIT_USAGE, main
+from bbsmall_jax.train_config import ConfigError, load_config
+from bbsmall_jax.training import CheckpointStore
+from train_helpers import read_metrics, use_compile_cache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+use_compile_cache()
+
+
+def test_shipped_configs_load():
+    tiny = load_config(TINY)
+    assert tiny.init is None and tiny.model_config().d_model == 64 and tiny.max_steps == 50
+    real = load_config(os.path.join(ROOT, "configs", "blenderbot_small_90m.yaml"))
+    assert real.init == "facebook/blenderbot_small-90M" and real.dtype == "bfloat16"
+
+
+def test_overrides():
+    cfg = load_config(TINY, {"learning_rate": 1, "model.dropout": 0.0, "buckets": [[64, 32]]})
+    assert cfg.learning_rate == 1.0 and cfg.model["dropout"] == 0.0 and cfg.bucket_shapes == ((64, 32),)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"learnin_rate": 1e-3}, "unknown config key 'learnin_rate'"),
+    ({"model.d_modle": 8}, "unknown model config key 'model.d_modle'"),
+    ({"schedule": "exp"}, "schedule: 'exp' is not one of linear, cosine, constant"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"batch_size": 30, "grad_accum_steps": 4}, "divisible by grad_accum_steps"),
+    ({"model.d_model": 30}, "model: .*d_model \\(30\\) must be divisible"),
+    ({"buckets": [[16, 8]]}, "the last bucket must be"),
+])
+def test_bad_config_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "extra.yaml").write_text("batch_size: 8\nwarmup: 3\n")
+    with pytest.raises(ConfigError, match="extra.yaml: unknown config key 'warmup'"):
+        load_config(tmp_path / "extra.yaml")
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_bad_flags_exit_with_usage(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", TINY, "--output-dir", str(tmp_path), "--max-stepz", "3"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --max-stepz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", TINY, "--output-dir", str(tmp_path), "--max-steps", "three"])
+    assert "invalid int value: 'three'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["warmup=3"], "unknown config key 'warmup'"),
+    (["learning_rate"], "override 'learning_rate' is not of the form key=value"),
+    (["--max-steps", "0"], "max_steps must be a positive integer"),
+    (["--data", "/nonexistent/dialogues.jsonl"], "cannot read data file /nonexistent/dialogues.jsonl"),
+])
+def test_cli_errors(capsys, tmp_path, extra, message):
+    code, err = _run(capsys, "--config", TINY, "--output-dir", str(tmp_path), *extra)
+    assert code == EXIT_USAGE and message in err
+
+
+def test_init_that_cannot_be_found(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = _run(capsys, "--config", TINY, "--output-dir", str(tmp_path), "--init", "./no/such/model")
+    assert code == EXIT_USAGE and "no such directory" in err
+    code, err = _run(capsys, "--config", TINY, "--output-dir", str(tmp_path), "--init", "facebook/blenderbot_small-90M")
+    assert code == EXIT_USAGE and "could not fetch 'facebook/blenderbot_small-90M'" in err
+
+
+def test_output_dir_of_another_config(capsys, tmp_path):
+    other = load_config(TINY, {"learning_rate": 0.01})
+    store = CheckpointStore(str(tmp_path / "checkpoints"), 1)
+    store.save(5, {"x": jnp.zeros(2)}, {"step": 5, "epoch": 0, "index": 5, "fingerprint": other.fingerprint(),
+                                        "config": other.trajectory_dict()})
+    store.close()
+    code, err = _run(capsys, "--config", TINY, "--output-dir", str(tmp_path))
+    assert code == EXIT_USAGE
+    assert "holds checkpoints of a different training config (learning_rate: 0.01 (checkpoint) vs 0.003 (now))" in err
+
+
+def test_smoke_run_on_chitchat(capsys, tmp_path):
+    """The tiny config trains on chitchat: validation loss falls; the export loads in transformers."""
+    code = main(["--config", TINY, "--output-dir", str(tmp_path), "--max-steps", "30", "--eval-every", "10",
+                 "--log-every", "5", "--no-progress", "buckets=[[64, 32]]", "eval_batches=4", "decay_steps=50"])
+    assert code == 0, capsys.readouterr().err
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    print(f"chitchat smoke run: eval loss {' -> '.join(f'{e:.3f}' for e in evals)}")
+    assert len(evals) == 3 and evals[0] > evals[1] > evals[2]
+    assert all(r["tokens_per_sec"] > 0 and "learning_rate" in r for r in records)
+
+    import transformers
+
+    model = transformers.BlenderbotSmallForConditionalGeneration.from_pretrained(tmp_path / "final")
+    tokenizer = transformers.BlenderbotSmallTokenizer.from_pretrained(tmp_path / "final")
+    assert model.config.vocab_size == 1000 and len(tokenizer) <= 1000
+    with open(tmp_path / "train_config.yaml", encoding="utf-8") as f:
+        assert "decay_steps: 50" in f.read()
+    assert json.loads((tmp_path / "final" / "config.json").read_text())["d_model"] == 64
