@@ -136,9 +136,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         return train_main(argv[1:])
     if argv and argv[0] == "bench":
-        from .benchmark import main as bench_main
+        import runpy
 
-        return bench_main(argv[1:])
+        script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "generate.py")
+        if not os.path.isfile(script):
+            print("bbsmall bench: error: needs a source checkout (bench/generate.py) with the test extra",
+                  file=sys.stderr)
+            return 2
+        sys.argv = [script, *argv[1:]]
+        runpy.run_path(script, run_name="__main__")
+        return 0
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
