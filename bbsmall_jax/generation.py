@@ -258,16 +258,8 @@ class GenerationMixin:
         check.check_length(ids.shape[1], max_positions, "input_ids")
         if ids.shape[1] == 0:
             raise ValueError("input_ids is empty (length 0)")
-        if encoder_hidden_states is not None:
-            encoder_hidden_states = check.as_embeddings(encoder_hidden_states, self.config.d_model,
-                                                        "encoder_hidden_states")
-            if encoder_hidden_states.shape[0] != ids.shape[0]:
-                raise ValueError(f"encoder_hidden_states have batch size {encoder_hidden_states.shape[0]}, "
-                                 f"input_ids {ids.shape[0]}")
-            encoder_attention_mask = check.as_mask(encoder_attention_mask, encoder_hidden_states.shape[:2],
-                                                   "encoder_attention_mask")
-        elif encoder_attention_mask is not None:
-            raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
+        encoder_hidden_states, encoder_attention_mask = check.encoder_states(
+            encoder_hidden_states, encoder_attention_mask, ids.shape[0], self.config.d_model)
 
         # special tokens, as transformers' _prepare_special_tokens
         eos = _token_ids(cfg.eos_token_id, "eos_token_id", self.config.vocab_size)

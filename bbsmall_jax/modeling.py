@@ -193,16 +193,8 @@ class BlenderbotSmallForCausalLM(GenerationMixin, _PretrainedModel):
         input_ids, inputs_embeds, attention_mask = self._token_inputs(
             input_ids, inputs_embeds, attention_mask, "input_ids", "attention_mask")
         shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if encoder_hidden_states is not None:
-            encoder_hidden_states = check.as_embeddings(encoder_hidden_states, self.config.d_model,
-                                                        "encoder_hidden_states")
-            if encoder_hidden_states.shape[0] != shape[0]:
-                raise ValueError(f"encoder_hidden_states have batch size {encoder_hidden_states.shape[0]}, "
-                                 f"input_ids {shape[0]}")
-            encoder_attention_mask = check.as_mask(encoder_attention_mask, encoder_hidden_states.shape[:2],
-                                                   "encoder_attention_mask")
-        elif encoder_attention_mask is not None:
-            raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
+        encoder_hidden_states, encoder_attention_mask = check.encoder_states(
+            encoder_hidden_states, encoder_attention_mask, shape[0], self.config.d_model)
         if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
         kept = shape[1] if logits_to_keep == 0 else min(logits_to_keep, shape[1])

@@ -64,3 +64,15 @@ def exactly_one(ids, embeds, ids_name: str, embeds_name: str, required: bool = T
         raise ValueError(f"pass either {ids_name} or {embeds_name}, not both")
     if required and ids is None and embeds is None:
         raise ValueError(f"pass {ids_name} or {embeds_name}")
+
+
+def encoder_states(states, mask, batch: int, d_model: int):
+    """Validated (encoder_hidden_states, encoder_attention_mask) for a decoder-only call; both may be None."""
+    if states is None:
+        if mask is not None:
+            raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
+        return None, None
+    states = as_embeddings(states, d_model, "encoder_hidden_states")
+    if states.shape[0] != batch:
+        raise ValueError(f"encoder_hidden_states have batch size {states.shape[0]}, input_ids {batch}")
+    return states, as_mask(mask, states.shape[:2], "encoder_attention_mask")
