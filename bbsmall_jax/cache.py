@@ -38,9 +38,17 @@ class KVCache:
     def max_length(self) -> int:
         return self.self_key.shape[2]
 
-    def write(self, key: jax.Array, value: jax.Array) -> "KVCache":
-        """Write new entries key/value [L, B, T, H, Dh] at `index` and advance it by T."""
-        start = (0, 0, self.index, 0, 0)
+    def write(self, key: jax.Array, value: jax.Array, after: Optional[jax.Array] = None) -> "KVCache":
+        """Write new entries key/value [L, B, T, H, Dh] at `index` and advance it by T.
+
+        `after`: an array computed from every read of the old buffers (the decoder's output). The write
+        position is made to depend on it, which shows XLA that the reads come first, so it updates the
+        buffers in place; without it XLA copies both whole buffers on every decoding step.
+        """
+        index = self.index
+        if after is not None:  # min(isnan(.), 0) is always 0, but XLA cannot fold it away
+            index = index + jnp.minimum(jnp.isnan(jnp.sum(after)).astype(jnp.int32), 0)
+        start = (0, 0, index, 0, 0)
         return self.replace(
             self_key=jax.lax.dynamic_update_slice(self.self_key, key.astype(self.self_key.dtype), start),
             self_value=jax.lax.dynamic_update_slice(self.self_value, value.astype(self.self_value.dtype), start),

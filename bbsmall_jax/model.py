@@ -189,7 +189,7 @@ class Decoder(_Stack):
             new_kv.append(kv)
 
         if cache is not None:  # every layer's new entries written once, after all reads of the old buffers
-            cache = cache.write(jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
+            cache = cache.write(jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]), after=hidden)
         return DecoderOutput(
             last_hidden_state=hidden,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
@@ -210,10 +210,14 @@ class _Base(nn.Module):
         return nn.Embed(c.vocab_size, c.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
                         embedding_init=_embedding_init(c), name="shared")
 
-    def _tied_logits(self, hidden: Array) -> Array:
-        # [B, T, D] x [V, D] -> [B, T, V], accumulated and returned in float32
-        table = self.shared.embedding.astype(self.dtype)
-        return jnp.einsum("btd,vd->btv", hidden.astype(self.dtype), table,
+    def _tied_logits(self, hidden: Array, kernel: Optional[Array] = None) -> Array:
+        """[B, T, D] -> [B, T, V] float32, over the embedding [V, D] or its transpose `kernel` [D, V].
+
+        XLA's CPU matmul is several times faster over [D, V] for a few rows (decoding), so the
+        decoding loop transposes the table once and passes it here every step.
+        """
+        table, spec = (self.shared.embedding, "btd,vd->btv") if kernel is None else (kernel, "btd,dv->btv")
+        return jnp.einsum(spec, hidden.astype(self.dtype), table.astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
     def init_cache(self, batch_size: int, max_length: int, encoder_hidden_states: Optional[Array] = None,
@@ -256,9 +260,9 @@ class BlenderbotSmallSeq2Seq(_Base):
                             encoder_attention_mask, decoder_inputs_embeds, cache, deterministic,
                             output_hidden_states, output_attentions)
 
-    def logits(self, hidden: Array) -> Array:
-        """LM head: tied embedding plus `final_logits_bias`, float32 [B, T, V]."""
-        return self._tied_logits(hidden) + self.final_logits_bias.astype(jnp.float32)
+    def logits(self, hidden: Array, kernel: Optional[Array] = None) -> Array:
+        """LM head: tied embedding (or its transpose `kernel`) plus `final_logits_bias`, float32 [B, T, V]."""
+        return self._tied_logits(hidden, kernel) + self.final_logits_bias.astype(jnp.float32)
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None, encoder_outputs: Optional[EncoderOutput] = None,
@@ -300,9 +304,9 @@ class BlenderbotSmallDecoderOnly(_Base):
         return self.decoder(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
                             inputs_embeds, cache, deterministic, output_hidden_states, output_attentions)
 
-    def logits(self, hidden: Array) -> Array:
-        """LM head: the tied embedding, float32 [B, T, V]."""
-        return self._tied_logits(hidden)
+    def logits(self, hidden: Array, kernel: Optional[Array] = None) -> Array:
+        """LM head: the tied embedding (or its transpose `kernel`), float32 [B, T, V]."""
+        return self._tied_logits(hidden, kernel)
 
     def __call__(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,
                  encoder_attention_mask=None, inputs_embeds=None, labels=None, logits_to_keep: int = 0,
