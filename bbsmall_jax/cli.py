@@ -134,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] == "train":
         from .train_cli import main as train_main
 
-        return train_main(argv[1:])
+        return train_main(argv[1:], prog="bbsmall train")
     if argv and argv[0] == "bench":
         import runpy
 

@@ -118,3 +118,12 @@ def test_smoke_run_on_chitchat(capsys, tmp_path):
     with open(tmp_path / "train_config.yaml", encoding="utf-8") as f:
         assert "decay_steps: 50" in f.read()
     assert json.loads((tmp_path / "final" / "config.json").read_text())["d_model"] == 64
+
+
+def test_bbsmall_train_names_itself_in_errors(capsys, tmp_path):
+    from bbsmall_jax.cli import main as bbsmall_main
+
+    code = bbsmall_main(["train", "--config", TINY, "--output-dir", str(tmp_path), "--max-steps", "0"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "usage: bbsmall train" in err and "bbsmall train: error:" in err
+    assert "max_steps must be a positive integer" in err
