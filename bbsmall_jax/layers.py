@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ from .config import BlenderbotSmallConfig
 Array = jax.Array
 Dtype = Any
 
+CACHE_WINDOWS = 4  # one-token cached attention reads the first 1/4, 2/4, 3/4 or all of the buffer
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's default; Flax's is 1e-6
 
 ACTIVATION_FUNCTIONS = {
@@ -42,6 +43,32 @@ def dense(features: int, config: BlenderbotSmallConfig, dtype: Dtype, param_dtyp
     """A biased linear layer initialised like transformers (normal(init_std), zero bias)."""
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=nn.initializers.normal(config.init_std), name=name)
+
+
+def one_token_attention(query: Array, keys: list, values: list, biases: list, scale: float,
+                        dropout: Callable[[Array], Array] = lambda weights: weights) -> tuple[Array, Array]:
+    """One query token over one or more key/value parts under one softmax, by multiply-and-reduce.
+
+    query [B, 1, H, Dh]; keys/values [B, S_i, H, Dh]; biases broadcastable to [B, H, 1, S_i] (or None).
+    XLA's CPU batched dot transposes keys/values to [B, H, S, Dh] for every step and runs B * H tiny
+    products; multiply-and-reduce reads them in place. Returns the float32 output [B, 1, H, Dh] and
+    weights [B, sum S_i, H] (before `dropout`).
+    """
+    parts = []
+    for key, bias in zip(keys, biases):
+        scores = jnp.sum(query.astype(jnp.float32) * key.astype(jnp.float32), axis=-1) * scale  # [B, S, H]
+        if bias is not None:  # [B or 1, 1, 1, S] -> [B or 1, S, 1]
+            scores = scores + jnp.swapaxes(bias[:, :, 0, :], 1, 2)
+        parts.append(scores)
+    weights = jax.nn.softmax(jnp.concatenate(parts, axis=1), axis=1)  # [B, S, H]
+    dropped = dropout(weights)
+    out, offset = 0.0, 0
+    for value in values:
+        # [B, S, H, 1] weights times values [B, S, H, Dh], summed over S -> [B, 1, H, Dh]
+        part = jax.lax.slice_in_dim(dropped, offset, offset + value.shape[1], axis=1)[..., None]
+        out = out + jnp.sum(part * value.astype(jnp.float32), axis=1, keepdims=True)
+        offset += value.shape[1]
+    return out, weights
 
 
 class Attention(nn.Module):
@@ -93,42 +120,56 @@ class Attention(nn.Module):
 
     def _attend_one(self, query: Array, keys: list, values: list, biases: list,
                     deterministic: bool) -> tuple[Array, Array]:
-        """One query token over one or more key/value parts under one softmax, by multiply-and-reduce.
+        """`one_token_attention` with dropout and the output projection: the output [B, 1, D] and the
+        float32 weights [B, H, 1, sum S_i]."""
+        out, weights = one_token_attention(query, keys, values, biases, self.head_dim ** -0.5,
+                                           lambda w: self.attn_dropout(w, deterministic=deterministic))
+        return self._project_out(out.astype(self.dtype)), jnp.swapaxes(weights, 1, 2)[:, :, None, :]
 
-        query [B, 1, H, Dh]; keys/values [B, S_i, H, Dh]; biases broadcastable to [B, H, 1, S_i] (or None).
-        XLA's CPU batched dot transposes keys/values to [B, H, S, Dh] for every step and runs B * H tiny
-        products; multiply-and-reduce reads them in place. Returns the output [B, 1, D] and the float32
-        weights [B, H, 1, sum S_i].
+    def _attend_one_windowed(self, query: Array, key: Array, value: Array, cache_key: Array, cache_value: Array,
+                             cache_bias: Array, bias: Array, cache_index: Array, layer: int) -> tuple[Array, Array]:
+        """One token over the cache read only up to the smallest of `CACHE_WINDOWS` growing windows that
+        holds every cached entry, so early steps read a fraction of the buffer (no dropout).
+
+        The positions left out are masked (weight exactly 0), so the result is the same as over the whole
+        buffer. The stacked buffers go into the branches whole and are sliced there: slicing them
+        outside would make XLA copy this layer's part. Shapes as `attend_cached` with T = 1.
         """
-        parts = []
-        for key, bias in zip(keys, biases):
-            scores = jnp.sum(query.astype(jnp.float32) * key.astype(jnp.float32), axis=-1)  # [B, S, H]
-            scores = scores * (self.head_dim ** -0.5)
-            if bias is not None:  # [B or 1, 1, 1, S] -> [B or 1, S, 1]
-                scores = scores + jnp.swapaxes(bias[:, :, 0, :], 1, 2)
-            parts.append(scores)
-        weights = jax.nn.softmax(jnp.concatenate(parts, axis=1), axis=1)  # [B, S, H]
-        dropped = self.attn_dropout(weights, deterministic=deterministic)
-        out, offset = 0.0, 0
-        for value in values:
-            # [B, S, H, 1] weights times values [B, S, H, Dh], summed over S -> [B, 1, H, Dh]
-            part = jax.lax.slice_in_dim(dropped, offset, offset + value.shape[1], axis=1)[..., None]
-            out = out + jnp.sum(part * value.astype(jnp.float32), axis=1, keepdims=True)
-            offset += value.shape[1]
-        # [B, S, H] -> [B, H, 1, S]
+        size = cache_key.shape[2]
+        step = -(-size // CACHE_WINDOWS)
+        widths = sorted({min(size, step * i) for i in range(1, CACHE_WINDOWS + 1)})
+
+        def branch(width: int):
+            def run(cache_key, cache_value, cache_bias):
+                out, weights = one_token_attention(
+                    query, [cache_key[layer, :, :width], key], [cache_value[layer, :, :width], value],
+                    [cache_bias[..., :width], bias], self.head_dim ** -0.5)
+                # weights [B, width + 1, H] -> [B, size + 1, H]: the cached positions left out have weight 0
+                left_out = jnp.zeros((weights.shape[0], size - width, weights.shape[2]), weights.dtype)
+                return out, jnp.concatenate([weights[:, :width], left_out, weights[:, width:]], axis=1)
+            return run
+
+        which = jnp.minimum(jnp.sum(cache_index > jnp.asarray(widths)), len(widths) - 1)
+        out, weights = jax.lax.switch(which, [branch(w) for w in widths], cache_key, cache_value, cache_bias)
         return self._project_out(out.astype(self.dtype)), jnp.swapaxes(weights, 1, 2)[:, :, None, :]
 
     def attend_cached(self, query: Array, key: Array, value: Array, cache_key: Array, cache_value: Array,
-                      cache_bias: Array, bias: Array, cache_index: Array,
+                      cache_bias: Array, bias: Array, cache_index: Array, layer: int,
                       deterministic: bool) -> tuple[Array, Array]:
         """Attention over the cache as it was before this step plus the new tokens' own keys/values.
 
-        query/key/value [B, T, H, Dh] of the T new tokens; cache_key/cache_value [B, K, H, Dh] (only read:
-        writing the new entries first and reading the buffer back makes XLA copy the whole cache);
-        cache_bias [B or 1, 1, 1, K] allows the cached keys before `cache_index`; bias [B or 1, 1, T, T]
-        the new tokens among themselves. One softmax over both parts. Returns the output [B, T, D] and the
-        float32 weights [B, H, T, K] laid out as if the new keys were written at `cache_index`.
+        query/key/value [B, T, H, Dh] of the T new tokens; cache_key/cache_value [L, B, K, H, Dh] are every
+        layer's buffers, this layer's at `layer` (only read: writing the new entries first and reading the
+        buffer back makes XLA copy the whole cache); cache_bias [B or 1, 1, 1, K] allows the cached keys
+        before `cache_index`; bias [B or 1, 1, T, T] the new tokens among themselves. One softmax over both
+        parts. Returns the output [B, T, D] and the float32 weights [B, H, T, K] laid out as if the new keys
+        were written at `cache_index`.
         """
+        if query.shape[1] == 1 and deterministic:
+            out, weights = self._attend_one_windowed(query, key, value, cache_key, cache_value, cache_bias, bias,
+                                                     cache_index, layer)
+            return out, self._place_new_weights(weights, cache_key.shape[2], cache_index)
+        cache_key, cache_value = cache_key[layer], cache_value[layer]
         if query.shape[1] == 1:
             out, weights = self._attend_one(query, [cache_key, key], [cache_value, value], [cache_bias, bias],
                                             deterministic)
@@ -143,9 +184,14 @@ class Attention(nn.Module):
             out = self._project_out(
                 jnp.einsum("bhtk,bkhd->bthd", old_dropped.astype(self.dtype), cache_value.astype(self.dtype))
                 + jnp.einsum("bhts,bshd->bthd", new_dropped.astype(self.dtype), value.astype(self.dtype)))
-        # the masked cache positions from `cache_index` on have weight 0; the new tokens' weights go there
-        old_weights, new_weights = jnp.split(weights, [cache_key.shape[1]], axis=-1)
-        return out, jax.lax.dynamic_update_slice(old_weights, new_weights, (0, 0, 0, cache_index))
+        return out, self._place_new_weights(weights, cache_key.shape[1], cache_index)
+
+    @staticmethod
+    def _place_new_weights(weights: Array, size: int, cache_index: Array) -> Array:
+        """[B, H, T, K + T] -> [B, H, T, K]: the masked cache positions from `cache_index` on have weight 0;
+        the new tokens' weights go there."""
+        old_weights, new_weights = jnp.split(weights, [size], axis=-1)
+        return jax.lax.dynamic_update_slice(old_weights, new_weights, (0, 0, 0, cache_index))
 
     def _project_out(self, out: Array) -> Array:
         # [B, T, H, Dh] -> [B, T, D]
@@ -229,7 +275,7 @@ class DecoderLayer(nn.Module):
                  cache_index: Optional[Array] = None, cache_bias: Optional[Array] = None):
         """Returns (hidden, self-attention weights, cross-attention weights, the new keys/values).
 
-        With a cache, `cache_key_value` are this layer's buffers [B, max_len, H, Dh] (read only),
+        With a cache, `cache_key_value` are every layer's buffers [L, B, max_len, H, Dh] (read only),
         `cache_bias` masks them and `self_bias` masks the new tokens among themselves; the caller
         writes the returned new keys/values [B, T, H, Dh] at `cache_index`.
         """
@@ -239,7 +285,8 @@ class DecoderLayer(nn.Module):
             attended, self_weights = self.self_attn.attend(query, key, value, self_bias, deterministic)
         else:
             attended, self_weights = self.self_attn.attend_cached(
-                query, key, value, *cache_key_value, cache_bias, self_bias, cache_index, deterministic)
+                query, key, value, *cache_key_value, cache_bias, self_bias, cache_index, self.layer_index,
+                deterministic)
         hidden = self.self_attn_layer_norm(hidden + self.dropout(attended, deterministic=deterministic))
 
         cross_weights = None

@@ -175,7 +175,7 @@ class Decoder(_Stack):
         all_hidden, all_self, all_cross, new_kv = [hidden], [], [], []
         for i, layer in enumerate(self.layers):
             layer_cross = None if cross_kv is None else (cross_kv[0][i], cross_kv[1][i])
-            layer_cache = None if cache is None else (cache.self_key[i], cache.self_value[i])
+            layer_cache = None if cache is None else (cache.self_key, cache.self_value)
             outputs = _run_layer_drop(
                 self, c.decoder_layerdrop if cache is None else 0.0, deterministic,
                 (hidden, jnp.zeros((), jnp.float32), None if cross_kv is None else jnp.zeros((), jnp.float32),

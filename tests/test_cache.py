@@ -59,6 +59,25 @@ def test_decoder_only_step_by_step_with_cache_equals_full_decoder():
     np.testing.assert_allclose(jnp.concatenate(hidden, axis=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_cached_attention_weights_match_the_full_decoder(seq2seq):
+    """One-token steps read the cache through growing windows; their weights still cover the whole buffer."""
+    module, variables = seq2seq.module, {"params": seq2seq.params}
+    rng = np.random.default_rng(2)
+    encoded = jnp.asarray(rng.normal(size=(2, 3, 32)), jnp.float32)
+    decoder_ids = jnp.asarray(rng.integers(3, 101, (2, 9)), jnp.int32)
+    full = module.apply(variables, decoder_input_ids=decoder_ids, encoder_hidden_states=encoded,
+                        method="decode", output_attentions=True).attentions  # per layer [B, H, T, T]
+    cache = module.apply(variables, 2, 12, encoded, method="init_cache")
+    step = jax.jit(lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
+                                                      method="decode", output_attentions=True))
+    for t in range(9):
+        out = step(decoder_ids[:, t:t + 1], cache)
+        cache = out.cache
+        for layer, weights in enumerate(out.attentions):  # [B, H, 1, 12]
+            np.testing.assert_allclose(weights[:, :, 0, :t + 1], full[layer][:, :, t, :t + 1], atol=1e-6)
+            np.testing.assert_array_equal(weights[:, :, 0, t + 1:], 0.0)
+
+
 def test_reorder_gathers_self_attention_only():
     config = BlenderbotSmallConfig(**TINY)
     cache = KVCache.empty(config, 3, 4)
