@@ -20,7 +20,8 @@ def parse_args():
     parser.add_argument("--cases", default="greedy1,greedy32,beam10", help="comma-separated subset to run")
     parser.add_argument("--small", action="store_true", help="a 4-layer, 8k-vocab model (quick smoke run)")
     parser.add_argument("--torch-threads", type=int, default=0,
-                        help="threads for PyTorch (0: time one decoder step with 1 and with all cores, keep the faster)")
+                        help="threads for PyTorch (0: for each case, time one decoder step at its number of rows "
+                             "with 1 and with all cores, and keep the faster)")
     parser.add_argument("--no-torch", action="store_true", help="time ours only")
     return parser.parse_args()
 
@@ -75,7 +76,7 @@ def pick_torch_threads(model, ids) -> int:
             torch.set_num_threads(threads)
             model(encoder_outputs=encoder_outputs, decoder_input_ids=start)
             elapsed = min(_timed(lambda: model(encoder_outputs=encoder_outputs, decoder_input_ids=start))
-                          for _ in range(3))
+                          for _ in range(5))
             if elapsed < best_time:
                 best, best_time = threads, elapsed
     torch.set_num_threads(best)
@@ -116,7 +117,6 @@ def main():
         "greedy32": ("greedy, batch 32", 32, dict(max_new_tokens=ARGS.new_tokens, min_new_tokens=ARGS.new_tokens)),
         "beam10": ("beam 10, checkpoint defaults, batch 1", 1, BEAM_DEFAULTS),
     }
-    threads = None
     rows = []
     for name in ARGS.cases.split(","):
         label, batch, kwargs = cases[name]
@@ -128,26 +128,27 @@ def main():
         row = dict(label=label, tokens=tokens, ours=tokens / ours_time, compile=compile_time,
                    bound=batch / bound_step, ours_step=ours_time / steps)
         if not ARGS.no_torch:
-            if threads is None:
-                threads = ARGS.torch_threads or pick_torch_threads(hf, torch.tensor(ids[:1], dtype=torch.long))
-                torch.set_num_threads(threads)
+            searched = np.repeat(ids, kwargs.get("num_beams", 1), axis=0)  # the rows each decoder step runs
+            threads = ARGS.torch_threads or pick_torch_threads(hf, torch.tensor(searched, dtype=torch.long))
+            torch.set_num_threads(threads)
             torch_time, torch_out = time_torch(hf, ids, mask, kwargs, ARGS.runs)
-            row.update(torch=tokens / torch_time, ratio=torch_time / ours_time,
+            row.update(torch=tokens / torch_time, ratio=torch_time / ours_time, threads=threads,
                        same=torch_out.shape == ours_out.shape and bool((torch_out == ours_out).all()))
         rows.append(row)
         print(row, flush=True)
 
     print()
     print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} ({threads} threads), XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}")
+          f"torch {torch.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}")
     print(f"numpy copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per decoder step "
           f"{weight_bytes / 1e6:.0f} MB -> bound {bound_step * 1e3:.1f} ms/step")
     print()
-    print("| case | tokens | ours tok/s | transformers tok/s | ratio | same tokens | compile s | ours ms/step "
-          "| bound tok/s | ours / bound |")
+    print("| case | tokens | ours tok/s | transformers tok/s (threads) | ratio | same tokens | compile s "
+          "| ours ms/step | bound tok/s | ours / bound |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['label']} | {r['tokens']} | {r['ours']:.1f} | {r.get('torch', float('nan')):.1f} "
+              f"({r.get('threads', '-')}) "
               f"| {r.get('ratio', float('nan')):.2f}x | {r.get('same', '-')} | {r['compile']:.1f} "
               f"| {r['ours_step'] * 1e3:.1f} | {r['bound']:.1f} | {r['ours'] / r['bound']:.2f} |")
 
