@@ -175,3 +175,14 @@ def test_top_k_and_top_p_restrict_the_support_like_transformers(random_case):
             ref = hf_apply(hf.TopPLogitsWarper(p, min_tokens_to_keep=keep), np.zeros((4, 1)), scores)
             np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
             assert (np.isfinite(ours).sum(-1) >= keep).all()
+
+
+@pytest.mark.parametrize("scores", [
+    np.random.default_rng(0).normal(size=(5, 100)),
+    np.random.default_rng(1).integers(0, 3, (4, 9)),  # ties: the first maximum wins
+    np.full((2, 7), -np.inf),
+    [[1.0, np.nan, 3.0, np.nan]],  # a NaN counts as the maximum, as in jnp.argmax
+])
+def test_first_argmax_is_argmax(scores):
+    scores = jnp.asarray(scores, jnp.float32)
+    np.testing.assert_array_equal(decoding.first_argmax(scores), jnp.argmax(scores, axis=-1))
