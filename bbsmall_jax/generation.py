@@ -160,8 +160,8 @@ def _program(module, seq2seq: bool, params, batch: dict, search: decoding.Search
                               encoder_mask=jnp.repeat(cross.encoder_mask, expand, axis=0))
     sequences = jnp.repeat(sequences, expand, axis=0)  # [N, T]
 
-    # XLA's CPU matmul over [D, V] is several times faster than over [V, D] for a few rows; one row is
-    # as fast either way, so the copy (about 70 ms for the 90M vocabulary) is made only for several
+    # XLA's CPU matmul over [D, V] is several times faster than over [V, D] for a few rows; for one row
+    # both are as fast, so the transposed copy (about 70 ms for the 90M vocabulary) is made only for more
     lm_kernel = params["shared"]["embedding"].T if rows > 1 else None  # [D, V]
     key_mask = None
     if seq2seq:

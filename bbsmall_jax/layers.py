@@ -124,6 +124,10 @@ class Attention(nn.Module):
         float32 weights [B, H, 1, sum S_i]."""
         out, weights = one_token_attention(query, keys, values, biases, self.head_dim ** -0.5,
                                            lambda w: self.attn_dropout(w, deterministic=deterministic))
+        return self._finish_one(out, weights)
+
+    def _finish_one(self, out: Array, weights: Array) -> tuple[Array, Array]:
+        """`one_token_attention`'s results -> the projected output [B, 1, D] and weights [B, H, 1, S]."""
         return self._project_out(out.astype(self.dtype)), jnp.swapaxes(weights, 1, 2)[:, :, None, :]
 
     def _attend_one_windowed(self, query: Array, key: Array, value: Array, cache_key: Array, cache_value: Array,
@@ -150,8 +154,8 @@ class Attention(nn.Module):
             return run
 
         which = jnp.minimum(jnp.sum(cache_index > jnp.asarray(widths)), len(widths) - 1)
-        out, weights = jax.lax.switch(which, [branch(w) for w in widths], cache_key, cache_value, cache_bias)
-        return self._project_out(out.astype(self.dtype)), jnp.swapaxes(weights, 1, 2)[:, :, None, :]
+        return self._finish_one(*jax.lax.switch(which, [branch(w) for w in widths], cache_key, cache_value,
+                                                cache_bias))
 
     def attend_cached(self, query: Array, key: Array, value: Array, cache_key: Array, cache_value: Array,
                       cache_bias: Array, bias: Array, cache_index: Array, layer: int,
