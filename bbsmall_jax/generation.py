@@ -185,7 +185,7 @@ def _program(module, seq2seq: bool, params, batch: dict, search: decoding.Search
         def reorder_fn(cache, source_rows, cur_len):
             return cache.reorder(source_rows)
 
-        state = decoding.beam_search(sequences, search, cache, step_fn, reorder_fn, spec, vocab)
+        state = decoding.beam_search(sequences, search, cache.tracking_origins(), step_fn, reorder_fn, spec, vocab)
         return dict(sequences=state.sequences, lengths=state.lengths, scores=state.scores,
                     cur_len=state.cur_len, step_scores=state.step_scores)
     state = decoding.sample(sequences, search, cache, step_fn, spec, vocab)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from .cache import KVCache, read_layer
 from .config import BlenderbotSmallConfig
 
 Array = jax.Array
@@ -130,8 +131,8 @@ class Attention(nn.Module):
         """`one_token_attention`'s results -> the projected output [B, 1, D] and weights [B, H, 1, S]."""
         return self._project_out(out.astype(self.dtype)), jnp.swapaxes(weights, 1, 2)[:, :, None, :]
 
-    def _attend_one_windowed(self, query: Array, key: Array, value: Array, cache_key: Array, cache_value: Array,
-                             cache_bias: Array, bias: Array, cache_index: Array, layer: int) -> tuple[Array, Array]:
+    def _attend_one_windowed(self, query: Array, key: Array, value: Array, cache: KVCache, cache_bias: Array,
+                             bias: Array, layer: int) -> tuple[Array, Array]:
         """One token over the cache read only up to the smallest of `CACHE_WINDOWS` growing windows that
         holds every cached entry, so early steps read a fraction of the buffer (no dropout).
 
@@ -139,41 +140,42 @@ class Attention(nn.Module):
         buffer. The stacked buffers go into the branches whole and are sliced there: slicing them
         outside would make XLA copy this layer's part. Shapes as `attend_cached` with T = 1.
         """
-        size = cache_key.shape[2]
+        size = cache.max_length
         step = -(-size // CACHE_WINDOWS)
         widths = sorted({min(size, step * i) for i in range(1, CACHE_WINDOWS + 1)})
 
         def branch(width: int):
-            def run(cache_key, cache_value, cache_bias):
+            def run(cache_key, cache_value, origins, cache_bias):
                 out, weights = one_token_attention(
-                    query, [cache_key[layer, :, :width], key], [cache_value[layer, :, :width], value],
+                    query, [read_layer(cache_key, layer, width, origins), key],
+                    [read_layer(cache_value, layer, width, origins), value],
                     [cache_bias[..., :width], bias], self.head_dim ** -0.5)
                 # weights [B, width + 1, H] -> [B, size + 1, H]: the cached positions left out have weight 0
                 left_out = jnp.zeros((weights.shape[0], size - width, weights.shape[2]), weights.dtype)
                 return out, jnp.concatenate([weights[:, :width], left_out, weights[:, width:]], axis=1)
             return run
 
-        which = jnp.minimum(jnp.sum(cache_index > jnp.asarray(widths)), len(widths) - 1)
-        return self._finish_one(*jax.lax.switch(which, [branch(w) for w in widths], cache_key, cache_value,
-                                                cache_bias))
+        which = jnp.minimum(jnp.sum(cache.index > jnp.asarray(widths)), len(widths) - 1)
+        return self._finish_one(*jax.lax.switch(which, [branch(w) for w in widths], cache.self_key,
+                                                cache.self_value, cache.origins, cache_bias))
 
-    def attend_cached(self, query: Array, key: Array, value: Array, cache_key: Array, cache_value: Array,
-                      cache_bias: Array, bias: Array, cache_index: Array, layer: int,
-                      deterministic: bool) -> tuple[Array, Array]:
+    def attend_cached(self, query: Array, key: Array, value: Array, cache: KVCache, cache_bias: Array,
+                      bias: Array, layer: int, deterministic: bool) -> tuple[Array, Array]:
         """Attention over the cache as it was before this step plus the new tokens' own keys/values.
 
-        query/key/value [B, T, H, Dh] of the T new tokens; cache_key/cache_value [L, B, K, H, Dh] are every
-        layer's buffers, this layer's at `layer` (only read: writing the new entries first and reading the
+        query/key/value [B, T, H, Dh] of the T new tokens; `cache` holds every layer's buffers
+        [L, B, K, H, Dh], this layer's at `layer` (only read: writing the new entries first and reading the
         buffer back makes XLA copy the whole cache); cache_bias [B or 1, 1, 1, K] allows the cached keys
-        before `cache_index`; bias [B or 1, 1, T, T] the new tokens among themselves. One softmax over both
+        before `cache.index`; bias [B or 1, 1, T, T] the new tokens among themselves. One softmax over both
         parts. Returns the output [B, T, D] and the float32 weights [B, H, T, K] laid out as if the new keys
-        were written at `cache_index`.
+        were written at `cache.index`.
         """
+        size = cache.max_length
         if query.shape[1] == 1 and deterministic:
-            out, weights = self._attend_one_windowed(query, key, value, cache_key, cache_value, cache_bias, bias,
-                                                     cache_index, layer)
-            return out, self._place_new_weights(weights, cache_key.shape[2], cache_index)
-        cache_key, cache_value = cache_key[layer], cache_value[layer]
+            out, weights = self._attend_one_windowed(query, key, value, cache, cache_bias, bias, layer)
+            return out, self._place_new_weights(weights, size, cache.index)
+        cache_key = read_layer(cache.self_key, layer, size, cache.origins)
+        cache_value = read_layer(cache.self_value, layer, size, cache.origins)
         if query.shape[1] == 1:
             out, weights = self._attend_one(query, [cache_key, key], [cache_value, value], [cache_bias, bias],
                                             deterministic)
@@ -184,11 +186,11 @@ class Attention(nn.Module):
             new = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32) * scale + bias
             weights = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)  # [B, H, T, K + T]
             dropped = self.attn_dropout(weights, deterministic=deterministic)
-            old_dropped, new_dropped = jnp.split(dropped, [cache_key.shape[1]], axis=-1)
+            old_dropped, new_dropped = jnp.split(dropped, [size], axis=-1)
             out = self._project_out(
                 jnp.einsum("bhtk,bkhd->bthd", old_dropped.astype(self.dtype), cache_value.astype(self.dtype))
                 + jnp.einsum("bhts,bshd->bthd", new_dropped.astype(self.dtype), value.astype(self.dtype)))
-        return out, self._place_new_weights(weights, cache_key.shape[1], cache_index)
+        return out, self._place_new_weights(weights, size, cache.index)
 
     @staticmethod
     def _place_new_weights(weights: Array, size: int, cache_index: Array) -> Array:
@@ -274,23 +276,21 @@ class DecoderLayer(nn.Module):
         return self.encoder_attn.project_key_value(encoder_hidden)
 
     def __call__(self, hidden: Array, self_bias: Array, cross_key_value: Optional[tuple[Array, Array]],
-                 cross_bias: Optional[Array], deterministic: bool,
-                 cache_key_value: Optional[tuple[Array, Array]] = None,
-                 cache_index: Optional[Array] = None, cache_bias: Optional[Array] = None):
+                 cross_bias: Optional[Array], deterministic: bool, cache: Optional[KVCache] = None,
+                 cache_bias: Optional[Array] = None):
         """Returns (hidden, self-attention weights, cross-attention weights, the new keys/values).
 
-        With a cache, `cache_key_value` are every layer's buffers [L, B, max_len, H, Dh] (read only),
-        `cache_bias` masks them and `self_bias` masks the new tokens among themselves; the caller
-        writes the returned new keys/values [B, T, H, Dh] at `cache_index`.
+        With a cache (every layer's buffers, read only), `cache_bias` masks it and `self_bias` masks the
+        new tokens among themselves; the caller writes the returned new keys/values [B, T, H, Dh] at
+        `cache.index`.
         """
         query = self.self_attn.project_query(hidden)
         key, value = self.self_attn.project_key_value(hidden)
-        if cache_key_value is None:
+        if cache is None:
             attended, self_weights = self.self_attn.attend(query, key, value, self_bias, deterministic)
         else:
             attended, self_weights = self.self_attn.attend_cached(
-                query, key, value, *cache_key_value, cache_bias, self_bias, cache_index, self.layer_index,
-                deterministic)
+                query, key, value, cache, cache_bias, self_bias, self.layer_index, deterministic)
         hidden = self.self_attn_layer_norm(hidden + self.dropout(attended, deterministic=deterministic))
 
         cross_weights = None

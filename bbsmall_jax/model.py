@@ -172,7 +172,6 @@ class Decoder(_Stack):
         if cross_kv is not None and encoder_mask is not None:
             cross_bias = mask_to_bias(encoder_mask.astype(bool))[:, None, None, :]  # [B, 1, 1, S]
 
-        layer_cache = None if cache is None else (cache.self_key, cache.self_value)  # every layer reads them whole
         all_hidden, all_self, all_cross, new_kv = [hidden], [], [], []
         for i, layer in enumerate(self.layers):
             layer_cross = None if cross_kv is None else (cross_kv[0][i], cross_kv[1][i])
@@ -180,8 +179,7 @@ class Decoder(_Stack):
                 self, c.decoder_layerdrop if cache is None else 0.0, deterministic,
                 (hidden, jnp.zeros((), jnp.float32), None if cross_kv is None else jnp.zeros((), jnp.float32),
                  (jnp.zeros((), self.dtype), jnp.zeros((), self.dtype))),
-                lambda: layer(hidden, self_bias, layer_cross, cross_bias, deterministic, layer_cache,
-                              None if cache is None else cache.index, cache_bias))
+                lambda: layer(hidden, self_bias, layer_cross, cross_bias, deterministic, cache, cache_bias))
             hidden, self_weights, cross_weights, kv = outputs
             all_hidden.append(hidden)
             all_self.append(self_weights)

@@ -7,7 +7,7 @@ import pytest
 
 from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForCausalLM, BlenderbotSmallForConditionalGeneration
 from bbsmall_jax import generation
-from bbsmall_jax.cache import KVCache
+from bbsmall_jax.cache import KVCache, read_layer
 from hf_models import TINY
 
 
@@ -88,6 +88,31 @@ def test_reorder_gathers_self_attention_only():
     np.testing.assert_array_equal(moved.self_key[:, 1], values[:, 2])
     np.testing.assert_array_equal(moved.self_value[:, 2], -values[:, 0])
     assert moved.cross_key is cache.cross_key
+
+
+def test_reorder_through_origins_equals_moving_the_buffers(seq2seq):
+    """Beam search's cache keeps entries in place and follows `origins`; decoding must see the same history
+    as with the buffers physically gathered, in the windowed one-token path and the multi-token path."""
+    module, variables = seq2seq.module, {"params": seq2seq.params}
+    rng = np.random.default_rng(5)
+    encoded = jnp.asarray(rng.normal(size=(3, 4, 32)), jnp.float32)
+    step = jax.jit(lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
+                                                      method="decode"))
+    moved = module.apply(variables, 3, 12, encoded, method="init_cache")
+    tracked = moved.tracking_origins()
+    for t in range(7):
+        tokens = jnp.asarray(rng.integers(3, 101, (3, 1)), jnp.int32)
+        out_moved, out_tracked = step(tokens, moved), step(tokens, tracked)
+        np.testing.assert_array_equal(out_tracked.last_hidden_state, out_moved.last_hidden_state)
+        rows = jnp.asarray(rng.integers(0, 3, 3), jnp.int32)
+        moved, tracked = out_moved.cache.reorder(rows), out_tracked.cache.reorder(rows)
+        assert tracked.self_key is out_tracked.cache.self_key  # only the origins moved
+    for layer in range(2):
+        np.testing.assert_array_equal(read_layer(tracked.self_key, layer, 7, tracked.origins),
+                                      moved.self_key[layer, :, :7])
+    tokens = jnp.asarray(rng.integers(3, 101, (3, 2)), jnp.int32)  # two tokens: the full-buffer path
+    np.testing.assert_allclose(step(tokens, tracked).last_hidden_state, step(tokens, moved).last_hidden_state,
+                               atol=1e-6, rtol=1e-6)
 
 
 def test_lengths_in_one_bucket_do_not_recompile(seq2seq):
