@@ -186,3 +186,27 @@ def test_top_k_and_top_p_restrict_the_support_like_transformers(random_case):
 def test_first_argmax_is_argmax(scores):
     scores = jnp.asarray(scores, jnp.float32)
     np.testing.assert_array_equal(decoding.first_argmax(scores), jnp.argmax(scores, axis=-1))
+
+
+@pytest.mark.parametrize("shape, count, block, levels", [
+    ((3, 1000), 20, 32, None),  # 1000 is not a multiple of the block: the padding is never picked
+    ((2, 640), 20, 32, 4),  # many ties: lower indices first, as jax.lax.top_k
+    ((2, 96), 20, 8, 2),  # ties everywhere
+    ((1, 50), 20, 32, None),  # fewer blocks than count: plain top_k
+])
+def test_blockwise_top_k_is_top_k(shape, count, block, levels):
+    rng = np.random.default_rng(7)
+    scores = rng.normal(size=shape) if levels is None else rng.integers(0, levels, shape).astype(float)
+    scores[:, ::7] = -np.inf  # banned tokens
+    scores = jnp.asarray(scores, jnp.float32)
+    values, ids = decoding.blockwise_top_k(scores, count, block)
+    expected_values, expected_ids = jax.lax.top_k(scores, count)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(ids, expected_ids)
+
+
+def test_blockwise_top_k_breaks_ties_across_blocks_by_index():
+    # blocks [1, 5] [1, 0] [9, 1]: the third best is the 1 at index 0, though its block ranks second
+    values, ids = decoding.blockwise_top_k(jnp.asarray([[1.0, 5.0, 1.0, 0.0, 9.0, 1.0]]), 3, block=2)
+    np.testing.assert_array_equal(values, [[9.0, 5.0, 1.0]])
+    np.testing.assert_array_equal(ids, [[4, 1, 0]])
