@@ -26,9 +26,11 @@ class KVCache:
     self_key: jax.Array  # [L, B, max_len, H, Dh]
     self_value: jax.Array  # [L, B, max_len, H, Dh]
     index: jax.Array  # [] int32
-    cross_key: Optional[jax.Array] = None  # [L, B, S, H, Dh]; None for a decoder without encoder
-    cross_value: Optional[jax.Array] = None  # [L, B, S, H, Dh]
-    encoder_mask: Optional[jax.Array] = None  # [B, S] bool, True where the encoder output is real
+    # cross-attention entries [L, G, S, H, Dh], G = B or dividing it: each group of B / G consecutive rows
+    # (the beams of one batch element) shares one; None for a decoder without encoder
+    cross_key: Optional[jax.Array] = None
+    cross_value: Optional[jax.Array] = None  # [L, G, S, H, Dh]
+    encoder_mask: Optional[jax.Array] = None  # [G, S] bool, True where the encoder output is real
     origins: Optional[jax.Array] = None  # [B, max_len] int32 buffer row of each cached position (see above)
 
     @classmethod

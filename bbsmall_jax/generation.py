@@ -152,12 +152,12 @@ def _program(module, seq2seq: bool, params, batch: dict, search: decoding.Search
     else:
         encoder_states, encoder_mask = batch.get("encoder_hidden_states"), batch.get("encoder_attention_mask")
     cache = KVCache.empty(module.config, rows, length, module.dtype)
-    if encoder_states is not None:  # cross-attention keys/values projected once per batch element
+    if encoder_states is not None:  # cross-attention keys/values projected once per batch element, and
+        # kept once: the `expand` rows (beams or samples) of a batch element share them
         cross = module.apply(variables, encoder_states.shape[0], 1, encoder_states, encoder_mask,
                              method="init_cache")
-        cache = cache.replace(cross_key=jnp.repeat(cross.cross_key, expand, axis=1),
-                              cross_value=jnp.repeat(cross.cross_value, expand, axis=1),
-                              encoder_mask=jnp.repeat(cross.encoder_mask, expand, axis=0))
+        cache = cache.replace(cross_key=cross.cross_key, cross_value=cross.cross_value,
+                              encoder_mask=cross.encoder_mask)
     sequences = jnp.repeat(sequences, expand, axis=0)  # [N, T]
 
     # XLA's CPU matmul over [D, V] is several times faster than over [V, D] for a few rows; for one row

@@ -50,16 +50,30 @@ def one_token_attention(query: Array, keys: list, values: list, biases: list, sc
                         dropout: Callable[[Array], Array] = lambda weights: weights) -> tuple[Array, Array]:
     """One query token over one or more key/value parts under one softmax, by multiply-and-reduce.
 
-    query [B, 1, H, Dh]; keys/values [B, S_i, H, Dh]; biases broadcastable to [B, H, 1, S_i] (or None).
-    XLA's CPU batched dot transposes keys/values to [B, H, S, Dh] for every step and runs B * H tiny
-    products; multiply-and-reduce reads them in place. Returns the float32 output [B, 1, H, Dh] and
-    weights [B, sum S_i, H] (before `dropout`).
+    query [B, 1, H, Dh]; keys/values [G, S_i, H, Dh], where G is B or divides it: then each group of
+    B / G consecutive rows (the beams of one batch element) shares one entry, read once for all of them;
+    biases broadcastable to [G, H, 1, S_i] (or None). XLA's CPU batched dot transposes keys/values to
+    [B, H, S, Dh] for every step and runs B * H tiny products; multiply-and-reduce reads them in place.
+    Returns the float32 output [B, 1, H, Dh] and weights [B, sum S_i, H] (before `dropout`).
     """
+    rows, heads = query.shape[0], query.shape[2]
+    query = query.astype(jnp.float32)
+
+    def by_group(x: Array, groups: int) -> Array:  # [B, ...] -> [G, B / G, ...]
+        return x.reshape((groups, rows // groups) + x.shape[1:])
+
     parts = []
     for key, bias in zip(keys, biases):
-        scores = jnp.sum(query.astype(jnp.float32) * key.astype(jnp.float32), axis=-1) * scale  # [B, S, H]
-        if bias is not None:  # [B or 1, 1, 1, S] -> [B or 1, S, 1]
-            scores = scores + jnp.swapaxes(bias[:, :, 0, :], 1, 2)
+        if key.shape[0] == rows:
+            scores = jnp.sum(query * key.astype(jnp.float32), axis=-1) * scale  # [B, S, H]
+        else:  # [G, B / G, 1, H, Dh] * [G, 1, S, H, Dh] summed over Dh -> [G, B / G, S, H] -> [B, S, H]
+            grouped = jnp.sum(by_group(query, key.shape[0]) * key.astype(jnp.float32)[:, None], axis=-1)
+            scores = grouped.reshape((rows,) + grouped.shape[2:]) * scale
+        if bias is not None:  # [R, 1, 1, S] (R = B, G or 1) -> [R, S, 1]; per group, repeated to [B, S, 1]
+            bias = jnp.swapaxes(bias[:, :, 0, :], 1, 2)
+            if 1 < bias.shape[0] < rows:
+                bias = jnp.repeat(bias, rows // bias.shape[0], axis=0)
+            scores = scores + bias
         parts.append(scores)
     weights = jax.nn.softmax(jnp.concatenate(parts, axis=1), axis=1)  # [B, S, H]
     dropped = dropout(weights)
@@ -67,7 +81,11 @@ def one_token_attention(query: Array, keys: list, values: list, biases: list, sc
     for value in values:
         # [B, S, H, 1] weights times values [B, S, H, Dh], summed over S -> [B, 1, H, Dh]
         part = jax.lax.slice_in_dim(dropped, offset, offset + value.shape[1], axis=1)[..., None]
-        out = out + jnp.sum(part * value.astype(jnp.float32), axis=1, keepdims=True)
+        if value.shape[0] == rows:
+            out = out + jnp.sum(part * value.astype(jnp.float32), axis=1, keepdims=True)
+        else:  # [G, B / G, S, H, 1] * [G, 1, S, H, Dh] -> [G, B / G, H, Dh] -> [B, 1, H, Dh]
+            grouped = jnp.sum(by_group(part, value.shape[0]) * value.astype(jnp.float32)[:, None], axis=2)
+            out = out + grouped.reshape(rows, 1, heads, -1)
         offset += value.shape[1]
     return out, weights
 
@@ -105,11 +123,17 @@ class Attention(nn.Module):
                deterministic: bool) -> tuple[Array, Array]:
         """Scaled dot-product attention and output projection.
 
-        query [B, T, H, Dh], key/value [B, S, H, Dh], bias broadcastable to [B, H, T, S].
+        query [B, T, H, Dh], key/value [B or G, S, H, Dh] (G: shared by groups of rows, as in
+        `one_token_attention`), bias broadcastable to [B or G, H, T, S].
         Returns the output [B, T, D] and the float32 weights [B, H, T, S].
         """
         if query.shape[1] == 1:
             return self._attend_one(query, [key], [value], [bias], deterministic)
+        if key.shape[0] != query.shape[0]:  # shared by groups of rows: one copy per row for the batched product
+            repeats = query.shape[0] // key.shape[0]
+            key, value = jnp.repeat(key, repeats, axis=0), jnp.repeat(value, repeats, axis=0)
+            if bias is not None and bias.shape[0] > 1:
+                bias = jnp.repeat(bias, repeats, axis=0)
         scores = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
         scores = scores * (self.head_dim ** -0.5)
         if bias is not None:

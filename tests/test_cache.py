@@ -115,6 +115,30 @@ def test_reorder_through_origins_equals_moving_the_buffers(seq2seq):
                                atol=1e-6, rtol=1e-6)
 
 
+def test_cross_entries_shared_by_groups_of_rows_equal_one_per_row(seq2seq):
+    """Generation keeps one cross-attention entry per batch element for all its beams."""
+    module, variables = seq2seq.module, {"params": seq2seq.params}
+    rng = np.random.default_rng(6)
+    encoded = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+    mask = jnp.asarray([[1] * 5, [1] * 3 + [0] * 2], jnp.int32)
+    shared = module.apply(variables, 2, 8, encoded, mask, method="init_cache")
+    shared = KVCache.empty(seq2seq.config, 6, 8).replace(  # 3 rows per batch element
+        cross_key=shared.cross_key, cross_value=shared.cross_value, encoder_mask=shared.encoder_mask)
+    per_row = shared.replace(cross_key=jnp.repeat(shared.cross_key, 3, axis=1),
+                             cross_value=jnp.repeat(shared.cross_value, 3, axis=1),
+                             encoder_mask=jnp.repeat(shared.encoder_mask, 3, axis=0))
+    step = jax.jit(lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
+                                                      method="decode", output_attentions=True))
+    for length in (2, 1, 1):  # a prefill (the batched product), then one-token steps
+        tokens = jnp.asarray(rng.integers(3, 101, (6, length)), jnp.int32)
+        ours, reference = step(tokens, shared), step(tokens, per_row)
+        np.testing.assert_allclose(ours.last_hidden_state, reference.last_hidden_state, atol=1e-6, rtol=1e-6)
+        for got, expected in zip(ours.cross_attentions, reference.cross_attentions):
+            np.testing.assert_allclose(got, expected, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(ours.cross_attentions[0])[3:, :, :, 3:], 0.0)  # padding
+        shared, per_row = ours.cache, reference.cache
+
+
 def test_lengths_in_one_bucket_do_not_recompile(seq2seq):
     rng = np.random.default_rng(2)
     kwargs = dict(num_beams=2, max_new_tokens=6, no_repeat_ngram_size=2)
