@@ -14,7 +14,9 @@ import numpy as np
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per case (the median is reported)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="timed runs per case, ours and transformers' alternating (medians are reported; "
+                             "the ratio is the median of the per-pair ratios)")
     parser.add_argument("--new-tokens", type=int, default=64, help="greedy: tokens generated per sequence")
     parser.add_argument("--source-length", type=int, default=32, help="tokens per input sequence")
     parser.add_argument("--cases", default="greedy1,greedy32,beam10", help="comma-separated subset to run")
@@ -83,22 +85,47 @@ def pick_torch_threads(model, ids) -> int:
     return best
 
 
-def time_ours(model, ids, mask, kwargs, runs):
-    first = _timed(lambda: np.asarray(model.generate(ids, attention_mask=mask, **kwargs)))
-    times = [_timed(lambda: np.asarray(model.generate(ids, attention_mask=mask, **kwargs))) for _ in range(runs)]
-    out = np.asarray(model.generate(ids, attention_mask=mask, **kwargs))
-    return statistics.median(times), first - statistics.median(times), out
+def time_case(ours, hf, ids, mask, kwargs, runs):
+    """Time both sides on one case, alternating run by run so both see the machine in the same state.
 
+    Returns ours' median time, its compile time (first call minus median), our output, and with `hf`
+    transformers' median time, the median of the per-pair ratios and its output.
+    """
+    def run_ours():
+        return np.asarray(ours.generate(ids, attention_mask=mask, **kwargs))
 
-def time_torch(model, ids, mask, kwargs, runs):
     ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-    with torch.no_grad():
-        out = model.generate(ids_t, attention_mask=mask_t, **kwargs).numpy()
-        times = [_timed(lambda: model.generate(ids_t, attention_mask=mask_t, **kwargs)) for _ in range(runs)]
-    return statistics.median(times), out
+
+    def run_torch():
+        with torch.no_grad():
+            return hf.generate(ids_t, attention_mask=mask_t, **kwargs).numpy()
+
+    first = _timed(run_ours)
+    ours_out = run_ours()
+    torch_out = None if hf is None else run_torch()
+    ours_times, torch_times = [], []
+    for _ in range(runs):
+        ours_times.append(_timed(run_ours))
+        if hf is not None:
+            torch_times.append(_timed(run_torch))
+    result = dict(ours_time=statistics.median(ours_times), compile=first - statistics.median(ours_times),
+                  ours_out=ours_out)
+    if hf is not None:
+        result.update(torch_time=statistics.median(torch_times), torch_out=torch_out,
+                      ratio=statistics.median(t / o for t, o in zip(torch_times, ours_times)))
+    return result
 
 
 def main():
+    cases = {
+        "greedy1": ("greedy, batch 1", 1, dict(max_new_tokens=ARGS.new_tokens, min_new_tokens=ARGS.new_tokens)),
+        "greedy32": ("greedy, batch 32", 32, dict(max_new_tokens=ARGS.new_tokens, min_new_tokens=ARGS.new_tokens)),
+        "beam10": ("beam 10, checkpoint defaults, batch 1", 1, BEAM_DEFAULTS),
+    }
+    names = ARGS.cases.split(",")
+    unknown = [name for name in names if name not in cases]
+    if unknown:
+        sys.exit(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(cases)}")
     shape = dict(FULL_90M)
     if ARGS.small:
         shape.update(vocab_size=8192, encoder_layers=4, decoder_layers=4)
@@ -112,27 +139,25 @@ def main():
     bound_step = weight_bytes / bandwidth
 
     rng = np.random.default_rng(0)
-    cases = {
-        "greedy1": ("greedy, batch 1", 1, dict(max_new_tokens=ARGS.new_tokens, min_new_tokens=ARGS.new_tokens)),
-        "greedy32": ("greedy, batch 32", 32, dict(max_new_tokens=ARGS.new_tokens, min_new_tokens=ARGS.new_tokens)),
-        "beam10": ("beam 10, checkpoint defaults, batch 1", 1, BEAM_DEFAULTS),
-    }
     rows = []
-    for name in ARGS.cases.split(","):
+    for name in names:
         label, batch, kwargs = cases[name]
         ids = rng.integers(3, shape["vocab_size"], (batch, ARGS.source_length)).astype(np.int32)
         mask = np.ones_like(ids)
-        ours_time, compile_time, ours_out = time_ours(ours, ids, mask, kwargs, ARGS.runs)
-        steps = ours_out.shape[1] - 1  # decoder steps run (the first token is the decoder start)
-        tokens = steps * batch
-        row = dict(label=label, tokens=tokens, ours=tokens / ours_time, compile=compile_time,
-                   bound=batch / bound_step, ours_step=ours_time / steps)
+        threads = None
         if not ARGS.no_torch:
             searched = np.repeat(ids, kwargs.get("num_beams", 1), axis=0)  # the rows each decoder step runs
             threads = ARGS.torch_threads or pick_torch_threads(hf, torch.tensor(searched, dtype=torch.long))
             torch.set_num_threads(threads)
-            torch_time, torch_out = time_torch(hf, ids, mask, kwargs, ARGS.runs)
-            row.update(torch=tokens / torch_time, ratio=torch_time / ours_time, threads=threads,
+        timing = time_case(ours, None if ARGS.no_torch else hf, ids, mask, kwargs, ARGS.runs)
+        ours_out = timing["ours_out"]
+        steps = ours_out.shape[1] - 1  # decoder steps run (the first token is the decoder start)
+        tokens = steps * batch
+        row = dict(label=label, tokens=tokens, ours=tokens / timing["ours_time"], compile=timing["compile"],
+                   bound=batch / bound_step, ours_step=timing["ours_time"] / steps)
+        if not ARGS.no_torch:
+            torch_out = timing["torch_out"]
+            row.update(torch=tokens / timing["torch_time"], ratio=timing["ratio"], threads=threads,
                        same=torch_out.shape == ours_out.shape and bool((torch_out == ours_out).all()))
         rows.append(row)
         print(row, flush=True)
