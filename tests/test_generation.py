@@ -142,6 +142,21 @@ def test_scores_match_transformers(models, prompts):
             np.testing.assert_allclose(got.sequences_scores, ref.sequences_scores.numpy(), atol=1e-4)
 
 
+def test_params_argument_generates_with_those_weights(models, prompts, tmp_path):
+    """The LM head's transposed table is kept between calls; other params must not reuse it."""
+    hf, ours = models
+    other_hf = _reference("seq2seq_lm", tmp_path, seed=5)
+    other = BlenderbotSmallForConditionalGeneration.from_pretrained(tmp_path)
+    ids, mask = prompts
+    kwargs = dict(num_beams=4, max_length=16)
+    assert_same(hf, ours, ids, mask, **kwargs)
+    with torch.no_grad():
+        expected = other_hf.generate(to_torch(ids), attention_mask=to_torch(mask), **kwargs).numpy()
+    got = np.asarray(ours.generate(ids, attention_mask=mask, params=other.params, **kwargs))
+    np.testing.assert_array_equal(got, expected)
+    assert_same(hf, ours, ids, mask, **kwargs)
+
+
 def test_decoder_only_generation_matches_transformers(tmp_path):
     hf = _reference("decoder_only", tmp_path, seed=2)
     ours = BlenderbotSmallForCausalLM.from_pretrained(tmp_path)
