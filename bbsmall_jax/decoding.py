@@ -212,7 +212,8 @@ def _top_k_continuations(log_probs: Array, running_scores: Array, count: int, sp
                          rng: Array) -> tuple[Array, Array]:
     """The `count` best (beam, token) continuations of every batch element: scores and flat ids [B, count].
 
-    Sampling: `count` draws without replacement (Gumbel top-k), sorted by score as transformers does.
+    The best of all its beams' scores; with sampling, `count` draws without replacement (Gumbel top-k),
+    sorted by score as transformers does.
     """
     batch, k, vocab = log_probs.shape
     flat = (log_probs + running_scores[:, :, None]).reshape(batch, k * vocab)  # [B, K * V]

@@ -161,8 +161,9 @@ class Attention(nn.Module):
         holds every cached entry, so early steps read a fraction of the buffer (no dropout).
 
         The positions left out are masked (weight exactly 0), so the result is the same as over the whole
-        buffer. The stacked buffers go into the branches whole and are sliced there: slicing them
-        outside would make XLA copy this layer's part. Shapes as `attend_cached` with T = 1.
+        buffer. The stacked buffers go into the branches whole and are read there (sliced, or gathered
+        through the cache's `origins`): slicing them outside would make XLA copy this layer's part.
+        Shapes as `attend_cached` with T = 1.
         """
         size = cache.max_length
         step = -(-size // CACHE_WINDOWS)
