@@ -48,8 +48,7 @@ class KVCache:
 
     def tracking_origins(self) -> "KVCache":
         """This cache with `origins` set (each row's history in its own buffer row), so `reorder` is cheap."""
-        rows, length = self.self_key.shape[1], self.max_length
-        return self.replace(origins=jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, length)))
+        return self.replace(origins=_own_rows(self.self_key.shape[1], self.max_length))
 
     def write(self, key: jax.Array, value: jax.Array, after: Optional[jax.Array] = None) -> "KVCache":
         """Write new entries key/value [L, B, T, H, Dh] at `index` and advance it by T.
@@ -64,9 +63,7 @@ class KVCache:
         start = (0, 0, index, 0, 0)
         origins = self.origins
         if origins is not None:  # the new positions of every row are in its own buffer row
-            rows, length = key.shape[1], key.shape[2]
-            own = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, length))
-            origins = jax.lax.dynamic_update_slice(origins, own, (0, self.index))
+            origins = jax.lax.dynamic_update_slice(origins, _own_rows(key.shape[1], key.shape[2]), (0, self.index))
         return self.replace(
             self_key=jax.lax.dynamic_update_slice(self.self_key, key.astype(self.self_key.dtype), start),
             self_value=jax.lax.dynamic_update_slice(self.self_value, value.astype(self.self_value.dtype), start),
@@ -90,11 +87,16 @@ class KVCache:
         return self.replace(self_key=gather(self.self_key), self_value=gather(self.self_value))
 
 
+def _own_rows(rows: int, length: int) -> jax.Array:
+    """Origins [rows, length] saying that every row's positions are in its own buffer row."""
+    return jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, length))
+
+
 def read_layer(buffer: jax.Array, layer: int, width: int, origins: Optional[jax.Array]) -> jax.Array:
     """Every row's history in the first `width` positions of one layer's buffer.
 
-    buffer [L, B, K, H, Dh] -> [B, width, H, Dh]. With `origins` [B, K] this is a gather from the whole stacked buffer (seen as [L * B * K, H, Dh]),
-    which XLA fuses into the attention that reads it.
+    buffer [L, B, K, H, Dh] -> [B, width, H, Dh]. With `origins` [B, K] this is a gather from the whole
+    stacked buffer (seen as [L * B * K, H, Dh]), which XLA fuses into the attention that reads it.
     """
     if origins is None:
         return buffer[layer, :, :width]
