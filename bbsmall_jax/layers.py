@@ -64,28 +64,19 @@ def one_token_attention(query: Array, keys: list, values: list, biases: list, sc
 
     parts = []
     for key, bias in zip(keys, biases):
-        if key.shape[0] == rows:
-            scores = jnp.sum(query * key.astype(jnp.float32), axis=-1) * scale  # [B, S, H]
-        else:  # [G, B / G, 1, H, Dh] * [G, 1, S, H, Dh] summed over Dh -> [G, B / G, S, H] -> [B, S, H]
-            grouped = jnp.sum(by_group(query, key.shape[0]) * key.astype(jnp.float32)[:, None], axis=-1)
-            scores = grouped.reshape((rows,) + grouped.shape[2:]) * scale
-        if bias is not None:  # [R, 1, 1, S] (R = B, G or 1) -> [R, S, 1]; per group, repeated to [B, S, 1]
-            bias = jnp.swapaxes(bias[:, :, 0, :], 1, 2)
-            if 1 < bias.shape[0] < rows:
-                bias = jnp.repeat(bias, rows // bias.shape[0], axis=0)
-            scores = scores + bias
-        parts.append(scores)
+        # [G, B / G, 1, H, Dh] * [G, 1, S, H, Dh] summed over Dh -> [G, B / G, S, H]
+        scores = jnp.sum(by_group(query, key.shape[0]) * key.astype(jnp.float32)[:, None], axis=-1) * scale
+        if bias is not None:  # [G or 1, 1, 1, S] -> [G or 1, 1, S, 1]
+            scores = scores + jnp.swapaxes(bias[:, :, 0, :], 1, 2)[:, None]
+        parts.append(scores.reshape((rows,) + scores.shape[2:]))  # [B, S, H]
     weights = jax.nn.softmax(jnp.concatenate(parts, axis=1), axis=1)  # [B, S, H]
     dropped = dropout(weights)
     out, offset = 0.0, 0
     for value in values:
-        # [B, S, H, 1] weights times values [B, S, H, Dh], summed over S -> [B, 1, H, Dh]
+        # [G, B / G, S, H, 1] weights times [G, 1, S, H, Dh] values, summed over S -> [G, B / G, H, Dh]
         part = jax.lax.slice_in_dim(dropped, offset, offset + value.shape[1], axis=1)[..., None]
-        if value.shape[0] == rows:
-            out = out + jnp.sum(part * value.astype(jnp.float32), axis=1, keepdims=True)
-        else:  # [G, B / G, S, H, 1] * [G, 1, S, H, Dh] -> [G, B / G, H, Dh] -> [B, 1, H, Dh]
-            grouped = jnp.sum(by_group(part, value.shape[0]) * value.astype(jnp.float32)[:, None], axis=2)
-            out = out + grouped.reshape(rows, 1, heads, -1)
+        summed = jnp.sum(by_group(part, value.shape[0]) * value.astype(jnp.float32)[:, None], axis=2)
+        out = out + summed.reshape(rows, 1, heads, -1)  # [B, 1, H, Dh]
         offset += value.shape[1]
     return out, weights
 
