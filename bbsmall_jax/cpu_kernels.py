@@ -1,0 +1,103 @@
+"""The optional CPU kernels (the `_cpu_kernels` extension, built from `csrc/`) as JAX operations.
+
+One kernel so far: a float32 matmul of a few rows by a large weight matrix packed in column panels,
+which reads the weights once however many rows there are. XLA's CPU matmul reads them at about half
+its one-row speed for 2-16 rows, which makes the LM head most of a beam-search step.
+
+Nothing depends on the kernel: `available()` is False without the extension (no compiler at install
+time), on CPUs without AVX-512, off the CPU backend, or with `BBSMALL_CPU_KERNELS=0`, and callers then
+use XLA's matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+
+PANEL = 32  # columns per panel, as the kernel's
+PACKED = "cpu_packed"  # the variable collection holding packed copies of Dense kernels (see `pack_dense_kernels`)
+_TARGET = "bbsmall_small_rows_matmul"
+
+
+@functools.lru_cache(maxsize=None)
+def _registered() -> bool:
+    """Load the extension and register its handler with XLA, once; False where it cannot run."""
+    if os.environ.get("BBSMALL_CPU_KERNELS", "1") == "0":
+        return False
+    try:
+        from . import _cpu_kernels
+    except ImportError:
+        return False
+    if not _cpu_kernels.cpu_supported or not hasattr(jax, "ffi"):
+        return False
+    try:
+        jax.ffi.register_ffi_target(_TARGET, _cpu_kernels.small_rows_matmul, platform="cpu")
+    except Exception as error:  # e.g. a jaxlib whose FFI is older than the headers it was built with
+        warnings.warn(f"bbsmall_jax: the CPU kernels could not be registered ({error}); using XLA's matmul")
+        return False
+    return True
+
+
+def available() -> bool:
+    """Whether the kernel can run in programs compiled for the default backend."""
+    return jax.default_backend() == "cpu" and _registered()
+
+
+@struct.dataclass
+class PackedColumns:
+    """A [K, N] float32 weight matrix in the kernel's layout: panel p holds columns 32p .. 32p + 31."""
+
+    panels: Array  # [ceil(N / 32), K, 32] float32, zero beyond column N
+    columns: int = struct.field(pytree_node=False)  # N
+
+
+@jax.jit
+def _pack_rows(table: Array) -> Array:
+    """[N, K] (a weight's transpose, as an embedding table is) -> panels [ceil(N / 32), K, 32]."""
+    rows, depth = table.shape
+    padded = jnp.pad(table.astype(jnp.float32), ((0, -rows % PANEL), (0, 0)))
+    return padded.reshape(-1, PANEL, depth).transpose(0, 2, 1)  # [P, 32, K] -> [P, K, 32]
+
+
+@jax.jit
+def _pack_columns(weights: Array) -> Array:
+    """[K, N] -> panels [ceil(N / 32), K, 32]."""
+    depth, columns = weights.shape
+    padded = jnp.pad(weights.astype(jnp.float32), ((0, 0), (0, -columns % PANEL)))
+    return padded.reshape(depth, -1, PANEL).transpose(1, 0, 2)  # [K, P, 32] -> [P, K, 32]
+
+
+def pack_dense_kernels(params: dict) -> dict:
+    """Every Dense kernel [K, N] in a params tree, packed, in a tree of the same paths (nothing else):
+    given to `apply` as the `PACKED` collection, the Dense layers multiply by these."""
+    packed = {}
+    for name, value in params.items():
+        if isinstance(value, dict):
+            inner = pack_dense_kernels(value)
+            if inner:
+                packed[name] = inner
+        elif name == "kernel" and value.ndim == 2:
+            packed[name] = PackedColumns(panels=_pack_columns(value), columns=value.shape[1])
+    return packed
+
+
+def pack_transposed(table: Array) -> PackedColumns:
+    """The kernel's layout of `table.T` for a table [N, K]: the tied embedding gives the LM head [D, V]."""
+    return PackedColumns(panels=_pack_rows(table), columns=table.shape[0])
+
+
+def small_rows_matmul(x: Array, weights: PackedColumns, bias: Optional[Array] = None) -> Array:
+    """x [..., K] @ weights [K, N] + bias [N] -> [..., N] float32, by the kernel (check `available()` first)."""
+    if x.shape[-1] != weights.panels.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but the packed weights expect {weights.panels.shape[1]}")
+    bias = jnp.zeros((weights.columns,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    result = jax.ShapeDtypeStruct(x.shape[:-1] + (weights.columns,), jnp.float32)
+    return jax.ffi.ffi_call(_TARGET, result)(x.astype(jnp.float32), weights.panels, bias)
