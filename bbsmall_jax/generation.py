@@ -5,17 +5,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from . import decoding
+from . import cpu_kernels, decoding
 from . import logits_processors as lp
 from . import validation as check
 from .cache import KVCache
+from .cpu_kernels import PackedColumns
 from .generation_config import UNSUPPORTED, GenerationConfig
 
 Array = jax.Array
@@ -137,15 +138,17 @@ def validate(cfg: GenerationConfig, vocab_size: int) -> None:
             raise ValueError(f"generation option {key}={value!r} is not supported by this implementation")
 
 
-def _program(module, seq2seq: bool, params, lm_kernel: Optional[Array], batch: dict,
-             search: decoding.SearchInputs, spec: decoding.SearchSpec, layout: Layout):
+def _program(module, seq2seq: bool, params, lm_kernel: Union[None, Array, PackedColumns], packed: Optional[dict],
+             batch: dict, search: decoding.SearchInputs, spec: decoding.SearchSpec, layout: Layout):
     """Encode, build the cache, run the decoding loop. Traced once per static configuration and shapes.
 
-    lm_kernel: the tied embedding transposed to [D, V] for the LM head (None: the embedding itself).
+    lm_kernel, packed: the weights laid out for decoding (see `GenerationMixin._decoding_weights`); the
+    packed Dense kernels serve the decoding steps only.
     """
     global _trace_count
     _trace_count += 1
     variables = {"params": params}
+    step_variables = variables if packed is None else {"params": params, cpu_kernels.PACKED: packed}
     expand, length = layout.expand, layout.buffer_length
     sequences = batch["sequences"]  # [B, T] the prompt, fill beyond it
     rows = sequences.shape[0] * expand
@@ -167,13 +170,14 @@ def _program(module, seq2seq: bool, params, lm_kernel: Optional[Array], batch: d
     key_mask = None
     if seq2seq:
         def step_fn(tokens, cache):
-            out = module.apply(variables, decoder_input_ids=tokens, cache=cache, method="decode")
+            out = module.apply(step_variables, decoder_input_ids=tokens, cache=cache, method="decode")
             return module.apply(variables, out.last_hidden_state, lm_kernel, method="logits")[:, -1], out.cache
     else:
         key_mask = jnp.repeat(batch["key_mask"], expand, axis=0)  # [N, T]: the prompt's mask, then ones
 
         def step_fn(tokens, cache):
-            out = module.apply(variables, input_ids=tokens, attention_mask=key_mask, cache=cache, method="decode")
+            out = module.apply(step_variables, input_ids=tokens, attention_mask=key_mask, cache=cache,
+                               method="decode")
             return module.apply(variables, out.last_hidden_state, lm_kernel, method="logits")[:, -1], out.cache
 
         prompt = jnp.maximum(sequences[:, :layout.prompt_bucket], 0)  # the fill beyond the prompt may be -1
@@ -214,18 +218,31 @@ class GenerationMixin:
             self._generate_jit = jax.jit(fn, static_argnames=("spec", "layout"), compiler_options=options)
         return self._generate_jit
 
-    def _lm_kernel(self, params) -> Array:
-        """The tied embedding transposed to [D, V], made once per embedding table and kept for later calls.
+    def _decoding_weights(self, params, rows: int) -> tuple:
+        """Copies of weights laid out for decoding `rows` rows: (the LM head's table, packed Dense kernels).
 
-        XLA's CPU matmul over [D, V] is several times faster than over [V, D] for a few rows (for one row
-        both are as fast, and generation skips it). The copy takes about 0.1 s and 112 MB for the 90M
-        vocabulary, so it is worth keeping across calls.
+        One row: (None, None), the params as they are (XLA's one-row matmul reads them at full speed).
+        Several rows, with float32 compute where the CPU kernel runs (`cpu_kernels`): the embedding
+        transposed and every decoder Dense kernel, packed for it; elsewhere the embedding transposed to
+        [D, V], over which XLA's CPU matmul is several times faster than over [V, D], and no packed
+        kernels. The copies take about 0.2 s and 230 MB for the 90M shape, so they are kept for later
+        calls with the same params.
         """
-        embedding = params["shared"]["embedding"]
-        kept = getattr(self, "_kept_lm_kernel", None)
-        if kept is None or kept[0] is not embedding:
-            self._kept_lm_kernel = (embedding, _transposed(embedding))
-        return self._kept_lm_kernel[1]
+        if rows == 1:
+            return None, None
+        packed = self.module.dtype == jnp.float32 and cpu_kernels.available()
+        sources = jax.tree_util.tree_leaves(params)
+        kept = getattr(self, "_kept_decoding_weights", None)
+        if kept is None or kept[1] != packed or len(kept[0]) != len(sources) or any(
+                old is not new for old, new in zip(kept[0], sources)):
+            embedding = params["shared"]["embedding"]
+            if packed:
+                weights = (cpu_kernels.pack_transposed(embedding),
+                           cpu_kernels.pack_dense_kernels({"decoder": params["decoder"]}))
+            else:
+                weights = (_transposed(embedding), None)
+            self._kept_decoding_weights = (sources, packed, weights)
+        return self._kept_decoding_weights[2]
 
     def _resolve_generation_config(self, generation_config: Optional[GenerationConfig],
                                    kwargs: dict) -> tuple[GenerationConfig, bool]:
@@ -385,8 +402,8 @@ class GenerationMixin:
             rng=jax.random.PRNGKey(0) if prng_key is None else prng_key)
         layout = Layout(buffer_length=length, expand=expand, prompt_bucket=prompt_bucket)
         params = self.params if params is None else params
-        lm_kernel = self._lm_kernel(params) if batch_bucket * expand > 1 else None
-        out = self._generation_program()(params, lm_kernel, inputs, search, spec=spec, layout=layout)
+        lm_kernel, packed = self._decoding_weights(params, batch_bucket * expand)
+        out = self._generation_program()(params, lm_kernel, packed, inputs, search, spec=spec, layout=layout)
         return self._finish(out, spec, cfg, batch, prompt_length, rows_out)
 
     def _finish(self, out: dict, spec: decoding.SearchSpec, cfg: GenerationConfig, batch: int,

@@ -7,9 +7,11 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen.dtypes import promote_dtype
 
 from .cache import KVCache, read_layer
 from .config import BlenderbotSmallConfig
+from .cpu_kernels import PACKED, small_rows_matmul
 
 Array = jax.Array
 Dtype = Any
@@ -40,10 +42,29 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
                         use_fast_variance=False, name=name)
 
 
-def dense(features: int, config: BlenderbotSmallConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
+class Dense(nn.Module):
+    """`nn.Dense` (same params, same arithmetic) that multiplies by its kernel packed for the CPU kernel
+    instead when the `cpu_kernels.PACKED` collection holds it (decoding several rows on CPU)."""
+
+    features: int
+    kernel_init: Callable
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        if self.has_variable(PACKED, "kernel"):
+            return small_rows_matmul(inputs, self.get_variable(PACKED, "kernel"), bias)
+        inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        out = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
+        return out + bias.reshape((1,) * (out.ndim - 1) + (-1,))
+
+
+def dense(features: int, config: BlenderbotSmallConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> Dense:
     """A biased linear layer initialised like transformers (normal(init_std), zero bias)."""
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nn.initializers.normal(config.init_std), name=name)
+    return Dense(features, nn.initializers.normal(config.init_std), dtype, param_dtype, name=name)
 
 
 def one_token_attention(query: Array, keys: list, values: list, biases: list, scale: float,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ from flax import linen as nn
 
 from .cache import KVCache
 from .config import BlenderbotSmallConfig
+from .cpu_kernels import PackedColumns, small_rows_matmul
 from .layers import DecoderLayer, EncoderLayer, layer_norm, mask_to_bias
 from .outputs import CausalLMOutput, DecoderOutput, EncoderOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 
@@ -208,15 +209,19 @@ class _Base(nn.Module):
         return nn.Embed(c.vocab_size, c.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
                         embedding_init=_embedding_init(c), name="shared")
 
-    def _tied_logits(self, hidden: Array, kernel: Optional[Array] = None) -> Array:
-        """[B, T, D] -> [B, T, V] float32, over the embedding [V, D] or its transpose `kernel` [D, V].
-
-        XLA's CPU matmul is several times faster over [D, V] for a few rows (decoding), so the
-        decoding loop transposes the table once and passes it here every step.
+    def _tied_logits(self, hidden: Array, kernel: Union[None, Array, PackedColumns] = None,
+                     bias: Optional[Array] = None) -> Array:
+        """[B, T, D] -> [B, T, V] float32 (+ bias [V]), over the embedding [V, D] or a copy of it made for
+        decoding: its transpose [D, V] (XLA's CPU matmul is several times faster over it for a few rows),
+        or its transpose packed for the CPU kernel (`cpu_kernels`), which is faster still. The decoding
+        loop makes the copy once and passes it here every step.
         """
+        if isinstance(kernel, PackedColumns):
+            return small_rows_matmul(hidden, kernel, bias)
         table, spec = (self.shared.embedding, "btd,vd->btv") if kernel is None else (kernel, "btd,dv->btv")
-        return jnp.einsum(spec, hidden.astype(self.dtype), table.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        logits = jnp.einsum(spec, hidden.astype(self.dtype), table.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits if bias is None else logits + bias.astype(jnp.float32)
 
     def init_cache(self, batch_size: int, max_length: int, encoder_hidden_states: Optional[Array] = None,
                    encoder_attention_mask: Optional[Array] = None) -> KVCache:
@@ -258,9 +263,9 @@ class BlenderbotSmallSeq2Seq(_Base):
                             encoder_attention_mask, decoder_inputs_embeds, cache, deterministic,
                             output_hidden_states, output_attentions)
 
-    def logits(self, hidden: Array, kernel: Optional[Array] = None) -> Array:
-        """LM head: tied embedding (or its transpose `kernel`) plus `final_logits_bias`, float32 [B, T, V]."""
-        return self._tied_logits(hidden, kernel) + self.final_logits_bias.astype(jnp.float32)
+    def logits(self, hidden: Array, kernel: Union[None, Array, PackedColumns] = None) -> Array:
+        """LM head: tied embedding (or its decoding copy `kernel`) plus `final_logits_bias`, float32 [B, T, V]."""
+        return self._tied_logits(hidden, kernel, self.final_logits_bias)
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None, encoder_outputs: Optional[EncoderOutput] = None,
@@ -302,8 +307,8 @@ class BlenderbotSmallDecoderOnly(_Base):
         return self.decoder(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
                             inputs_embeds, cache, deterministic, output_hidden_states, output_attentions)
 
-    def logits(self, hidden: Array, kernel: Optional[Array] = None) -> Array:
-        """LM head: the tied embedding (or its transpose `kernel`), float32 [B, T, V]."""
+    def logits(self, hidden: Array, kernel: Union[None, Array, PackedColumns] = None) -> Array:
+        """LM head: the tied embedding (or its decoding copy `kernel`), float32 [B, T, V]."""
         return self._tied_logits(hidden, kernel)
 
     def __call__(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,

@@ -143,7 +143,7 @@ def test_scores_match_transformers(models, prompts):
 
 
 def test_params_argument_generates_with_those_weights(models, prompts, tmp_path):
-    """The LM head's transposed table is kept between calls; other params must not reuse it."""
+    """The decoding copies of the weights are kept between calls; other params must not reuse them."""
     hf, ours = models
     other_hf = _reference("seq2seq_lm", tmp_path, seed=5)
     other = BlenderbotSmallForConditionalGeneration.from_pretrained(tmp_path)

@@ -1,0 +1,92 @@
+"""The CPU kernel (`cpu_kernels`): the small-rows matmul against numpy, the packed Dense path against the
+plain one, generation with and without it against transformers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bbsmall_jax import cpu_kernels
+from bbsmall_jax.layers import Dense
+from test_generation import assert_same, models, prompts  # noqa: F401 (fixtures)
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernel not built or no AVX-512 here")
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("flags") and " avx512f" in line for line in info)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_avx512() or jax.default_backend() != "cpu", reason="no AVX-512 CPU")
+def test_the_kernel_is_built_and_registered_on_an_avx512_cpu():
+    """An install that silently failed to build the extension would otherwise only be slower."""
+    assert cpu_kernels.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 10, 12, 13, 25])
+@pytest.mark.parametrize("depth,columns", [(64, 8199), (512, 512), (24, 7)])
+def test_small_rows_matmul_matches_numpy(rows, depth, columns):
+    rng = np.random.default_rng(rows * 1000 + columns)
+    x = rng.standard_normal((rows, depth)).astype(np.float32)
+    w = rng.standard_normal((depth, columns)).astype(np.float32)
+    bias = rng.standard_normal(columns).astype(np.float32)
+    expected = x.astype(np.float64) @ w.astype(np.float64) + bias
+    packed = cpu_kernels.PackedColumns(panels=cpu_kernels._pack_columns(jnp.asarray(w)), columns=columns)
+    got = np.asarray(jax.jit(cpu_kernels.small_rows_matmul)(jnp.asarray(x), packed, jnp.asarray(bias)))
+    assert got.shape == (rows, columns)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(depth))
+    # the embedding layout: its transpose packed
+    transposed = cpu_kernels.pack_transposed(jnp.asarray(w.T.copy()))
+    np.testing.assert_array_equal(np.asarray(transposed.panels), np.asarray(packed.panels))
+
+
+@needs_kernel
+def test_small_rows_matmul_keeps_leading_axes_and_checks_features():
+    x = jnp.ones((2, 3, 16), jnp.float32)
+    packed = cpu_kernels.PackedColumns(panels=cpu_kernels._pack_columns(jnp.ones((16, 40))), columns=40)
+    out = cpu_kernels.small_rows_matmul(x, packed)
+    np.testing.assert_allclose(np.asarray(out), np.full((2, 3, 40), 16.0))
+    with pytest.raises(ValueError, match="features"):
+        cpu_kernels.small_rows_matmul(jnp.ones((2, 8)), packed)
+
+
+def test_pack_dense_kernels_mirrors_the_params_tree():
+    params = {"decoder": {"layers_0": {"fc1": {"kernel": jnp.ones((4, 6)), "bias": jnp.zeros(6)},
+                                       "self_attn_layer_norm": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}},
+                          "embed_positions": {"embedding": jnp.ones((8, 4))}}}
+    packed = cpu_kernels.pack_dense_kernels(params)
+    assert list(packed) == ["decoder"] and list(packed["decoder"]) == ["layers_0"]
+    assert list(packed["decoder"]["layers_0"]) == ["fc1"]
+    kernel = packed["decoder"]["layers_0"]["fc1"]["kernel"]
+    assert kernel.columns == 6 and kernel.panels.shape == (1, 4, cpu_kernels.PANEL)
+
+
+@needs_kernel
+def test_dense_with_its_packed_kernel_equals_plain_dense():
+    layer = Dense(70, jax.nn.initializers.normal(0.5))
+    x = jax.random.normal(jax.random.PRNGKey(1), (10, 1, 33))
+    params = layer.init(jax.random.PRNGKey(0), x)["params"]
+    params = {"kernel": params["kernel"], "bias": jax.random.normal(jax.random.PRNGKey(2), (70,))}
+    plain = layer.apply({"params": params}, x)
+    packed = layer.apply({"params": params, cpu_kernels.PACKED: cpu_kernels.pack_dense_kernels(params)}, x)
+    np.testing.assert_allclose(np.asarray(packed), np.asarray(plain), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_generation_without_the_kernel_gives_the_same_tokens(models, prompts, monkeypatch):  # noqa: F811
+    """The XLA matmul path (other backends, other CPUs) against transformers, and the kernel's copies are
+    not reused for it."""
+    hf, ours = models
+    for kwargs in (dict(num_beams=4, max_length=20, no_repeat_ngram_size=3, min_length=8),
+                   dict(max_length=16, min_length=10)):
+        with_kernel = assert_same(hf, ours, *prompts, **kwargs)
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+        without = assert_same(hf, ours, *prompts, **kwargs)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(with_kernel, without)
+        assert ours._decoding_weights(ours.params, 4)[1] is not None
