@@ -37,7 +37,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from hf_models import FULL_90M, random_hf_model, save_hf_model, scale_reference_decoder_embeddings  # noqa: E402
 
-from bbsmall_jax import BlenderbotSmallForConditionalGeneration  # noqa: E402
+from bbsmall_jax import BlenderbotSmallForConditionalGeneration, cpu_kernels  # noqa: E402
 
 BEAM_DEFAULTS = dict(num_beams=10, min_length=20, max_length=128, length_penalty=0.65, no_repeat_ngram_size=3,
                      forced_eos_token_id=2)
@@ -164,7 +164,8 @@ def main():
 
     print()
     print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}")
+          f"torch {torch.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
+          f"CPU kernel {'on' if cpu_kernels.available() else 'off'}")
     print(f"numpy copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per decoder step "
           f"{weight_bytes / 1e6:.0f} MB -> bound {bound_step * 1e3:.1f} ms/step")
     print()

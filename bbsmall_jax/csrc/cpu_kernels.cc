@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -157,6 +158,7 @@ ffi::Error SmallRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   for (int64_t t = 1; t < std::min(threads, job->chunks); ++t) pool.Schedule([job] { Work(*job); });
   Work(*job);
   while (job->done_chunks.load(std::memory_order_acquire) < job->chunks) {
+    std::this_thread::yield();  // the chunks other threads claimed; let them have the core if it is shared
   }
   return ffi::Error::Success();
 }
