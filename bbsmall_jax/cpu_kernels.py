@@ -18,6 +18,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 Array = jax.Array
@@ -40,10 +41,22 @@ def _registered() -> bool:
         return False
     try:
         jax.ffi.register_ffi_target(_TARGET, _cpu_kernels.small_rows_matmul, platform="cpu")
+        _self_check()
     except Exception as error:  # e.g. a jaxlib whose FFI is older than the headers it was built with
-        warnings.warn(f"bbsmall_jax: the CPU kernels could not be registered ({error}); using XLA's matmul")
+        warnings.warn(f"bbsmall_jax: the CPU kernel does not work here ({error}); using XLA's matmul")
         return False
     return True
+
+
+def _self_check() -> None:
+    """Run the kernel once on the CPU against numpy (a few rows, a partial panel); raise if it fails."""
+    cpu = jax.devices("cpu")[0]
+    x = np.arange(24, dtype=np.float32).reshape(3, 8) / 7
+    w = np.cos(np.arange(8 * 40, dtype=np.float32)).reshape(8, 40)
+    packed = PackedColumns(panels=jax.device_put(_pack_columns(w), cpu), columns=40)
+    got = np.asarray(small_rows_matmul(jax.device_put(x, cpu), packed))
+    if not np.allclose(got, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5):
+        raise RuntimeError("its result differs from numpy's")
 
 
 def available() -> bool:
@@ -59,17 +72,10 @@ class PackedColumns:
     columns: int = struct.field(pytree_node=False)  # N
 
 
-@jax.jit
-def _pack_rows(table: Array) -> Array:
-    """[N, K] (a weight's transpose, as an embedding table is) -> panels [ceil(N / 32), K, 32]."""
-    rows, depth = table.shape
-    padded = jnp.pad(table.astype(jnp.float32), ((0, -rows % PANEL), (0, 0)))
-    return padded.reshape(-1, PANEL, depth).transpose(0, 2, 1)  # [P, 32, K] -> [P, K, 32]
-
-
-@jax.jit
-def _pack_columns(weights: Array) -> Array:
-    """[K, N] -> panels [ceil(N / 32), K, 32]."""
+@functools.partial(jax.jit, static_argnames="transposed")
+def _pack_columns(weights: Array, transposed: bool = False) -> Array:
+    """[K, N] (or its transpose [N, K], as an embedding table is) -> panels [ceil(N / 32), K, 32]."""
+    weights = weights.T if transposed else weights
     depth, columns = weights.shape
     padded = jnp.pad(weights.astype(jnp.float32), ((0, 0), (0, -columns % PANEL)))
     return padded.reshape(depth, -1, PANEL).transpose(1, 0, 2)  # [K, P, 32] -> [P, K, 32]
@@ -91,7 +97,7 @@ def pack_dense_kernels(params: dict) -> dict:
 
 def pack_transposed(table: Array) -> PackedColumns:
     """The kernel's layout of `table.T` for a table [N, K]: the tied embedding gives the LM head [D, V]."""
-    return PackedColumns(panels=_pack_rows(table), columns=table.shape[0])
+    return PackedColumns(panels=_pack_columns(table, transposed=True), columns=table.shape[0])
 
 
 def small_rows_matmul(x: Array, weights: PackedColumns, bias: Optional[Array] = None) -> Array:
