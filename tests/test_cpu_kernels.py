@@ -55,6 +55,16 @@ def test_small_rows_matmul_keeps_leading_axes_and_checks_features():
         cpu_kernels.small_rows_matmul(jnp.ones((2, 8)), packed)
 
 
+@needs_kernel
+def test_small_rows_matmul_with_no_rows_or_no_features():
+    bias = jnp.arange(40.0)
+    no_features = cpu_kernels.PackedColumns(panels=jnp.zeros((2, 0, cpu_kernels.PANEL)), columns=40)
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.small_rows_matmul(jnp.zeros((3, 0)), no_features, bias)),
+                                  np.tile(np.arange(40.0), (3, 1)))
+    packed = cpu_kernels.PackedColumns(panels=cpu_kernels._pack_columns(jnp.ones((8, 40))), columns=40)
+    assert cpu_kernels.small_rows_matmul(jnp.zeros((0, 8)), packed).shape == (0, 40)
+
+
 def test_pack_dense_kernels_mirrors_the_params_tree():
     params = {"decoder": {"layers_0": {"fc1": {"kernel": jnp.ones((4, 6)), "bias": jnp.zeros(6)},
                                        "self_attn_layer_norm": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}},

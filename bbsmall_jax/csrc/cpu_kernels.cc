@@ -133,8 +133,9 @@ ffi::Error SmallRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
     return ffi::Error::InvalidArgument("small_rows_matmul: x's last axis must match the packed K");
   }
   const int64_t columns = out_dims[out_dims.size() - 1];
-  if (columns <= (panels - 1) * kPanel || columns > panels * kPanel ||
-      out->element_count() / std::max<int64_t>(columns, 1) != x.element_count() / std::max<int64_t>(depth, 1)) {
+  if (columns == 0) return ffi::Error::Success();
+  const int64_t rows = out->element_count() / columns;
+  if (columns <= (panels - 1) * kPanel || columns > panels * kPanel || x.element_count() != rows * depth) {
     return ffi::Error::InvalidArgument("small_rows_matmul: output shape does not match the inputs");
   }
   if (bias.element_count() != columns) {
@@ -145,14 +146,14 @@ ffi::Error SmallRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   job->w = w.typed_data();
   job->bias = bias.typed_data();
   job->out = out->typed_data();
-  job->rows = x.element_count() / std::max<int64_t>(depth, 1);
+  job->rows = rows;
   job->depth = depth;
   job->columns = columns;
   job->panels = panels;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   job->panels_per_chunk = std::max<int64_t>(1, panels / (threads * 8));
   job->chunks = (panels + job->panels_per_chunk - 1) / job->panels_per_chunk;
-  if (job->rows == 0) return ffi::Error::Success();
+  if (rows == 0) return ffi::Error::Success();
   // The caller works too, so one fewer task than threads; a task that starts late finds nothing left
   // and only drops its reference to the job.
   for (int64_t t = 1; t < std::min(threads, job->chunks); ++t) pool.Schedule([job] { Work(*job); });
