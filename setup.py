@@ -2,7 +2,7 @@
 
 The kernels are an XLA FFI extension compiled against jaxlib's headers. A machine without a C++ compiler
 (or without AVX-512 at run time) still installs and runs the package: generation then uses XLA's own
-matmul for the LM head.
+matmuls.
 """
 
 import os

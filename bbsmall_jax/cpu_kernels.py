@@ -53,7 +53,7 @@ def _self_check() -> None:
     cpu = jax.devices("cpu")[0]
     x = np.arange(24, dtype=np.float32).reshape(3, 8) / 7
     w = np.cos(np.arange(8 * 40, dtype=np.float32)).reshape(8, 40)
-    packed = PackedColumns(panels=jax.device_put(_pack_columns(w), cpu), columns=40)
+    packed = jax.device_put(pack_columns(w), cpu)
     got = np.asarray(small_rows_matmul(jax.device_put(x, cpu), packed))
     if not np.allclose(got, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5):
         raise RuntimeError("its result differs from numpy's")
@@ -91,8 +91,13 @@ def pack_dense_kernels(params: dict) -> dict:
             if inner:
                 packed[name] = inner
         elif name == "kernel" and value.ndim == 2:
-            packed[name] = PackedColumns(panels=_pack_columns(value), columns=value.shape[1])
+            packed[name] = pack_columns(value)
     return packed
+
+
+def pack_columns(weights: Array) -> PackedColumns:
+    """The kernel's layout of a weight matrix [K, N]."""
+    return PackedColumns(panels=_pack_columns(weights), columns=weights.shape[1])
 
 
 def pack_transposed(table: Array) -> PackedColumns:

@@ -36,7 +36,7 @@ def test_small_rows_matmul_matches_numpy(rows, depth, columns):
     w = rng.standard_normal((depth, columns)).astype(np.float32)
     bias = rng.standard_normal(columns).astype(np.float32)
     expected = x.astype(np.float64) @ w.astype(np.float64) + bias
-    packed = cpu_kernels.PackedColumns(panels=cpu_kernels._pack_columns(jnp.asarray(w)), columns=columns)
+    packed = cpu_kernels.pack_columns(jnp.asarray(w))
     got = np.asarray(jax.jit(cpu_kernels.small_rows_matmul)(jnp.asarray(x), packed, jnp.asarray(bias)))
     assert got.shape == (rows, columns)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(depth))
@@ -48,7 +48,7 @@ def test_small_rows_matmul_matches_numpy(rows, depth, columns):
 @needs_kernel
 def test_small_rows_matmul_keeps_leading_axes_and_checks_features():
     x = jnp.ones((2, 3, 16), jnp.float32)
-    packed = cpu_kernels.PackedColumns(panels=cpu_kernels._pack_columns(jnp.ones((16, 40))), columns=40)
+    packed = cpu_kernels.pack_columns(jnp.ones((16, 40)))
     out = cpu_kernels.small_rows_matmul(x, packed)
     np.testing.assert_allclose(np.asarray(out), np.full((2, 3, 40), 16.0))
     with pytest.raises(ValueError, match="features"):
@@ -61,7 +61,7 @@ def test_small_rows_matmul_with_no_rows_or_no_features():
     no_features = cpu_kernels.PackedColumns(panels=jnp.zeros((2, 0, cpu_kernels.PANEL)), columns=40)
     np.testing.assert_array_equal(np.asarray(cpu_kernels.small_rows_matmul(jnp.zeros((3, 0)), no_features, bias)),
                                   np.tile(np.arange(40.0), (3, 1)))
-    packed = cpu_kernels.PackedColumns(panels=cpu_kernels._pack_columns(jnp.ones((8, 40))), columns=40)
+    packed = cpu_kernels.pack_columns(jnp.ones((8, 40)))
     assert cpu_kernels.small_rows_matmul(jnp.zeros((0, 8)), packed).shape == (0, 40)
 
 

@@ -5,8 +5,8 @@
 // weights once, in a layout packed for it, and keeps every row's partial sums in registers, so ten rows
 // cost about what one row costs: the time to read the weights.
 //
-// out [M, N] = x [M, K] @ w + bias [N], with w packed as panels [P, K, 32]: panel p holds columns 32p .. 32p + 31
-// (zero beyond N), each k's 32 values contiguous. The panels are split between XLA's intra-op threads.
+// out [M, N] = x [M, K] @ w + bias [N], with w packed as panels [P, K, 32]: panel p holds columns
+// 32p .. 32p + 31 (zero beyond N), each k's 32 values contiguous. The panels are split between XLA's intra-op threads.
 // Sums run over k in order with fused multiply-adds.
 //
 // Built as the extension module `bbsmall_jax._cpu_kernels`; it exports the handler as a capsule and
@@ -141,6 +141,7 @@ ffi::Error SmallRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   if (bias.element_count() != columns) {
     return ffi::Error::InvalidArgument("small_rows_matmul: bias must have one entry per output column");
   }
+  if (rows == 0) return ffi::Error::Success();
   auto job = std::make_shared<Job>();
   job->x = x.typed_data();
   job->w = w.typed_data();
@@ -153,7 +154,6 @@ ffi::Error SmallRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   job->panels_per_chunk = std::max<int64_t>(1, panels / (threads * 8));
   job->chunks = (panels + job->panels_per_chunk - 1) / job->panels_per_chunk;
-  if (rows == 0) return ffi::Error::Success();
   // The caller works too, so one fewer task than threads; a task that starts late finds nothing left
   // and only drops its reference to the job.
   for (int64_t t = 1; t < std::min(threads, job->chunks); ++t) pool.Schedule([job] { Work(*job); });
