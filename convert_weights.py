@@ -2,7 +2,7 @@
 
 import sys
 
-from bbsmall_jax.convert_cli import main
+from bbsmall_jax.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

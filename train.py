@@ -2,7 +2,7 @@
 
 import sys
 
-from bbsmall_jax.train_cli import main
+from bbsmall_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -6,14 +6,14 @@ Names are imported on first use, so `from bbsmall_jax import BlenderbotSmallToke
 import importlib
 
 _EXPORTS = {
-    "BlenderbotSmallConfig": ".config",
-    "BlenderbotSmallModel": ".modeling",
-    "BlenderbotSmallForConditionalGeneration": ".modeling",
-    "BlenderbotSmallForCausalLM": ".modeling",
-    "GenerationConfig": ".generation_config",
-    "BlenderbotSmallTokenizer": ".tokenizer",
-    "train_tokenizer": ".tokenizer_training",
-    "shift_tokens_right": ".model",
+    "BlenderbotSmallConfig": ".nn.config",
+    "BlenderbotSmallModel": ".pretrained",
+    "BlenderbotSmallForConditionalGeneration": ".pretrained",
+    "BlenderbotSmallForCausalLM": ".pretrained",
+    "GenerationConfig": ".generation.config",
+    "BlenderbotSmallTokenizer": ".text.tokenizer",
+    "train_tokenizer": ".text.vocab_training",
+    "shift_tokens_right": ".nn.model",
 }
 
 __all__ = list(_EXPORTS)

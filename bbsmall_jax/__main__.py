@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from bbsmall_jax.cli.main import main
 
 sys.exit(main())

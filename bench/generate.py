@@ -34,8 +34,7 @@ os.environ.setdefault("XLA_FLAGS", "")  # set before jax is imported, to take ef
 import jax  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from hf_models import FULL_90M, random_hf_model, save_hf_model, scale_reference_decoder_embeddings  # noqa: E402
+from bbsmall_jax.testing.reference_models import FULL_90M, random_hf_model, save_hf_model, scale_reference_decoder_embeddings  # noqa: E402
 
 from bbsmall_jax import BlenderbotSmallForConditionalGeneration, cpu_kernels  # noqa: E402
 

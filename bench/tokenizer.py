@@ -8,8 +8,8 @@ import time
 import chitchat_dataset
 from transformers import BlenderbotSmallTokenizer as ReferenceTokenizer
 
-from bbsmall_jax.tokenizer import BlenderbotSmallTokenizer
-from bbsmall_jax.tokenizer_training import train_tokenizer
+from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
+from bbsmall_jax.text.vocab_training import train_tokenizer
 
 
 def chitchat_utterances() -> list[str]:

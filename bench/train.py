@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 FULL_90M = dict(vocab_size=54944, d_model=512, encoder_layers=8, decoder_layers=8, encoder_attention_heads=16,
                 decoder_attention_heads=16, encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=512,
@@ -57,9 +56,9 @@ def bench_jax(directory: str, batch: dict, steps: int, warmup: int, lr: float, d
     import jax.numpy as jnp
 
     from bbsmall_jax import BlenderbotSmallForConditionalGeneration
-    from bbsmall_jax.model import build_module
-    from bbsmall_jax.train_config import TrainConfig
-    from bbsmall_jax.training import learning_rate_schedule, make_optimizer, make_train_step
+    from bbsmall_jax.nn.model import build_module
+    from bbsmall_jax.train.config import TrainConfig
+    from bbsmall_jax.train.steps import learning_rate_schedule, make_optimizer, make_train_step
 
     loaded = BlenderbotSmallForConditionalGeneration.from_pretrained(directory)
     cfg = TrainConfig(learning_rate=lr, weight_decay=0.01, max_grad_norm=1.0, schedule="constant", dtype=dtype,

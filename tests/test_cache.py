@@ -6,9 +6,24 @@ import numpy as np
 import pytest
 
 from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForCausalLM, BlenderbotSmallForConditionalGeneration
-from bbsmall_jax import generation
-from bbsmall_jax.cache import KVCache, read_layer
-from hf_models import TINY
+from bbsmall_jax.generation.plan import PORTABLE, choose_plan
+from bbsmall_jax.nn.cache import KVCache, read_layer
+from bbsmall_jax.testing import compilations
+from bbsmall_jax.testing.reference_models import TINY
+
+
+@pytest.fixture(params=["portable", "cpu"])
+def plan(request):
+    """Each decoding path's way of running a step (the CPU path's interceptors and cache writes)."""
+    return PORTABLE if request.param == "portable" else choose_plan("cpu", jnp.float32, rows=2)
+
+
+def planned(plan, step):
+    """`step(tokens, cache)` jitted, traced in the plan's step context, on a cache written as the plan writes."""
+    def run(tokens, cache):
+        with plan.step_context(None):
+            return step(tokens, cache.replace(ordered_writes=plan.ordered_writes))
+    return jax.jit(run)
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +31,7 @@ def seq2seq():
     return BlenderbotSmallForConditionalGeneration(BlenderbotSmallConfig(**TINY), seed=3)
 
 
-def test_step_by_step_with_cache_equals_full_decoder(seq2seq):
+def test_step_by_step_with_cache_equals_full_decoder(seq2seq, plan):
     module, variables = seq2seq.module, {"params": seq2seq.params}
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(3, 101, (2, 7)), jnp.int32)
@@ -30,10 +45,11 @@ def test_step_by_step_with_cache_equals_full_decoder(seq2seq):
     cache = module.apply(variables, 2, 10, encoded, mask, method="init_cache")
     assert cache.self_key.shape == (2, 2, 10, 4, 8)  # [layers, batch, max_len, heads, head_dim]
 
-    @jax.jit
-    def step(tokens, cache):
+    def decode(tokens, cache):
         out = module.apply(variables, decoder_input_ids=tokens, cache=cache, method="decode")
         return module.apply(variables, out.last_hidden_state, method="logits"), out.cache
+
+    step = planned(plan, decode)
 
     logits, cache = step(decoder_ids[:, :2], cache)  # a two-token prefill, then one token per step
     steps = [logits]
@@ -44,13 +60,13 @@ def test_step_by_step_with_cache_equals_full_decoder(seq2seq):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_decoder_only_step_by_step_with_cache_equals_full_decoder():
+def test_decoder_only_step_by_step_with_cache_equals_full_decoder(plan):
     model = BlenderbotSmallForCausalLM(BlenderbotSmallConfig(**TINY), seed=4)
     module, variables = model.module, {"params": model.params}
     ids = jnp.asarray(np.random.default_rng(1).integers(3, 101, (2, 5)), jnp.int32)
     full = module.apply(variables, ids, method="decode").last_hidden_state
     cache = module.apply(variables, 2, 8, method="init_cache")
-    step = jax.jit(lambda tokens, cache: module.apply(variables, input_ids=tokens, cache=cache, method="decode"))
+    step = planned(plan, lambda tokens, cache: module.apply(variables, input_ids=tokens, cache=cache, method="decode"))
     hidden = []
     for t in range(5):
         out = step(ids[:, t:t + 1], cache)
@@ -59,7 +75,7 @@ def test_decoder_only_step_by_step_with_cache_equals_full_decoder():
     np.testing.assert_allclose(jnp.concatenate(hidden, axis=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_cached_attention_weights_match_the_full_decoder(seq2seq):
+def test_cached_attention_weights_match_the_full_decoder(seq2seq, plan):
     """One-token steps read the cache through growing windows; their weights still cover the whole buffer."""
     module, variables = seq2seq.module, {"params": seq2seq.params}
     rng = np.random.default_rng(2)
@@ -68,7 +84,7 @@ def test_cached_attention_weights_match_the_full_decoder(seq2seq):
     full = module.apply(variables, decoder_input_ids=decoder_ids, encoder_hidden_states=encoded,
                         method="decode", output_attentions=True).attentions  # per layer [B, H, T, T]
     cache = module.apply(variables, 2, 12, encoded, method="init_cache")
-    step = jax.jit(lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
+    step = planned(plan, lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
                                                       method="decode", output_attentions=True))
     for t in range(9):
         out = step(decoder_ids[:, t:t + 1], cache)
@@ -90,13 +106,13 @@ def test_reorder_gathers_self_attention_only():
     assert moved.cross_key is cache.cross_key
 
 
-def test_reorder_through_origins_equals_moving_the_buffers(seq2seq):
+def test_reorder_through_origins_equals_moving_the_buffers(seq2seq, plan):
     """Beam search's cache keeps entries in place and follows `origins`; decoding must see the same history
     as with the buffers physically gathered, in the windowed one-token path and the multi-token path."""
     module, variables = seq2seq.module, {"params": seq2seq.params}
     rng = np.random.default_rng(5)
     encoded = jnp.asarray(rng.normal(size=(3, 4, 32)), jnp.float32)
-    step = jax.jit(lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
+    step = planned(plan, lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
                                                       method="decode"))
     moved = module.apply(variables, 3, 12, encoded, method="init_cache")
     tracked = moved.tracking_origins()
@@ -115,7 +131,7 @@ def test_reorder_through_origins_equals_moving_the_buffers(seq2seq):
                                atol=1e-6, rtol=1e-6)
 
 
-def test_cross_entries_shared_by_groups_of_rows_equal_one_per_row(seq2seq):
+def test_cross_entries_shared_by_groups_of_rows_equal_one_per_row(seq2seq, plan):
     """Generation keeps one cross-attention entry per batch element for all its beams."""
     module, variables = seq2seq.module, {"params": seq2seq.params}
     rng = np.random.default_rng(6)
@@ -127,7 +143,7 @@ def test_cross_entries_shared_by_groups_of_rows_equal_one_per_row(seq2seq):
     per_row = shared.replace(cross_key=jnp.repeat(shared.cross_key, 3, axis=1),
                              cross_value=jnp.repeat(shared.cross_value, 3, axis=1),
                              encoder_mask=jnp.repeat(shared.encoder_mask, 3, axis=0))
-    step = jax.jit(lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
+    step = planned(plan, lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
                                                       method="decode", output_attentions=True))
     for length in (2, 1, 1):  # a prefill (the batched product), then one-token steps
         tokens = jnp.asarray(rng.integers(3, 101, (6, length)), jnp.int32)
@@ -143,16 +159,16 @@ def test_lengths_in_one_bucket_do_not_recompile(seq2seq):
     rng = np.random.default_rng(2)
     kwargs = dict(num_beams=2, max_new_tokens=6, no_repeat_ngram_size=2)
     seq2seq.generate(rng.integers(3, 101, (3, 5)), **kwargs)
-    before = generation.trace_count()
+    before = compilations(seq2seq)
     for batch, length in ((4, 9), (3, 16), (4, 12), (3, 11)):
         ids = rng.integers(3, 101, (batch, length))
         mask = np.ones_like(ids)
         mask[0, length // 2:] = 0
         seq2seq.generate(ids, attention_mask=mask, min_length=length % 5, length_penalty=0.5 + length / 10,
                          **kwargs)
-    assert generation.trace_count() == before  # batch bucket 4, source bucket 16: one program
+    assert compilations(seq2seq) == before  # batch bucket 4, source bucket 16: one program
     seq2seq.generate(rng.integers(3, 101, (3, 17)), **kwargs)  # the next source bucket compiles once
-    assert generation.trace_count() == before + 1
+    assert compilations(seq2seq) == before + 1
 
 
 def test_padding_to_a_bucket_does_not_change_results(seq2seq):

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import bbsmall_jax as bb
-from bbsmall_jax import cli
-from bbsmall_jax.batch_inference import run_batch
-from bbsmall_jax.chat import ChatSession, run_repl
-from bbsmall_jax.inference import DEMO_MODEL_DIR, Responder, load_chat_model
-from bbsmall_jax.tokenizer_training import train_tokenizer
+from bbsmall_jax.cli import main as cli
+from bbsmall_jax.cli.batch import run_batch
+from bbsmall_jax.cli.chat import ChatSession, run_repl
+from bbsmall_jax.cli.responder import DEMO_MODEL_DIR, Responder, load_chat_model
+from bbsmall_jax.text.vocab_training import train_tokenizer
 
 FAST = ["--num-beams", "1", "--max-length", "8", "--min-length", "0"]
 

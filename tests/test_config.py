@@ -7,7 +7,6 @@ import pytest
 import transformers
 
 from bbsmall_jax import BlenderbotSmallConfig
-
 # The facebook/blenderbot_small-90M config.json, legacy keys and generation defaults included.
 REAL_90M_CONFIG = {
     "_num_labels": 3, "activation_dropout": 0.0, "activation_function": "gelu", "add_bias_logits": False,

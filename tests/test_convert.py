@@ -9,8 +9,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import bbsmall_jax as bb
-from bbsmall_jax.convert import flax_to_hf, hf_to_flax
-from hf_models import random_hf_model, save_hf_model, to_torch
+from bbsmall_jax.checkpoint.names import flax_to_hf, hf_to_flax
+from bbsmall_jax.nn.model import build_module, param_shapes
+from bbsmall_jax.testing.reference_models import random_hf_model, save_hf_model, to_torch
 
 IDS = np.array([[5, 17, 33, 8, 2], [9, 10, 2, 0, 0]])
 DECODER = np.array([[1, 4, 5], [1, 7, 2]])
@@ -98,7 +99,7 @@ def test_conversion_round_trip_is_exact(hf_dir):
     directory, _, _ = hf_dir
     config = bb.BlenderbotSmallConfig.from_pretrained(directory)
     state = load_file(os.path.join(directory, "model.safetensors"))
-    back = flax_to_hf(hf_to_flax(state, config, "seq2seq_lm"), config, "seq2seq_lm")
+    back = flax_to_hf(hf_to_flax(state, config, "seq2seq_lm", param_shapes(build_module(config, "seq2seq_lm"))), config, "seq2seq_lm")
     assert set(back) == set(state)
     for name in state:
         assert np.array_equal(back[name], state[name]), name
@@ -117,7 +118,7 @@ def test_bad_checkpoints_raise_naming_the_tensor(hf_dir, damage, message):
     state = load_file(os.path.join(directory, "model.safetensors"))
     damage(state)
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        hf_to_flax(state, config, "seq2seq_lm")
+        hf_to_flax(state, config, "seq2seq_lm", param_shapes(build_module(config, "seq2seq_lm")))
 
 
 def test_malformed_weights_file_and_missing_files(hf_dir, tmp_path):

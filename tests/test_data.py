@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from bbsmall_jax import data as data_lib
-from bbsmall_jax.tokenizer_training import train_tokenizer
-from train_helpers import synthetic_examples
+from bbsmall_jax.train import data as data_lib
+from bbsmall_jax.text.vocab_training import train_tokenizer
+from bbsmall_jax.testing.training import synthetic_examples
 
 
 @pytest.fixture(scope="module")

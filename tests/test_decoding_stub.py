@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf
 
-from bbsmall_jax import decoding
-from bbsmall_jax import logits_processors as lp
-
+from bbsmall_jax.generation import cpu_path
+from bbsmall_jax.generation import search as decoding
+from bbsmall_jax.generation import logits_processors as lp
 PAD, START, EOS, A, B, C = 0, 1, 2, 3, 4, 5
 VOCAB = 6
 NEG_INF = -np.inf
@@ -185,7 +185,7 @@ def test_top_k_and_top_p_restrict_the_support_like_transformers(random_case):
 ])
 def test_first_argmax_is_argmax(scores):
     scores = jnp.asarray(scores, jnp.float32)
-    np.testing.assert_array_equal(decoding.first_argmax(scores), jnp.argmax(scores, axis=-1))
+    np.testing.assert_array_equal(cpu_path.first_argmax(scores), jnp.argmax(scores, axis=-1))
 
 
 @pytest.mark.parametrize("shape, count, block, levels", [
@@ -199,7 +199,7 @@ def test_blockwise_top_k_is_top_k(shape, count, block, levels):
     scores = rng.normal(size=shape) if levels is None else rng.integers(0, levels, shape).astype(float)
     scores[:, ::7] = -np.inf  # banned tokens
     scores = jnp.asarray(scores, jnp.float32)
-    values, ids = decoding.blockwise_top_k(scores, count, block)
+    values, ids = cpu_path.blockwise_top_k(scores, count, block)
     expected_values, expected_ids = jax.lax.top_k(scores, count)
     np.testing.assert_array_equal(values, expected_values)
     np.testing.assert_array_equal(ids, expected_ids)
@@ -207,6 +207,6 @@ def test_blockwise_top_k_is_top_k(shape, count, block, levels):
 
 def test_blockwise_top_k_breaks_ties_across_blocks_by_index():
     # blocks [1, 5] [1, 0] [9, 1]: the third best is the 1 at index 0, though its block ranks second
-    values, ids = decoding.blockwise_top_k(jnp.asarray([[1.0, 5.0, 1.0, 0.0, 9.0, 1.0]]), 3, block=2)
+    values, ids = cpu_path.blockwise_top_k(jnp.asarray([[1.0, 5.0, 1.0, 0.0, 9.0, 1.0]]), 3, block=2)
     np.testing.assert_array_equal(values, [[9.0, 5.0, 1.0]])
     np.testing.assert_array_equal(ids, [[4, 1, 0]])

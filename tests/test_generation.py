@@ -10,47 +10,10 @@ import torch
 import transformers
 
 from bbsmall_jax import BlenderbotSmallForCausalLM, BlenderbotSmallForConditionalGeneration, GenerationConfig
-from bbsmall_jax import generation
-from hf_models import random_hf_model, save_hf_model, scale_reference_decoder_embeddings, to_torch
+from bbsmall_jax.testing import compilations
+from bbsmall_jax.testing.reference_models import assert_same, generation_reference, random_hf_model, save_hf_model, to_torch
 
-LENGTHS = [9, 5, 3, 7]
-
-
-def _reference(head, directory, seed):
-    """A random transformers model whose outputs vary with the input and end at varied lengths."""
-    hf = random_hf_model(head, seed=seed, logits_bias=False, init_std=0.3)
-    if head == "seq2seq_lm":
-        with torch.no_grad():
-            hf.final_logits_bias.normal_(0.0, 0.5)
-            hf.final_logits_bias[0, 2] = 3.0  # EOS often competitive: hypotheses finish at varied lengths
-    save_hf_model(hf, directory)
-    scale_reference_decoder_embeddings(hf)
-    return hf
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("seq2seq")
-    hf = _reference("seq2seq_lm", directory, seed=0)
-    return hf, BlenderbotSmallForConditionalGeneration.from_pretrained(directory)
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    rng = np.random.default_rng(1)
-    ids = rng.integers(3, 101, (4, max(LENGTHS)))
-    mask = (np.arange(ids.shape[1])[None] < np.asarray(LENGTHS)[:, None]).astype(np.int64)
-    return ids * mask, mask  # right-padded with pad_token_id 0
-
-
-def assert_same(hf, ours, ids, mask, **kwargs):
-    with torch.no_grad():
-        ref = hf.generate(to_torch(ids), attention_mask=to_torch(mask), **kwargs).numpy()
-    got = np.asarray(ours.generate(ids, attention_mask=mask, **kwargs))
-    assert got.shape == ref.shape, (kwargs, got, ref)
-    np.testing.assert_array_equal(got, ref, err_msg=str(kwargs))
-    return got
-
+pytestmark = pytest.mark.usefixtures("decode_path")  # every test on both decoding paths
 
 CASES = [
     dict(max_length=20),
@@ -145,7 +108,7 @@ def test_scores_match_transformers(models, prompts):
 def test_params_argument_generates_with_those_weights(models, prompts, tmp_path):
     """The decoding copies of the weights are kept between calls; other params must not reuse them."""
     hf, ours = models
-    other_hf = _reference("seq2seq_lm", tmp_path, seed=5)
+    other_hf = generation_reference("seq2seq_lm", tmp_path, seed=5)
     other = BlenderbotSmallForConditionalGeneration.from_pretrained(tmp_path)
     ids, mask = prompts
     kwargs = dict(num_beams=4, max_length=16)
@@ -158,7 +121,7 @@ def test_params_argument_generates_with_those_weights(models, prompts, tmp_path)
 
 
 def test_decoder_only_generation_matches_transformers(tmp_path):
-    hf = _reference("decoder_only", tmp_path, seed=2)
+    hf = generation_reference("decoder_only", tmp_path, seed=2)
     ours = BlenderbotSmallForCausalLM.from_pretrained(tmp_path)
     rng = np.random.default_rng(4)
     lengths = np.asarray([6, 4, 2])
@@ -227,10 +190,10 @@ BAD = [
 @pytest.mark.parametrize("kwargs,message", BAD, ids=[m + str(i) for i, (_, m) in enumerate(BAD)])
 def test_bad_settings_raise_before_compiling(models, prompts, kwargs, message):
     _, ours = models
-    before = generation.trace_count()
+    before = compilations(ours)
     with pytest.raises(ValueError, match=message):
         ours.generate(*prompts, **kwargs)
-    assert generation.trace_count() == before
+    assert compilations(ours) == before
 
 
 def test_bad_inputs_raise(models):
@@ -245,7 +208,7 @@ def test_bad_inputs_raise(models):
 
 def test_empty_batch(models):
     _, ours = models
-    before = generation.trace_count()
+    before = compilations(ours)
     out = ours.generate(np.zeros((0, 5), np.int64), num_beams=4)
     assert out.shape == (0, 1)
-    assert generation.trace_count() == before
+    assert compilations(ours) == before

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import bbsmall_jax as bb
-from hf_models import FULL_90M, random_hf_model, save_hf_model, scale_reference_decoder_embeddings, to_torch
+from bbsmall_jax.testing.reference_models import FULL_90M, random_hf_model, save_hf_model, scale_reference_decoder_embeddings, to_torch
 
 ATOL = 1e-4
 

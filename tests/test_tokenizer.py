@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import BlenderbotSmallTokenizer as HFTokenizer
 
-from bbsmall_jax.tokenizer import BlenderbotSmallTokenizer, _pieces
-from bbsmall_jax.tokenizer_reference import WORD_RE, word_pieces
-from bbsmall_jax.tokenizer_training import train_tokenizer
+from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
+from bbsmall_jax.text.word_encoder import _pieces
+from bbsmall_jax.text.reference import WORD_RE, word_pieces
+from bbsmall_jax.text.vocab_training import train_tokenizer
 
 # transformers encodes ~5k utterances/s on a 2-core machine: all 258k would take about a minute, so the
 # parity test checks every distinct word in chunks and then this many whole utterances.
@@ -136,8 +137,8 @@ def test_merge_order_that_rust_cannot_follow_falls_back_to_python(tmp_path):
     vocab = ["__null__", "__start__", "__end__", "__unk__", "a", "b", "x", "a@@", "b@@", "x@@", "ab@@", "aba@@"]
     files = write_files(tmp_path, vocab, ["ab a", "a b"])
     ours, hf = BlenderbotSmallTokenizer(*files), HFTokenizer(*map(str, files))
-    assert not ours._rust.exact
-    assert ours._rust.encode(["ababx"]) != [tuple(ours.encode("ababx"))]
+    assert not ours._words.rust.exact
+    assert ours._words.rust.encode(["ababx"]) != [tuple(ours.encode("ababx"))]
     texts = ["ababx", "abab", "aba ab a b", "xababab"]
     assert ours(texts)["input_ids"] == hf_ids(hf, texts)
 

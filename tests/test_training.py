@@ -17,17 +17,20 @@ import pytest
 import torch
 
 from bbsmall_jax import BlenderbotSmallForConditionalGeneration
-from bbsmall_jax import data as data_lib
-from bbsmall_jax.convert import flax_to_hf
-from bbsmall_jax.train_config import ConfigError
-from bbsmall_jax.model import build_module
-from bbsmall_jax.training import (CheckpointStore, DivergedError, abstract_state, learning_rate_schedule, loss_sum,
-                                  make_mesh, make_optimizer, make_train_step, train, zero_frozen)
-from hf_models import random_hf_model, save_hf_model, scale_reference_decoder_embeddings
-from train_helpers import (read_metrics, shared_job, subprocess_env, synthetic_datasets, tiny_config,
-                           torch_reference_losses, use_compile_cache)
+from bbsmall_jax.train import data as data_lib
+from bbsmall_jax.checkpoint.names import flax_to_hf
+from bbsmall_jax.train.config import ConfigError
+from bbsmall_jax.nn.model import build_module
+from bbsmall_jax.train.checkpoints import CheckpointStore
+from bbsmall_jax.train.loop import DivergedError, train
+from bbsmall_jax.train.sharding import make_mesh
+from bbsmall_jax.train.steps import (abstract_state, learning_rate_schedule, loss_sum, make_optimizer, make_train_step,
+                                     zero_frozen)
+from bbsmall_jax.testing.reference_models import random_hf_model, save_hf_model, scale_reference_decoder_embeddings
+from bbsmall_jax.testing.training import (read_metrics, shared_job, subprocess_env, synthetic_datasets, tiny_config,
+                                          torch_reference_losses, use_compile_cache)
 
-WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
+WORKER = ["-m", "bbsmall_jax.testing.train_worker"]
 FAST_COMPILE = "--xla_backend_optimization_level=0"  # subprocesses compile afresh: less compile time, slower steps
 
 use_compile_cache()
@@ -151,7 +154,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def _run_worker(args, env):
-    return subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *WORKER, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -6,10 +6,10 @@ import os
 import jax.numpy as jnp
 import pytest
 
-from bbsmall_jax.train_cli import EXIT_USAGE, main
-from bbsmall_jax.train_config import ConfigError, load_config
-from bbsmall_jax.training import CheckpointStore
-from train_helpers import read_metrics, use_compile_cache
+from bbsmall_jax.cli.train import EXIT_USAGE, main
+from bbsmall_jax.train.config import ConfigError, load_config
+from bbsmall_jax.train.checkpoints import CheckpointStore
+from bbsmall_jax.testing.training import read_metrics, use_compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -121,7 +121,7 @@ def test_smoke_run_on_chitchat(capsys, tmp_path):
 
 
 def test_bbsmall_train_names_itself_in_errors(capsys, tmp_path):
-    from bbsmall_jax.cli import main as bbsmall_main
+    from bbsmall_jax.cli.main import main as bbsmall_main
 
     code = bbsmall_main(["train", "--config", TINY, "--output-dir", str(tmp_path), "--max-steps", "0"])
     err = capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Checkpoints: the HF <-> Flax name table, weight files, hub resolution (never builds the Flax model)."""

@@ -1,0 +1,1 @@
+"""The `bbsmall` command: chat, generate (batch), convert, train, info."""

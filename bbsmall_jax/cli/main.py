@@ -1,0 +1,168 @@
+"""The `bbsmall` command: chat, generate (batch inference), convert, train, info, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, ImportError)
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="model directory (ours or transformers') or hub id such as "
+                             "facebook/blenderbot_small-90M; default: the embedded demo model")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--turn-separator", choices=("newline", "end-start"), default="newline",
+                        help="how turns are joined: a newline (ParlAI, default) or '__end__ __start__'")
+    parser.add_argument("--max-context", type=int, default=None,
+                        help="context tokens kept (oldest turns dropped first); default: the model's limit")
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation (defaults: the model's generation_config.json)")
+    group.add_argument("--num-beams", type=int, help="beam width (1 = greedy)")
+    group.add_argument("--max-length", type=int, help="longest reply in tokens, start token included")
+    group.add_argument("--min-length", type=int, help="shortest reply in tokens, start token included")
+    group.add_argument("--sample", action="store_true", help="sample instead of beam/greedy search")
+    group.add_argument("--temperature", type=float, help="sampling temperature")
+    group.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    group.add_argument("--top-p", type=float, help="sample within the top-p probability mass")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    """The `generate` keyword arguments that the flags set (unset flags keep the model's defaults)."""
+    import jax
+
+    kwargs = {name: getattr(args, name) for name in ("num_beams", "max_length", "min_length", "temperature",
+                                                     "top_k", "top_p") if getattr(args, name) is not None}
+    if args.sample:
+        kwargs.update(do_sample=True, prng_key=jax.random.PRNGKey(args.seed))
+        kwargs.setdefault("num_beams", 1)
+    elif any(name in kwargs for name in ("temperature", "top_k", "top_p")):
+        raise ValueError("--temperature/--top-k/--top-p only apply with --sample")
+    return kwargs
+
+
+def _responder(args: argparse.Namespace):
+    from bbsmall_jax.cli.responder import Responder, enable_compilation_cache, load_chat_model
+
+    kwargs = generation_kwargs(args)  # flag errors before the (slower) model load
+    enable_compilation_cache()
+    model, tokenizer = load_chat_model(args.model, args.dtype)
+    separator = "\n" if args.turn_separator == "newline" else "__end__ __start__"
+    return Responder(model, tokenizer, kwargs, args.max_context, separator)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from bbsmall_jax.cli.chat import ChatSession, run_repl
+
+    if args.once is not None and not args.once.strip():
+        raise ValueError("empty message: --once needs some text")
+    session = ChatSession(_responder(args))
+    if args.once is not None:
+        print(session.send(args.once))
+        return 0
+    return run_repl(session)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from bbsmall_jax.cli.batch import run_batch
+
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"{args.input}: no such input file")
+    summary = run_batch(_responder(args), args.input, args.output, batch_size=args.batch_size,
+                        resume=args.resume, overwrite=args.overwrite, on_error=args.on_error,
+                        show_progress=not args.quiet)
+    if args.summary_json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from bbsmall_jax.cli.convert import main as convert_main
+
+    return convert_main([args.source, args.output, "--dtype", args.dtype])
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from bbsmall_jax.cli.info import main as info_main
+
+    return info_main(args.dtype)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bbsmall", description="BlenderbotSmall in JAX: chat, batch "
+                                     "inference, conversion, training, benchmarks.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = commands.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    _add_model_flags(chat)
+    _add_generation_flags(chat)
+    chat.add_argument("--once", metavar="TEXT", help="answer one message and exit")
+    chat.set_defaults(run=cmd_chat)
+
+    generate = commands.add_parser("generate", help="batch inference over a JSONL file")
+    _add_model_flags(generate)
+    _add_generation_flags(generate)
+    generate.add_argument("--input", required=True, help='JSONL, one {"context": [...]} or {"text": ...} per line')
+    generate.add_argument("--output", required=True, help='JSONL written in input order, "reply" added')
+    generate.add_argument("--batch-size", type=int, default=32)
+    generate.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    generate.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    generate.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                          help="a malformed line is reported and skipped (default) or stops the run")
+    generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    generate.add_argument("--summary-json", action="store_true", help="print the throughput summary as JSON")
+    generate.set_defaults(run=cmd_generate)
+
+    convert = commands.add_parser("convert", help="convert a checkpoint (same as convert_weights.py)")
+    convert.add_argument("source")
+    convert.add_argument("output")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    convert.set_defaults(run=cmd_convert)
+
+    info = commands.add_parser("info", help="backend, devices, decoding path, CPU kernel, compile cache, versions")
+    info.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="the compute dtype whose decoding plans are shown")
+    info.set_defaults(run=cmd_info)
+
+    commands.add_parser("train", help="train or fine-tune (same as train.py; see `bbsmall train --help`)",
+                        add_help=False)
+    commands.add_parser("bench", help="generation benchmark against transformers (see `bbsmall bench --help`)",
+                        add_help=False)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from bbsmall_jax.cli.train import main as train_main
+
+        return train_main(argv[1:], prog="bbsmall train")
+    if argv and argv[0] == "bench":
+        import runpy
+
+        script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench", "generate.py")
+        if not os.path.isfile(script):
+            print("bbsmall bench: error: needs a source checkout (bench/generate.py) with the test extra",
+                  file=sys.stderr)
+            return 2
+        sys.argv = [script, *argv[1:]]
+        runpy.run_path(script, run_name="__main__")
+        return 0
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except USAGE_ERRORS as err:
+        print(f"bbsmall {args.command}: error: {err}", file=sys.stderr)
+        return 2

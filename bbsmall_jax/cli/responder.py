@@ -1,0 +1,80 @@
+"""Loading a chat model by name (or the embedded demo) and turning dialogue contexts into replies."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from bbsmall_jax.checkpoint.hub import resolve_directory
+from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
+from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
+
+DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_model")
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "bbsmall_jax", "xla")
+
+
+def compilation_cache_dir(directory: Optional[str] = None) -> str:
+    """Where compilations persist: `directory`, else `BBSMALL_CACHE_DIR`, else ~/.cache/bbsmall_jax/xla."""
+    return os.path.expanduser(directory or os.environ.get("BBSMALL_CACHE_DIR", DEFAULT_CACHE_DIR))
+
+
+def enable_compilation_cache(directory: Optional[str] = None) -> str:
+    """Persist XLA compilations on disk so a second run skips compiling (`BBSMALL_CACHE_DIR` overrides)."""
+    import jax
+
+    directory = compilation_cache_dir(directory)
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return directory
+
+
+def load_chat_model(name: Optional[str] = None, dtype: str = "float32"):
+    """(model, tokenizer) from a local directory, a hub id, or the embedded demo model when `name` is None."""
+    directory = DEMO_MODEL_DIR if name is None else resolve_directory(
+        name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.msgpack", "*.txt"])
+    if not os.path.isfile(os.path.join(directory, "vocab.json")):
+        raise FileNotFoundError(f"{name or directory} has no tokenizer files (vocab.json, merges.txt)")
+    model = BlenderbotSmallForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+    return model, BlenderbotSmallTokenizer.from_pretrained(directory)
+
+
+class Responder:
+    """Replies to dialogue contexts: format and left-truncate the turns, generate, decode."""
+
+    def __init__(self, model, tokenizer, generation_kwargs: Optional[dict] = None,
+                 max_context_tokens: Optional[int] = None, turn_separator: str = "\n"):
+        self.model, self.tokenizer = model, tokenizer
+        self.generation_kwargs = dict(generation_kwargs or {})
+        limit = model.config.max_position_embeddings
+        self.max_context_tokens = min(max_context_tokens or limit, limit)
+        self.turn_separator = turn_separator
+
+    def context_ids(self, turns: Sequence[str]) -> list[int]:
+        """Token ids of a context, oldest turns dropped to fit the model."""
+        return self.tokenizer.encode_conversation(list(turns), max_length=self.max_context_tokens,
+                                                  turn_separator=self.turn_separator)
+
+    def reply_ids(self, contexts: Sequence[list[int]], **overrides) -> list[list[int]]:
+        """Generate for a batch of id contexts (right-padded here; `generate` buckets the shapes)."""
+        width = max(1, max(len(ids) for ids in contexts))
+        input_ids = np.full((len(contexts), width), self.tokenizer.pad_token_id, np.int32)
+        attention_mask = np.zeros_like(input_ids)
+        for row, ids in enumerate(contexts):
+            input_ids[row, :len(ids)] = ids
+            attention_mask[row, :len(ids)] = 1
+        output = self.model.generate(input_ids, attention_mask=attention_mask,
+                                     **{**self.generation_kwargs, **overrides})
+        sequences = np.asarray(getattr(output, "sequences", output))
+        return [list(row) for row in sequences]
+
+    def decode(self, ids: list[int]) -> str:
+        """Readable reply text (special tokens dropped, "don ' t" -> "don't")."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
+
+    def reply(self, contexts: Sequence[Sequence[str]], **overrides) -> list[str]:
+        """Replies to a batch of contexts, each a list of turns (oldest first)."""
+        ids = [self.context_ids(turns) for turns in contexts]
+        return [self.decode(row) for row in self.reply_ids(ids, **overrides)]

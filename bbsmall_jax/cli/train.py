@@ -1,0 +1,98 @@
+"""The training command line (`python train.py ...`, reused by `bbsmall train`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+# flag -> config key; each flag overrides the YAML value
+FLAG_KEYS = {"max_steps": "max_steps", "save_every": "save_every", "log_every": "log_every",
+             "eval_every": "eval_every", "seed": "seed", "init": "init", "data": "data"}
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 143
+
+
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    """The argument parser (bad flags exit with status 2 and a usage message)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train or fine-tune BlenderbotSmall; rerunning the same command resumes.",
+        epilog="Overrides: key=value for any config key, model.FIELD=value for a model field "
+               "(e.g. learning_rate=3e-4 model.dropout=0.0).")
+    parser.add_argument("--config", required=True, help="training config YAML (see configs/)")
+    parser.add_argument("--output-dir", required=True, help="checkpoints, metrics.jsonl and the final model go here")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    parser.add_argument("--log-every", type=int)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--init", help="pretrained model directory or hub id to start from")
+    parser.add_argument("--data", help="'chitchat' or a JSONL file of dialogue examples")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist = parser.add_argument_group("multi-process (one process per host; see README)")
+    dist.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, ...)")
+    dist.add_argument("--coordinator", help="host:port of process 0 (implies --distributed)")
+    dist.add_argument("--num-processes", type=int)
+    dist.add_argument("--process-id", type=int)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def parse_config(args: argparse.Namespace):
+    """The TrainConfig of parsed arguments: YAML, then key=value overrides, then flags."""
+    from bbsmall_jax.train.config import load_config, parse_override
+
+    overrides = dict(parse_override(item) for item in args.overrides)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    if args.no_progress:
+        overrides["progress"] = False
+    return load_config(args.config, overrides)
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    import jax
+
+    if args.coordinator or args.num_processes is not None or args.process_id is not None:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "train.py") -> int:
+    """Run the command; returns the exit status (0 done, 1 failed, 2 bad usage/config/data, 143 stopped)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    from bbsmall_jax.train.data import DataError
+    from bbsmall_jax.checkpoint.hub import ModelNotFoundError
+    from bbsmall_jax.train.config import ConfigError
+
+    try:
+        cfg = parse_config(args)
+        if cfg.data != "chitchat" and not os.path.isfile(cfg.data):
+            raise DataError(f"cannot read data file {cfg.data}: no such file")
+    except (ConfigError, DataError) as err:
+        parser.print_usage(sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    _initialize_distributed(args)
+    from bbsmall_jax.train.loop import TrainingError, train
+
+    try:
+        result = train(cfg, args.output_dir)
+    except (ConfigError, DataError, ModelNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if result.status == "completed" else EXIT_STOPPED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""`generate` for the encoder-decoder and decoder-only classes: settings, preparation, one jitted program."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+
+from bbsmall_jax.generation import plan as plan_lib
+from bbsmall_jax.generation.config import UNSUPPORTED, GenerationConfig
+from bbsmall_jax.generation.prepare import neutral, prepare
+from bbsmall_jax.generation.program import GenerateOutput, compile_program, finish
+
+Array = jax.Array
+
+__all__ = ["GenerateOutput", "GenerationMixin"]
+
+
+class GenerationMixin:
+    """`generate` for a model class with `config`, `params`, `module`, `dtype` and `head`."""
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The model's generation defaults: its `generation_config.json`, else derived from `config.json`."""
+        if getattr(self, "_generation_config", None) is None:
+            self._generation_config = GenerationConfig.from_model_config(self.config)
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig) -> None:
+        self._generation_config = value
+
+    def decoding_plan(self, rows: int) -> plan_lib.DecodingPlan:
+        """The decoding plan for `rows` rows (batch bucket times beams or samples) on the default backend."""
+        return plan_lib.default_plan(self.dtype, rows)
+
+    def _program(self, plan: plan_lib.DecodingPlan):
+        """The jitted program of one plan, kept."""
+        programs = self.__dict__.setdefault("_programs", {})
+        if plan not in programs:
+            programs[plan] = compile_program(self.module, self.head != "decoder_only", plan)
+        return programs[plan]
+
+    def _decoding_weights(self, params, plan: plan_lib.DecodingPlan) -> tuple:
+        """The plan's copies of the weights, kept for later calls with the same params and layout."""
+        sources = jax.tree_util.tree_leaves(params)
+        kept = self.__dict__.get("_kept_decoding_weights")
+        if kept is None or kept[1] != plan.lm_head or len(kept[0]) != len(sources) or any(
+                old is not new for old, new in zip(kept[0], sources)):
+            kept = self._kept_decoding_weights = (sources, plan.lm_head, plan.decoding_weights(params))
+        return kept[2]
+
+    def _resolve_generation_config(self, generation_config: Optional[GenerationConfig],
+                                   kwargs: dict) -> tuple[GenerationConfig, bool]:
+        """Model defaults < `generation_config` < kwargs < (for what is still unset) global defaults."""
+        names = set(GenerationConfig.field_names())
+        for key, value in kwargs.items():
+            if key in UNSUPPORTED:
+                if not neutral(value):
+                    raise ValueError(f"generation option {key}={value!r} is not supported by this implementation")
+            elif key not in names:
+                raise TypeError(f"generate() got an unexpected keyword argument {key!r}")
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
+        base = self.generation_config
+        if generation_config is not None:
+            base = base.update(generation_config)
+        given = {k: v for k, v in kwargs.items() if k in names}  # an explicit None unsets, as in transformers
+        cfg = base.replace(**given)
+        default_max_length = cfg.max_length is None
+        return cfg.with_defaults(), default_max_length
+
+    def generate(self, input_ids=None, attention_mask=None, generation_config: Optional[GenerationConfig] = None, *,
+                 prng_key: Optional[Array] = None, params=None, encoder_hidden_states=None,
+                 encoder_attention_mask=None, **kwargs):
+        """Generate token ids as transformers' `generate` does (greedy, sampling or beam search), jit-compiled.
+
+        Settings come from `generation_config` and keyword arguments (HF names), over the model's
+        `generation_config`. Returns the sequences [rows, T] (starting with the decoder start token for
+        the encoder-decoder, with the prompt for the decoder-only model; padded like transformers),
+        or a `GenerateOutput` with `return_dict_in_generate=True`. Sampling draws from `prng_key`
+        (default `PRNGKey(0)`), so a fixed key reproduces the output.
+        """
+        cfg, default_max_length = self._resolve_generation_config(generation_config, kwargs)
+        prepared = prepare(self.config, self.head != "decoder_only", cfg, default_max_length, input_ids,
+                           attention_mask, encoder_hidden_states, encoder_attention_mask, prng_key)
+        if prepared.batch == 0:  # nothing to compile or run
+            empty = jax.numpy.zeros((0, prepared.prompt_length), jax.numpy.int32)
+            return GenerateOutput(sequences=empty) if prepared.return_dict else empty
+        plan = self.decoding_plan(prepared.rows)
+        params = self.params if params is None else params
+        out = self._program(plan)(params, self._decoding_weights(params, plan), prepared.inputs, prepared.search,
+                                  spec=dataclasses.replace(prepared.spec, plan=plan), layout=prepared.layout)
+        return finish(out, prepared)

@@ -1,0 +1,115 @@
+"""The decoding plan: every backend-specific choice of a generation program, made once per (backend, dtype, rows).
+
+Two paths. `portable`, the default on GPU and TPU, is what XLA's accelerator backends are built for: the
+model's own einsum attention over the whole cache buffer with a mask, one matmul for the tied LM head,
+`lax.top_k`, `jnp.argmax`, plain `dynamic_update_slice` cache writes, beam reorders that gather the cache,
+no custom calls. `cpu`, the default on the CPU backend, applies `cpu_path`. `BBSMALL_DECODE_PATH` forces
+one, so both run (and are tested) anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from bbsmall_jax.generation import cpu_kernel, cpu_path
+
+PATHS = ("portable", "cpu")
+PATH_VARIABLE = "BBSMALL_DECODE_PATH"
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingPlan:
+    """The backend-specific choices of one generation program (static under jit)."""
+
+    path: str  # "portable" or "cpu"
+    attention: str = "einsum"  # one-token attention over the cache: "einsum" (the model's) or "windowed"
+    lm_head: str = "tied"  # "tied" (over the embedding), "transposed" ([D, V] copy) or "packed" (CPU kernel)
+    top_k: str = "lax"  # beam search's top 2K: "lax" or "blockwise"
+    argmax: str = "argmax"  # greedy search's pick: "argmax" or "max_min" (a max and a min of indices)
+    ordered_writes: bool = False  # cache writes depend on the step's output (in place on XLA's CPU backend)
+    track_origins: bool = False  # beam search reorders each row's origins, not the cache buffers
+    cpu_kernel: bool = False  # decoder Dense layers through the packed-weights CPU kernel
+    compiler_options: tuple[tuple[str, str], ...] = ()
+
+    def select_top_k(self, scores: Array, count: int) -> tuple[Array, Array]:
+        """The `count` best entries of scores [B, N] and their indices, ties to the lower index."""
+        if self.top_k == "blockwise":
+            return cpu_path.blockwise_top_k(scores, count)
+        return jax.lax.top_k(scores, count)
+
+    def select_argmax(self, scores: Array) -> Array:
+        """The first maximum over the last axis."""
+        if self.argmax == "max_min":
+            return cpu_path.first_argmax(scores)
+        return jnp.argmax(scores, axis=-1)
+
+    def step_context(self, packed):
+        """The context a decoding step is traced in: the CPU path's interceptors, or nothing."""
+        if self.attention == "windowed" or packed is not None:
+            return cpu_path.step_context(packed)
+        return contextlib.nullcontext()
+
+    def decoding_weights(self, params: dict) -> tuple:
+        """(LM-head table, packed Dense kernels) laid out for this plan; (None, None) to use the params."""
+        if self.lm_head == "tied":
+            return None, None
+        return cpu_path.decoding_weights(params, packed=self.lm_head == "packed")
+
+    def logits(self, hidden: Array, table, bias) -> Array:
+        """The LM head over the table `decoding_weights` made: [N, D] -> [N, V] float32."""
+        return cpu_path.lm_head(hidden, table, bias)
+
+    def describe(self) -> str:
+        """One line for `bbsmall info` and summaries."""
+        fields = dataclasses.asdict(self)
+        fields["compiler_options"] = dict(self.compiler_options) or "none"
+        return ", ".join(f"{k}={v}" for k, v in fields.items())
+
+
+PORTABLE = DecodingPlan("portable")
+
+
+def requested_path(backend: str) -> str:
+    """`BBSMALL_DECODE_PATH` if set, else `cpu` on the CPU backend and `portable` elsewhere."""
+    path = os.environ.get(PATH_VARIABLE, "").strip().lower()
+    if not path:
+        return "cpu" if backend == "cpu" else "portable"
+    if path not in PATHS:
+        raise ValueError(f"{PATH_VARIABLE}={os.environ[PATH_VARIABLE]!r}: expected one of {', '.join(PATHS)}")
+    return path
+
+
+def choose_plan(backend: str, dtype, rows: int) -> DecodingPlan:
+    """The plan for decoding `rows` rows (batch times beams or samples) in compute `dtype` on `backend`."""
+    if requested_path(backend) == "portable":
+        return PORTABLE
+    several = rows > 1
+    kernel = several and jnp.dtype(dtype) == jnp.float32 and backend == "cpu" and _kernel_usable()
+    return DecodingPlan(
+        "cpu", attention="windowed", lm_head="packed" if kernel else ("transposed" if several else "tied"),
+        top_k="blockwise", argmax="max_min", ordered_writes=True, track_origins=True, cpu_kernel=kernel,
+        compiler_options=cpu_path.COMPILER_OPTIONS if backend == "cpu" else ())
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_usable() -> bool:
+    """Whether the CPU kernel runs here; says once why not."""
+    reason = cpu_kernel.unavailable_reason()
+    if reason is not None:
+        warnings.warn(f"bbsmall_jax: the CPU kernel is not used ({reason}); several-row decoding uses XLA's "
+                      "matmul (correct, slower for beam search and batches)", stacklevel=3)
+    return reason is None
+
+
+def default_plan(dtype=jnp.float32, rows: int = 1) -> DecodingPlan:
+    """The plan the default backend gets."""
+    return choose_plan(jax.default_backend(), dtype, rows)

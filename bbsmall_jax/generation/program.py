@@ -1,0 +1,125 @@
+"""The jitted generation program (encode, build the cache, run the search loop) and its finishing step."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from bbsmall_jax.generation import search
+from bbsmall_jax.generation.plan import DecodingPlan
+from bbsmall_jax.generation.prepare import Layout, Prepared
+from bbsmall_jax.nn.cache import KVCache
+
+Array = jax.Array
+
+
+@struct.dataclass
+class GenerateOutput:
+    """What `generate` returns with `return_dict_in_generate=True`."""
+
+    sequences: Array  # [rows, T] int32: the prompt (or decoder start token), generated tokens, padding
+    scores: Optional[tuple] = None  # per step, [rows searched, V] float32 processed scores (output_scores)
+    sequences_scores: Optional[Array] = None  # beam search: [rows] length-penalised score (output_scores)
+
+
+def _initial_cache(module, variables: dict, seq2seq: bool, batch: dict, rows: int, layout: Layout,
+                   plan: DecodingPlan) -> KVCache:
+    """The empty self-attention cache for `rows` rows, with cross-attention keys/values projected once per
+    batch element and kept once: the `expand` rows (beams or samples) of a batch element share them."""
+    cache = KVCache.empty(module.config, rows, layout.buffer_length, module.dtype).replace(
+        ordered_writes=plan.ordered_writes)
+    if seq2seq:
+        encoded = module.apply(variables, batch["input_ids"], batch["attention_mask"], method="encode")
+        states, states_mask = encoded.last_hidden_state, batch["attention_mask"]
+    else:
+        states, states_mask = batch.get("encoder_hidden_states"), batch.get("encoder_attention_mask")
+    if states is None:
+        return cache
+    cross = module.apply(variables, states.shape[0], 1, states, states_mask, method="init_cache")
+    return cache.replace(cross_key=cross.cross_key, cross_value=cross.cross_value, encoder_mask=cross.encoder_mask)
+
+
+def _step_function(module, variables: dict, seq2seq: bool, plan: DecodingPlan, weights: tuple,
+                   key_mask: Optional[Array]):
+    """step_fn(tokens [N, 1], cache) -> (logits [N, V] float32, cache): one decoder step and the LM head."""
+    table, packed = weights
+    bias = variables["params"].get("final_logits_bias")
+
+    def step_fn(tokens: Array, cache: KVCache):
+        with plan.step_context(packed):
+            if seq2seq:
+                out = module.apply(variables, decoder_input_ids=tokens, cache=cache, method="decode")
+            else:
+                out = module.apply(variables, input_ids=tokens, attention_mask=key_mask, cache=cache, method="decode")
+            hidden = out.last_hidden_state[:, -1]  # [N, D]
+            if table is None:
+                logits = module.apply(variables, hidden[:, None], method="logits")[:, 0]
+            else:
+                logits = plan.logits(hidden, table, bias)
+        return logits, out.cache
+    return step_fn
+
+
+def run(module, seq2seq: bool, params, weights: tuple, batch: dict, search_inputs: search.SearchInputs,
+        spec: search.SearchSpec, layout: Layout) -> dict:
+    """Encode, build the cache, run the decoding loop (traced once per static configuration and shapes).
+
+    weights: the decoding copies of the weights that `spec.plan` uses (`DecodingPlan.decoding_weights`).
+    """
+    plan = spec.plan
+    variables = {"params": params}
+    sequences = batch["sequences"]  # [B, T] the prompt, fill beyond it
+    rows = sequences.shape[0] * layout.expand
+    cache = _initial_cache(module, variables, seq2seq, batch, rows, layout, plan)
+    sequences = jnp.repeat(sequences, layout.expand, axis=0)  # [N, T]
+    key_mask = None if seq2seq else jnp.repeat(batch["key_mask"], layout.expand, axis=0)  # [N, T]
+    step_fn = _step_function(module, variables, seq2seq, plan, weights, key_mask)
+    if not seq2seq:  # prefill the prompt; the loop feeds its last token
+        prompt = jnp.maximum(sequences[:, :layout.prompt_bucket], 0)  # the fill beyond the prompt may be -1
+        cache = module.apply(variables, input_ids=prompt, attention_mask=key_mask, cache=cache, method="decode").cache
+        cache = cache.replace(index=search_inputs.prompt_length - 1)
+
+    vocab = module.config.vocab_size
+    if spec.strategy == "beam":
+        if plan.track_origins:
+            cache = cache.tracking_origins()
+        state = search.beam_search(sequences, search_inputs, cache, step_fn, lambda c, rows, _: c.reorder(rows),
+                                   spec, vocab)
+        return dict(sequences=state.sequences, lengths=state.lengths, scores=state.scores,
+                    cur_len=state.cur_len, step_scores=state.step_scores)
+    state = search.sample(sequences, search_inputs, cache, step_fn, spec, vocab)
+    return dict(sequences=state.sequences, cur_len=state.cur_len, step_scores=state.scores)
+
+
+def compile_program(module, seq2seq: bool, plan: DecodingPlan):
+    """`run` jitted for one model and plan (the plan's compiler options applied)."""
+    return jax.jit(partial(run, module, seq2seq), static_argnames=("spec", "layout"),
+                   compiler_options=dict(plan.compiler_options) or None)
+
+
+def finish(out: dict, prepared: Prepared):
+    """Crop and un-bucket the program's outputs as transformers shapes them (on the device)."""
+    spec, batch, prompt_length = prepared.spec, prepared.batch, prepared.prompt_length
+    steps = int(out["cur_len"]) - prompt_length
+    sequences_scores = None
+    if spec.strategy == "beam":
+        keep = prepared.rows_out // batch
+        lengths = out["lengths"][:batch, :keep]
+        sequences = out["sequences"][:batch, :keep].reshape(prepared.rows_out, -1)
+        sequences = sequences[:, :prompt_length + int(jnp.max(lengths))]
+        sequences_scores = out["scores"][:batch, :keep].reshape(-1)
+        rows_searched = batch * spec.num_beams
+    else:
+        sequences = out["sequences"][:prepared.rows_out, :prompt_length + steps]
+        rows_searched = prepared.rows_out
+    if not prepared.return_dict:
+        return sequences
+    if not spec.output_scores:
+        return GenerateOutput(sequences=sequences)
+    step_scores = out["step_scores"]
+    scores = tuple(step_scores[i, :rows_searched] for i in range(steps))
+    return GenerateOutput(sequences=sequences, scores=scores, sequences_scores=sequences_scores)

@@ -1,0 +1,1 @@
+"""Text: the tokenizer (Rust BPE + exact pre-tokenization), its plain-Python reference, vocabulary training."""

@@ -1,0 +1,89 @@
+"""Orbax checkpoints of the train state with their metadata, the config check on resume, and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+import orbax.checkpoint as ocp
+
+from bbsmall_jax.train.config import ConfigError, TrainConfig
+from bbsmall_jax.train.steps import State
+
+
+class CheckpointStore:
+    """Orbax checkpoints of the train state plus JSON metadata (config, data position), last K kept.
+
+    Orbax writes each step into a temporary directory and renames it when complete, so a kill
+    mid-save leaves the previous checkpoints usable.
+    """
+
+    def __init__(self, directory: str, keep: int):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state) -> State:
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"]
+
+    def save(self, step: int, state: State, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def check_compatible(saved: dict, cfg: TrainConfig, output_dir: str) -> None:
+    """Raise naming the differing keys when a checkpoint was written under another config."""
+    current = json.loads(json.dumps(cfg.trajectory_dict(), default=str))
+    previous = saved.get("config", {})
+    if saved.get("fingerprint") == cfg.fingerprint() and previous == current:
+        return
+    keys = sorted(set(previous) | set(current))
+    diffs = [f"{k}: {previous.get(k)!r} (checkpoint) vs {current.get(k)!r} (now)"
+             for k in keys if previous.get(k) != current.get(k)]
+    hint = ""
+    if any(d.startswith("total_schedule_steps") for d in diffs) and not cfg.decay_steps:
+        hint = (" The learning-rate schedule spans max_steps; to train longer without changing it, set "
+                "decay_steps to the original max_steps.")
+    raise ConfigError(f"{output_dir} holds checkpoints of a different training config ({'; '.join(diffs)}). "
+                      f"Use another --output-dir, or delete {os.path.join(output_dir, 'checkpoints')} to start "
+                      f"over.{hint}")
+
+
+class MetricsLog:
+    """OUTPUT/metrics.jsonl, one JSON object per logged step; records past the resume step are dropped."""
+
+    def __init__(self, path: str, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill
+                    if isinstance(record, dict) and record.get("step", math.inf) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")

@@ -1,0 +1,227 @@
+"""The training loop: train (or resume exactly) into an output directory, stopping cleanly on signals."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bbsmall_jax.nn.config import BlenderbotSmallConfig
+from bbsmall_jax.nn.model import build_module
+from bbsmall_jax.train import data as data_lib
+from bbsmall_jax.train.checkpoints import CheckpointStore, MetricsLog, check_compatible
+from bbsmall_jax.train.config import ConfigError, TrainConfig
+from bbsmall_jax.train.preparation import Datasets, build_model_config, export, prepare_datasets
+from bbsmall_jax.train.sharding import DATA_AXIS, Feeder, barrier, gather_params, make_mesh, say
+from bbsmall_jax.train.steps import abstract_state, init_state, learning_rate_schedule, make_eval_step, make_optimizer, make_train_step
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what was kept."""
+
+
+class DivergedError(TrainingError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """How a run ended."""
+
+    step: int
+    status: str  # "completed" | "stopped" (signal)
+    export_dir: Optional[str]
+    eval_loss: Optional[float] = None
+
+
+class _Stopper:
+    """Turns SIGTERM (preemption) into a request to checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        # Several processes stop together through JAX's preemption sync point instead (see `train`).
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def _kept_message(last_good: Optional[int], directory: str) -> str:
+    if last_good is None:
+        return "No checkpoint had been saved yet. Lower learning_rate or raise warmup_steps."
+    return (f"The last good checkpoint, step {last_good}, is kept in {directory}; lower learning_rate or raise "
+            "warmup_steps, then rerun to resume from it.")
+
+
+def _raise_if_diverged(host_metrics: list[tuple[int, dict]], last_good: Optional[int], directory: str) -> None:
+    for step, m in host_metrics:
+        if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
+            raise DivergedError(f"NaN or infinite values at step {step} (loss {float(m['loss'])}, gradient norm "
+                                f"{float(m['grad_norm'])}); stopping. " + _kept_message(last_good, directory))
+
+
+def evaluate(eval_step, params, batcher: data_lib.Batcher, max_batches: int, to_device) -> float:
+    """Mean token NLL over the validation batches (all, or the first `max_batches` of a fixed order)."""
+    count = len(batcher) if not max_batches else min(max_batches, len(batcher))
+    sums = [eval_step(params, to_device(p)) for p in itertools.islice(batcher.plan(), count)]
+    total, tokens = (float(sum(np.asarray(s[i], np.float64) for s in sums)) for i in (0, 1))
+    return total / max(tokens, 1.0)
+
+
+def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None,
+          model_config: Optional[BlenderbotSmallConfig] = None, host_params: Optional[dict] = None) -> TrainResult:
+    """Train (or resume) into `output_dir`: checkpoints/, metrics.jsonl, tokenizer/, final/ (HF format).
+
+    `datasets`, `model_config` and `host_params` let tests run on synthetic data and given weights;
+    by default they come from `cfg` (data, init or model, tokenizer).
+    """
+    from tqdm import tqdm
+
+    is_main = jax.process_index() == 0
+    os.makedirs(output_dir, exist_ok=True)
+    mesh = make_mesh()
+    n_devices = mesh.shape[DATA_AXIS]
+    micro = cfg.batch_size // cfg.grad_accum_steps
+    if micro % n_devices:
+        raise ConfigError(f"batch_size / grad_accum_steps = {micro} examples per micro-batch must be divisible "
+                          f"by the {n_devices} devices")
+    store = CheckpointStore(os.path.join(output_dir, "checkpoints"), cfg.keep_checkpoints)
+    batches = None
+    try:
+        latest = store.latest_step()
+        meta = store.read_meta(latest) if latest is not None else None
+        if meta is not None:
+            check_compatible(meta, cfg, output_dir)
+        model_config = model_config or build_model_config(cfg, output_dir, latest is not None)
+        if max(cfg.max_source_length, cfg.max_target_length) > model_config.max_position_embeddings:
+            raise ConfigError(f"max_source_length/max_target_length ({cfg.max_source_length}/{cfg.max_target_length})"
+                              f" exceed the model's max_position_embeddings ({model_config.max_position_embeddings})")
+        datasets = datasets or prepare_datasets(cfg, output_dir, latest is not None, model_config)
+        barrier("datasets")
+        if is_main:
+            cfg.save_yaml(os.path.join(output_dir, "train_config.yaml"))
+
+        module = build_module(model_config, "seq2seq_lm", jnp.dtype(cfg.dtype), jnp.float32)
+        optimizer, schedule = make_optimizer(cfg), learning_rate_schedule(cfg)
+        abstract = abstract_state(module, optimizer, mesh, cfg.fsdp)
+        if latest is not None:
+            say(f"resuming from the checkpoint of step {latest} in {store.directory}")
+            state = store.restore(latest, abstract)
+            position = data_lib.Position(meta["epoch"], meta["index"])
+        else:
+            if host_params is None and cfg.init is not None:
+                from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
+
+                host_params = jax.device_get(
+                    BlenderbotSmallForConditionalGeneration.from_pretrained(cfg.init, config=model_config).params)
+            state = init_state(module, optimizer, abstract, cfg.seed, host_params)
+            position = data_lib.Position()
+        step = latest or 0
+
+        state_shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract)
+        replicated = NamedSharding(mesh, P())
+        train_step = jax.jit(make_train_step(module, optimizer, schedule, cfg.label_smoothing, cfg.remat),
+                             in_shardings=(state_shardings, NamedSharding(mesh, P(None, DATA_AXIS))),
+                             out_shardings=(state_shardings, replicated), donate_argnums=0)
+        all_finite = jax.jit(_all_finite, in_shardings=(state_shardings["params"],), out_shardings=replicated)
+        eval_step = jax.jit(make_eval_step(module), in_shardings=(state_shardings["params"],
+                                                                  NamedSharding(mesh, P(DATA_AXIS))),
+                            out_shardings=replicated)
+
+        pad = model_config.pad_token_id
+        train_batches = data_lib.Batcher(datasets.train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, pad)
+        valid_batches = data_lib.Batcher(datasets.valid, micro, cfg.bucket_shapes, cfg.seed, pad,
+                                         drop_remainder=False)
+        feeder = Feeder(mesh, micro, cfg.grad_accum_steps)
+        to_eval_batch = lambda planned: feeder.eval_batch(valid_batches, planned)
+
+        metrics_log = MetricsLog(os.path.join(output_dir, "metrics.jsonl"), step, is_main)
+        if step >= cfg.max_steps:
+            say(f"the checkpoint is at step {step} >= max_steps={cfg.max_steps}: nothing to train")
+        batches = data_lib.Prefetcher((feeder.train_batch(train_batches, p) for p in train_batches.plan(position)),
+                                      cfg.prefetch)
+        bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and is_main), unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+        pending: list[tuple[int, dict]] = []
+        last_good = latest
+        window_tokens, window_start = 0, time.perf_counter()
+        eval_loss = None
+        status = "completed"
+        with _Stopper() as stopper:
+            while step < cfg.max_steps:
+                planned, batch = next(batches)
+                state, metrics = train_step(state, batch)
+                step += 1
+                position = data_lib.Position(planned.position.epoch, planned.position.index + 1)
+                pending.append((step, metrics))
+                window_tokens += planned.tokens
+                bar.update(1)
+                stop = stopper.requested or (jax.process_count() > 1 and store.manager.reached_preemption(step))
+                do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+                do_log = step % cfg.log_every == 0 or do_eval
+                do_save = step % cfg.save_every == 0 or step == cfg.max_steps or stop
+                if not (do_log or do_save):
+                    continue
+                host, pending = jax.device_get(pending), []
+                _raise_if_diverged(host, last_good, store.directory)
+                record = {k: float(v) for k, v in host[-1][1].items() if k != "target_tokens"}
+                if do_eval:
+                    eval_loss = evaluate(eval_step, state["params"], valid_batches, cfg.eval_batches, to_eval_batch)
+                    record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 700.0)))
+                now = time.perf_counter()
+                if do_log:
+                    tokens_per_sec = window_tokens / max(now - window_start, 1e-9)
+                    metrics_log.write({"step": step, **record, "tokens_per_sec": round(tokens_per_sec, 1),
+                                       "epoch": planned.position.epoch})
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
+                                    **({"eval": f"{eval_loss:.4f}"} if do_eval else {}))
+                    window_tokens, window_start = 0, time.perf_counter()
+                if do_save and not bool(all_finite(state["params"])):
+                    raise DivergedError(f"the params became NaN or infinite at step {step}; stopping. "
+                                        + _kept_message(last_good, store.directory))
+                if do_save:
+                    store.save(step, state, {"step": step, "epoch": position.epoch, "index": position.index,
+                                             "fingerprint": cfg.fingerprint(), "config": cfg.trajectory_dict()})
+                    last_good = step
+                if stop:
+                    status = "stopped"
+                    say(f"stopped by a signal at step {step}; checkpoint saved; rerun the same command to resume")
+                    break
+        bar.close()
+        store.manager.wait_until_finished()
+        export_dir = None
+        if status == "completed":
+            host_params = gather_params(state["params"], mesh)
+            if is_main:
+                export_dir = export(os.path.join(output_dir, "final"), model_config, host_params, datasets.tokenizer)
+                say(f"exported the final model to {export_dir}")
+            barrier("export")
+        return TrainResult(step, status, export_dir, eval_loss)
+    finally:
+        if batches is not None:
+            batches.close()
+        store.close()

@@ -1,0 +1,91 @@
+"""Run setup: the model config, the tokenizer and tokenized datasets of a run, and the final export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from bbsmall_jax.nn.config import BlenderbotSmallConfig
+from bbsmall_jax.train import data as data_lib
+from bbsmall_jax.train.config import ConfigError, TrainConfig
+from bbsmall_jax.train.sharding import say
+
+
+@dataclasses.dataclass
+class Datasets:
+    """Tokenized training and validation examples plus the tokenizer that made them (None: synthetic data)."""
+
+    train: data_lib.TokenizedExamples
+    valid: data_lib.TokenizedExamples
+    tokenizer: Any = None
+
+
+def build_model_config(cfg: TrainConfig, output_dir: str, resuming: bool) -> BlenderbotSmallConfig:
+    """The model config: `init`'s config.json (or the defaults) with `cfg.model` applied.
+
+    It is kept in OUTPUT/model_config.json, so that resuming needs neither the hub nor `init`.
+    """
+    path = os.path.join(output_dir, "model_config.json")
+    if resuming and os.path.isfile(path):
+        return BlenderbotSmallConfig.from_json_file(path)
+    if cfg.init is None:
+        config = cfg.model_config()
+    else:
+        config = cfg.model_config(BlenderbotSmallConfig.from_pretrained(cfg.init))
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
+    return config
+
+
+def prepare_datasets(cfg: TrainConfig, output_dir: str, resuming: bool,
+                     model_config: BlenderbotSmallConfig) -> Datasets:
+    """Load examples, get the tokenizer (saved under OUTPUT/tokenizer, reused on resume), tokenize."""
+    from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
+    from bbsmall_jax.text.vocab_training import train_tokenizer
+
+    train_examples, valid_examples = data_lib.load_examples(cfg.data, cfg.valid_data, cfg.valid_fraction, cfg.seed)
+    tokenizer_dir = os.path.join(output_dir, "tokenizer")
+    if resuming and os.path.isdir(tokenizer_dir):
+        tokenizer = BlenderbotSmallTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        if cfg.tokenizer or cfg.init:
+            tokenizer = BlenderbotSmallTokenizer.from_pretrained(cfg.tokenizer or cfg.init)
+        else:
+            texts = sorted({t for ex in train_examples for t in (*ex.context, ex.response)})
+            order = np.random.default_rng(cfg.seed).permutation(len(texts))[:cfg.tokenizer_train_texts]
+            say(f"training a {model_config.vocab_size}-token vocabulary on {len(order)} utterances")
+            tokenizer = train_tokenizer([texts[i] for i in sorted(order)], model_config.vocab_size)
+        if jax.process_index() == 0:
+            tmp = tokenizer_dir + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(tokenizer_dir, ignore_errors=True)
+            os.replace(tmp, tokenizer_dir)
+    if len(tokenizer) > model_config.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                          f"{model_config.vocab_size}")
+    tokenize = lambda examples: data_lib.tokenize_examples(
+        examples, tokenizer, cfg.max_source_length, cfg.max_target_length, cfg.separator, cfg.add_end)
+    return Datasets(tokenize(train_examples), tokenize(valid_examples), tokenizer)
+
+
+def export(directory: str, model_config: BlenderbotSmallConfig, host_params: dict, tokenizer) -> str:
+    """Write the final model (`save_pretrained`, HF format) and tokenizer, atomically (tmp dir + rename)."""
+    from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
+
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    BlenderbotSmallForConditionalGeneration(model_config, host_params).save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory

@@ -1,0 +1,85 @@
+"""The data mesh over every device of every process: shardings (replicated or FSDP), batch feeding, coordination."""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bbsmall_jax.train import data as data_lib
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over every device of every process, ordered by process so each one's rows are contiguous."""
+    devices = sorted(devices if devices is not None else jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def leaf_spec(shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> P:
+    """Replicated, or (FSDP) sharded over the data axis along the largest dimension it divides."""
+    n = mesh.shape[DATA_AXIS]
+    dims = [i for i, d in enumerate(shape) if d % n == 0 and d >= n]
+    if not fsdp or n == 1 or not dims:
+        return P()
+    axis = max(dims, key=lambda i: shape[i])
+    return P(*[DATA_AXIS if i == axis else None for i in range(len(shape))])
+
+
+def tree_shardings(abstract_tree, mesh: Mesh, fsdp: bool):
+    """NamedShardings for a pytree of arrays or ShapeDtypeStructs (a pure function of each shape)."""
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), mesh, fsdp)),
+                                  abstract_tree)
+
+
+def local_rows(mesh: Mesh, rows: int) -> np.ndarray:
+    """Indices of the batch rows (axis sharded over `data`) that this process's devices hold, in order."""
+    index_map = NamedSharding(mesh, P(DATA_AXIS)).addressable_devices_indices_map((rows,))
+    starts = sorted({(s[0].start or 0, s[0].stop if s[0].stop is not None else rows) for s in index_map.values()})
+    return np.concatenate([np.arange(a, b) for a, b in starts])
+
+
+def gather_params(params, mesh: Mesh) -> dict:
+    """The params as host numpy arrays (collective: every process must call it)."""
+    replicated = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(params)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), replicated)
+
+
+class Feeder:
+    """Planned batches -> global arrays sharded over the data axis, each process materialising only its rows."""
+
+    def __init__(self, mesh: Mesh, micro: int, accum: int):
+        self.mesh, self.micro, self.accum = mesh, micro, accum
+        self.mine = local_rows(mesh, micro)
+
+    def train_batch(self, batcher: data_lib.Batcher, planned: data_lib.PlannedBatch):
+        rows = planned.rows.reshape(self.accum, self.micro)[:, self.mine]  # [A, local rows]
+        local = batcher.materialize(planned.bucket, rows.reshape(-1))
+        local = {k: v.reshape(rows.shape + v.shape[1:]) for k, v in local.items()}  # [A, local rows, L]
+        shapes = {k: (self.accum, self.micro, v.shape[-1]) for k, v in local.items()}
+        sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))
+        return planned, jax.make_array_from_process_local_data(sharding, local, shapes)
+
+    def eval_batch(self, batcher: data_lib.Batcher, planned: data_lib.PlannedBatch):
+        local = batcher.materialize(planned.bucket, planned.rows[self.mine])  # [local rows, L]
+        shapes = {k: (self.micro, v.shape[-1]) for k, v in local.items()}
+        return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P(DATA_AXIS)), local, shapes)
+
+
+def say(message: str) -> None:
+    """Print on process 0 (through tqdm, so progress bars stay intact)."""
+    if jax.process_index() == 0:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (a no-op in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
