@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 
@@ -11,6 +11,7 @@ from bbsmall_jax.generation import plan as plan_lib
 from bbsmall_jax.generation.config import UNSUPPORTED, GenerationConfig
 from bbsmall_jax.generation.prepare import neutral, prepare
 from bbsmall_jax.generation.program import GenerateOutput, compile_program, finish
+from bbsmall_jax.generation.sharding import data_mesh, device_count, place_inputs, replicated
 
 Array = jax.Array
 
@@ -31,9 +32,10 @@ class GenerationMixin:
     def generation_config(self, value: GenerationConfig) -> None:
         self._generation_config = value
 
-    def decoding_plan(self, rows: int) -> plan_lib.DecodingPlan:
-        """The decoding plan for `rows` rows (batch bucket times beams or samples) on the default backend."""
-        return plan_lib.default_plan(self.dtype, rows)
+    def decoding_plan(self, rows: int, devices: int = 1) -> plan_lib.DecodingPlan:
+        """The decoding plan for `rows` rows (batch bucket times beams or samples) over `devices` devices of the
+        default backend."""
+        return plan_lib.default_plan(self.dtype, rows, devices)
 
     def _program(self, plan: plan_lib.DecodingPlan):
         """The jitted program of one plan, kept."""
@@ -73,7 +75,7 @@ class GenerationMixin:
 
     def generate(self, input_ids=None, attention_mask=None, generation_config: Optional[GenerationConfig] = None, *,
                  prng_key: Optional[Array] = None, params=None, encoder_hidden_states=None,
-                 encoder_attention_mask=None, **kwargs):
+                 encoder_attention_mask=None, devices: Optional[Sequence[jax.Device]] = None, **kwargs):
         """Generate token ids as transformers' `generate` does (greedy, sampling or beam search), jit-compiled.
 
         Settings come from `generation_config` and keyword arguments (HF names), over the model's
@@ -81,15 +83,40 @@ class GenerationMixin:
         the encoder-decoder, with the prompt for the decoder-only model; padded like transformers),
         or a `GenerateOutput` with `return_dict_in_generate=True`. Sampling draws from `prng_key`
         (default `PRNGKey(0)`), so a fixed key reproduces the output.
+
+        The batch is sharded over `devices` (default: all of this process's devices), params replicated
+        unless already laid out over them; the output equals a one-device run's.
         """
-        cfg, default_max_length = self._resolve_generation_config(generation_config, kwargs)
-        prepared = prepare(self.config, self.head != "decoder_only", cfg, default_max_length, input_ids,
-                           attention_mask, encoder_hidden_states, encoder_attention_mask, prng_key)
+        mesh = data_mesh(devices)
+        prepared = self._prepare(input_ids, attention_mask, generation_config, prng_key, encoder_hidden_states,
+                                 encoder_attention_mask, kwargs, device_count(mesh))
         if prepared.batch == 0:  # nothing to compile or run
             empty = jax.numpy.zeros((0, prepared.prompt_length), jax.numpy.int32)
             return GenerateOutput(sequences=empty) if prepared.return_dict else empty
-        plan = self.decoding_plan(prepared.rows)
+        program, args, static = self._call(prepared, params, mesh)
+        return finish(program(*args, **static), prepared)
+
+    def lower_generate(self, input_ids=None, attention_mask=None, generation_config=None, *, prng_key=None,
+                       params=None, encoder_hidden_states=None, encoder_attention_mask=None, devices=None, **kwargs):
+        """The `jax.stages.Lowered` program `generate` would run for these arguments (to inspect its HLO)."""
+        mesh = data_mesh(devices)
+        prepared = self._prepare(input_ids, attention_mask, generation_config, prng_key, encoder_hidden_states,
+                                 encoder_attention_mask, kwargs, device_count(mesh))
+        program, args, static = self._call(prepared, params, mesh)
+        return program.lower(*args, **static)
+
+    def _prepare(self, input_ids, attention_mask, generation_config, prng_key, encoder_hidden_states,
+                 encoder_attention_mask, kwargs: dict, batch_multiple: int):
+        cfg, default_max_length = self._resolve_generation_config(generation_config, kwargs)
+        return prepare(self.config, self.head != "decoder_only", cfg, default_max_length, input_ids, attention_mask,
+                       encoder_hidden_states, encoder_attention_mask, prng_key, batch_multiple)
+
+    def _call(self, prepared, params, mesh) -> tuple:
+        """(jitted program, positional arguments, static arguments) of a prepared call."""
+        plan = self.decoding_plan(prepared.rows, device_count(mesh))
         params = self.params if params is None else params
-        out = self._program(plan)(params, self._decoding_weights(params, plan), prepared.inputs, prepared.search,
-                                  spec=dataclasses.replace(prepared.spec, plan=plan), layout=prepared.layout)
-        return finish(out, prepared)
+        weights = self._decoding_weights(params, plan)
+        inputs, search_inputs = place_inputs(prepared, mesh)
+        args = (replicated(params, mesh), replicated(weights, mesh), inputs, search_inputs)
+        return self._program(plan), args, dict(spec=dataclasses.replace(prepared.spec, plan=plan),
+                                               layout=prepared.layout, mesh=mesh)

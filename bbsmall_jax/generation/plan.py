@@ -88,12 +88,14 @@ def requested_path(backend: str) -> str:
     return path
 
 
-def choose_plan(backend: str, dtype, rows: int) -> DecodingPlan:
-    """The plan for decoding `rows` rows (batch times beams or samples) in compute `dtype` on `backend`."""
+def choose_plan(backend: str, dtype, rows: int, devices: int = 1) -> DecodingPlan:
+    """The plan for decoding `rows` rows (batch times beams or samples) in compute `dtype` on `backend`,
+    sharded over `devices` devices (the CPU kernel has no sharding rule, so it runs on one device only)."""
     if requested_path(backend) == "portable":
         return PORTABLE
     several = rows > 1
-    kernel = several and jnp.dtype(dtype) == jnp.float32 and backend == "cpu" and _kernel_usable()
+    kernel = (several and devices == 1 and jnp.dtype(dtype) == jnp.float32 and backend == "cpu"
+              and _kernel_usable())
     return DecodingPlan(
         "cpu", attention="windowed", lm_head="packed" if kernel else ("transposed" if several else "tied"),
         top_k="blockwise", argmax="max_min", ordered_writes=True, track_origins=True, cpu_kernel=kernel,
@@ -110,6 +112,6 @@ def _kernel_usable() -> bool:
     return reason is None
 
 
-def default_plan(dtype=jnp.float32, rows: int = 1) -> DecodingPlan:
+def default_plan(dtype=jnp.float32, rows: int = 1, devices: int = 1) -> DecodingPlan:
     """The plan the default backend gets."""
-    return choose_plan(jax.default_backend(), dtype, rows)
+    return choose_plan(jax.default_backend(), dtype, rows, devices)

@@ -47,9 +47,9 @@ class Prepared:
         return self.inputs["sequences"].shape[0] * self.layout.expand
 
 
-def bucket_batch(size: int) -> int:
-    """Batch sizes are padded to a power of two."""
-    return 1 << max(size - 1, 0).bit_length()
+def bucket_batch(size: int, multiple: int = 1) -> int:
+    """Batch sizes are padded to a power of two, then up to a multiple of `multiple` (the devices)."""
+    return -(-(1 << max(size - 1, 0).bit_length()) // multiple) * multiple
 
 
 def bucket_length(length: int, cap: int) -> int:
@@ -199,9 +199,10 @@ def _spec(cfg: GenerationConfig, eos: tuple[int, ...], pad: Optional[int], vocab
 
 def prepare(config: BlenderbotSmallConfig, seq2seq: bool, cfg: GenerationConfig, default_max_length: bool,
             input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-            prng_key=None) -> Prepared:
-    """Check a call and lay out its inputs, bucketed: the batch to a power of two, the source/prompt to its
-    length bucket, the decoding buffer to a multiple of MIN_BUCKET. `cfg` is resolved (`with_defaults`)."""
+            prng_key=None, batch_multiple: int = 1) -> Prepared:
+    """Check a call and lay out its inputs, bucketed: the batch to a power of two (and a multiple of
+    `batch_multiple`), the source/prompt to its length bucket, the decoding buffer to a multiple of MIN_BUCKET.
+    `cfg` is resolved (`with_defaults`)."""
     validate(cfg, config.vocab_size)
     max_positions = config.max_position_embeddings
     ids, mask, states, states_mask = _model_inputs(config, seq2seq, cfg, input_ids, attention_mask,
@@ -220,7 +221,7 @@ def prepare(config: BlenderbotSmallConfig, seq2seq: bool, cfg: GenerationConfig,
     beam = cfg.num_beams > 1
     expand = cfg.num_beams if beam else cfg.num_return_sequences
     batch, src_len = ids.shape
-    batch_bucket = bucket_batch(batch)
+    batch_bucket = bucket_batch(batch, batch_multiple)
     length = buffer_length(max_length, max_positions)
     src_bucket = bucket_length(src_len, max_positions)
     sequences = np.full((batch_bucket, length), fill, np.int32)  # [B', T]

@@ -8,9 +8,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
 from bbsmall_jax.generation import search
 from bbsmall_jax.generation.plan import DecodingPlan
+from bbsmall_jax.generation.sharding import constrain_rows
 from bbsmall_jax.generation.prepare import Layout, Prepared
 from bbsmall_jax.nn.cache import KVCache
 
@@ -27,11 +29,12 @@ class GenerateOutput:
 
 
 def _initial_cache(module, variables: dict, seq2seq: bool, batch: dict, rows: int, layout: Layout,
-                   plan: DecodingPlan) -> KVCache:
+                   plan: DecodingPlan, mesh) -> KVCache:
     """The empty self-attention cache for `rows` rows, with cross-attention keys/values projected once per
     batch element and kept once: the `expand` rows (beams or samples) of a batch element share them."""
-    cache = KVCache.empty(module.config, rows, layout.buffer_length, module.dtype).replace(
-        ordered_writes=plan.ordered_writes)
+    cache = KVCache.empty(module.config, rows, layout.buffer_length, module.dtype)
+    cache = cache.replace(self_key=constrain_rows(cache.self_key, mesh, 1),  # [L, rows, T, H, Dh]
+                          self_value=constrain_rows(cache.self_value, mesh, 1), ordered_writes=plan.ordered_writes)
     if seq2seq:
         encoded = module.apply(variables, batch["input_ids"], batch["attention_mask"], method="encode")
         states, states_mask = encoded.last_hidden_state, batch["attention_mask"]
@@ -65,17 +68,18 @@ def _step_function(module, variables: dict, seq2seq: bool, plan: DecodingPlan, w
 
 
 def run(module, seq2seq: bool, params, weights: tuple, batch: dict, search_inputs: search.SearchInputs,
-        spec: search.SearchSpec, layout: Layout) -> dict:
+        spec: search.SearchSpec, layout: Layout, mesh: Optional[Mesh] = None) -> dict:
     """Encode, build the cache, run the decoding loop (traced once per static configuration and shapes).
 
-    weights: the decoding copies of the weights that `spec.plan` uses (`DecodingPlan.decoding_weights`).
+    weights: the decoding copies of the weights that `spec.plan` uses (`DecodingPlan.decoding_weights`);
+    mesh: the data mesh the batch is sharded over (None on one device).
     """
     plan = spec.plan
     variables = {"params": params}
     sequences = batch["sequences"]  # [B, T] the prompt, fill beyond it
     rows = sequences.shape[0] * layout.expand
-    cache = _initial_cache(module, variables, seq2seq, batch, rows, layout, plan)
-    sequences = jnp.repeat(sequences, layout.expand, axis=0)  # [N, T]
+    cache = _initial_cache(module, variables, seq2seq, batch, rows, layout, plan, mesh)
+    sequences = constrain_rows(jnp.repeat(sequences, layout.expand, axis=0), mesh)  # [N, T]
     key_mask = None if seq2seq else jnp.repeat(batch["key_mask"], layout.expand, axis=0)  # [N, T]
     step_fn = _step_function(module, variables, seq2seq, plan, weights, key_mask)
     if not seq2seq:  # prefill the prompt; the loop feeds its last token
@@ -97,7 +101,7 @@ def run(module, seq2seq: bool, params, weights: tuple, batch: dict, search_input
 
 def compile_program(module, seq2seq: bool, plan: DecodingPlan):
     """`run` jitted for one model and plan (the plan's compiler options applied)."""
-    return jax.jit(partial(run, module, seq2seq), static_argnames=("spec", "layout"),
+    return jax.jit(partial(run, module, seq2seq), static_argnames=("spec", "layout", "mesh"),
                    compiler_options=dict(plan.compiler_options) or None)
 
 
