@@ -16,7 +16,7 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def report(dtype: str = "float32") -> list[tuple[str, str]]:
+def report(dtype: str = "auto") -> list[tuple[str, str]]:
     """(label, value) lines describing this machine as generation sees it."""
     import jax
 
@@ -24,23 +24,25 @@ def report(dtype: str = "float32") -> list[tuple[str, str]]:
     from bbsmall_jax.generation import cpu_kernel, plan
 
     backend = jax.default_backend()
+    resolved = plan.compute_dtype(dtype, backend)
     devices = jax.devices()
     reason = cpu_kernel.unavailable_reason()
     lines = [
         ("backend", backend),
         ("devices", f"{len(devices)}: " + ", ".join(sorted({d.device_kind for d in devices}))),
         ("processes", f"{jax.process_count()} (this is {jax.process_index()})"),
+        ("compute dtype", resolved + (" (auto)" if dtype == "auto" else "")),
         ("decoding path", f"{plan.requested_path(backend)}"
                           f"{' (' + plan.PATH_VARIABLE + ')' if os.environ.get(plan.PATH_VARIABLE) else ''}"),
-        ("plan, 1 row", plan.choose_plan(backend, dtype, 1).describe()),
-        ("plan, several rows", plan.choose_plan(backend, dtype, 10).describe()),
+        ("plan, 1 row", plan.choose_plan(backend, resolved, 1).describe()),
+        ("plan, several rows", plan.choose_plan(backend, resolved, 10, len(jax.local_devices())).describe()),
         ("CPU kernel", "built and usable" if reason is None else f"not used: {reason}"),
         ("compile cache", compilation_cache_dir()),
     ]
     return lines + [(name, _version(name)) for name in PACKAGES]
 
 
-def main(dtype: str = "float32") -> int:
+def main(dtype: str = "auto") -> int:
     import warnings
 
     with warnings.catch_warnings():  # the kernel's reason is a line of the report, not a warning

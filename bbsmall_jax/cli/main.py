@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=cmd_convert)
 
     info = commands.add_parser("info", help="backend, devices, decoding path, CPU kernel, compile cache, versions")
-    info.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                      help="the compute dtype whose decoding plans are shown")
+    info.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                      help="the compute dtype whose decoding plans are shown (auto: bfloat16 on GPU/TPU, "
+                           "float32 on CPU)")
     info.set_defaults(run=cmd_info)
 
     commands.add_parser("train", help="train or fine-tune (same as train.py; see `bbsmall train --help`)",
