@@ -19,9 +19,6 @@ from bbsmall_jax.checkpoint.hub import resolve_directory
 from bbsmall_jax.nn.model import Head, build_module, init_params, param_shapes
 from bbsmall_jax.nn.outputs import CausalLMOutput, EncoderOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.msgpack", "*.txt"]
-
-
 class _PretrainedModel:
     """Config + params + Flax module; `module.apply({"params": params}, ...)` is the pure core."""
 
@@ -49,7 +46,7 @@ class _PretrainedModel:
 
         `dtype` is the compute dtype (bf16 works); params are stored in `param_dtype`.
         """
-        directory = resolve_directory(path_or_hub_id, allow_patterns=_HUB_PATTERNS)
+        directory = resolve_directory(path_or_hub_id)
         if config is None:
             config_path = os.path.join(directory, "config.json")
             if not os.path.isfile(config_path):

@@ -33,8 +33,7 @@ def enable_compilation_cache(directory: Optional[str] = None) -> str:
 
 def load_chat_model(name: Optional[str] = None, dtype: str = "float32"):
     """(model, tokenizer) from a local directory, a hub id, or the embedded demo model when `name` is None."""
-    directory = DEMO_MODEL_DIR if name is None else resolve_directory(
-        name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.msgpack", "*.txt"])
+    directory = DEMO_MODEL_DIR if name is None else resolve_directory(name)
     if not os.path.isfile(os.path.join(directory, "vocab.json")):
         raise FileNotFoundError(f"{name or directory} has no tokenizer files (vocab.json, merges.txt)")
     model = BlenderbotSmallForConditionalGeneration.from_pretrained(directory, dtype=dtype)

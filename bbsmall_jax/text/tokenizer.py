@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from bbsmall_jax.atomic import write_atomic
 from bbsmall_jax.text import batching
 from bbsmall_jax.text import reference as ref
 from bbsmall_jax.text.reference import AddedToken
@@ -111,10 +112,7 @@ class BlenderbotSmallTokenizer:
         merges = "".join(f"{a} {b}\n" for a, b in sorted(self.bpe_ranks, key=self.bpe_ranks.get))
         contents = {ref.VOCAB_FILE: ref.to_json(self.encoder), ref.MERGES_FILE: "#version: 0.2\n" + merges,
                     ref.CONFIG_FILE: ref.to_json(config), ref.SPECIAL_TOKENS_FILE: ref.to_json(special)}
-        for name, text in contents.items():
-            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        return tuple(os.path.join(directory, name) for name in contents)
+        return tuple(write_atomic(os.path.join(directory, name), text) for name, text in contents.items())
 
     # ------------------------------------------------------------------------------------------ public calls
 

@@ -9,6 +9,7 @@ from typing import Optional
 
 import orbax.checkpoint as ocp
 
+from bbsmall_jax.atomic import write_atomic
 from bbsmall_jax.train.config import ConfigError, TrainConfig
 from bbsmall_jax.train.steps import State
 
@@ -79,9 +80,7 @@ class MetricsLog:
                         continue  # a line cut by a kill
                     if isinstance(record, dict) and record.get("step", math.inf) <= resume_step:
                         kept.append(line if line.endswith("\n") else line + "\n")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, "".join(kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:

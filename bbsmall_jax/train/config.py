@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import yaml
 
+from bbsmall_jax.atomic import write_atomic
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -163,10 +164,7 @@ class TrainConfig:
 
     def save_yaml(self, path: str | os.PathLike) -> None:
         """Write the config as YAML (atomically)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _is_number(value) -> bool:
