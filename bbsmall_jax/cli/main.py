@@ -16,10 +16,19 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="model directory (ours or transformers') or hub id such as "
                              "facebook/blenderbot_small-90M; default: the embedded demo model")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    parser.add_argument("--turn-separator", choices=("newline", "end-start"), default="newline",
+    parser.add_argument("--turn-separator", type=_separator, default="newline", metavar="{newline,end_start}",
                         help="how turns are joined: a newline (ParlAI, default) or '__end__ __start__'")
     parser.add_argument("--max-context", type=int, default=None,
                         help="context tokens kept (oldest turns dropped first); default: the model's limit")
+
+
+def _separator(value: str) -> str:
+    from bbsmall_jax.records import separator_name
+
+    try:
+        return separator_name(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,11 +60,12 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 def _responder(args: argparse.Namespace):
     from bbsmall_jax.cli.responder import Responder, enable_compilation_cache, load_chat_model
 
+    from bbsmall_jax.records import SEPARATORS
+
     kwargs = generation_kwargs(args)  # flag errors before the (slower) model load
     enable_compilation_cache()
     model, tokenizer = load_chat_model(args.model, args.dtype)
-    separator = "\n" if args.turn_separator == "newline" else "__end__ __start__"
-    return Responder(model, tokenizer, kwargs, args.max_context, separator)
+    return Responder(model, tokenizer, kwargs, args.max_context, SEPARATORS[args.turn_separator])
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

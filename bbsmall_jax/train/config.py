@@ -12,11 +12,11 @@ import yaml
 
 from bbsmall_jax.atomic import write_atomic
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
+from bbsmall_jax.records import SEPARATORS
 
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "dots", "full")
-SEPARATORS = ("newline", "end_start")
 # Fields that may change when a run resumes: they do not alter the trajectory of the params.
 RESUMABLE_FIELDS = ("max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every",
                     "eval_batches", "progress", "prefetch")
