@@ -48,7 +48,11 @@ class Responder:
         self.model, self.tokenizer = model, tokenizer
         self.generation_kwargs = dict(generation_kwargs or {})
         limit = model.config.max_position_embeddings
-        self.max_context_tokens = min(max_context_tokens or limit, limit)
+        if max_context_tokens is not None and (isinstance(max_context_tokens, bool) or not isinstance(
+                max_context_tokens, int) or not 1 <= max_context_tokens <= limit):
+            raise ValueError(f"the context limit (--max-context, max_context_tokens) must be an integer in "
+                             f"[1, {limit}], the model's positions; got {max_context_tokens!r}")
+        self.max_context_tokens = limit if max_context_tokens is None else max_context_tokens
         self.turn_separator = turn_separator
 
     def context_ids(self, turns: Sequence[str]) -> list[int]:
