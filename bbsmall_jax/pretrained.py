@@ -14,7 +14,7 @@ from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.checkpoint.names import flax_to_hf, hf_to_flax
 from bbsmall_jax.generation.generate import GenerationMixin
 from bbsmall_jax.generation.config import GenerationConfig
-from bbsmall_jax.checkpoint.files import load_state_dict, save_safetensors
+from bbsmall_jax.checkpoint.files import find_weights_file, load_state_dict, save_safetensors
 from bbsmall_jax.checkpoint.hub import resolve_directory
 from bbsmall_jax.nn.model import Head, build_module, init_params, param_shapes
 from bbsmall_jax.nn.outputs import CausalLMOutput, EncoderOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
@@ -53,7 +53,12 @@ class _PretrainedModel:
                 raise FileNotFoundError(f"{directory} has no config.json")
             config = BlenderbotSmallConfig.from_json_file(config_path)
         expected = param_shapes(build_module(config, cls.head))
-        params = hf_to_flax(load_state_dict(directory), config, cls.head, expected, dtype=param_dtype)
+        weights = find_weights_file(directory)
+        state = load_state_dict(weights)
+        try:
+            params = hf_to_flax(state, config, cls.head, expected, dtype=param_dtype)
+        except ValueError as err:
+            raise ValueError(f"{weights}: {err}") from None
         model = cls(config, params, dtype=dtype, param_dtype=param_dtype)
         model._loaded_from = directory
         if os.path.isfile(os.path.join(directory, "generation_config.json")):
