@@ -95,6 +95,9 @@ class _PretrainedModel:
             shape = embeds.shape[:2]
         else:
             return None, None, mask
+        if shape[0] == 0:
+            raise ValueError(f"{ids_name if ids is not None else ids_name.replace('input_ids', 'inputs_embeds')} "
+                             f"has batch size 0: pass at least one sequence")
         if shape[1] == 0:
             raise ValueError(f"{ids_name} is empty (length 0)")
         check.check_length(shape[1], self.config.max_position_embeddings, ids_name)
@@ -121,6 +124,8 @@ class _Seq2Seq(_PretrainedModel):
         else:
             hidden = getattr(encoder_outputs, "last_hidden_state", encoder_outputs)
         hidden = check.as_embeddings(hidden, self.config.d_model, "encoder_outputs.last_hidden_state")
+        if hidden.shape[0] == 0:
+            raise ValueError("encoder_outputs.last_hidden_state has batch size 0: pass at least one sequence")
         mask = check.as_mask(attention_mask, hidden.shape[:2], "attention_mask")
         return EncoderOutput(last_hidden_state=jnp.asarray(hidden)), mask
 

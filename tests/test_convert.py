@@ -187,6 +187,12 @@ def tiny_model(hf_dir):
     (dict(input_ids=[[5.5, 6]], decoder_input_ids=[[1]]), "integer"),
     (dict(inputs_embeds=np.full((1, 2, 32), np.nan), decoder_input_ids=[[1]]), "NaN"),
     (dict(input_ids=[[5, 6]], decoder_input_ids=[[1]], train=True), "dropout_rng"),
+    (dict(input_ids=np.zeros((0, 3), int), decoder_input_ids=np.zeros((0, 1), int)),
+     "input_ids has batch size 0: pass at least one sequence"),
+    (dict(inputs_embeds=np.zeros((0, 3, 32)), decoder_input_ids=[[1]]), "inputs_embeds has batch size 0"),
+    (dict(input_ids=[[5, 6]], decoder_inputs_embeds=np.zeros((0, 1, 32))), "decoder_inputs_embeds has batch size 0"),
+    (dict(encoder_outputs=(np.zeros((0, 3, 32)),), decoder_input_ids=np.zeros((0, 1), int)),
+     "encoder_outputs.last_hidden_state has batch size 0"),
 ])
 def test_bad_inputs_raise_clear_errors(tiny_model, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -195,6 +201,8 @@ def test_bad_inputs_raise_clear_errors(tiny_model, kwargs, message):
 
 def test_causal_lm_bad_inputs(hf_dir):
     causal = bb.BlenderbotSmallForCausalLM.from_pretrained(hf_dir[0])
+    with pytest.raises(ValueError, match="input_ids has batch size 0"):
+        causal(input_ids=np.zeros((0, 2), int))
     with pytest.raises(ValueError, match="encoder_attention_mask was given without"):
         causal(input_ids=[[1, 2]], encoder_attention_mask=[[1]])
     with pytest.raises(ValueError, match="input_ids holds id 999"):
