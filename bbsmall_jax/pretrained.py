@@ -14,13 +14,10 @@ from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.checkpoint.names import flax_to_hf, hf_to_flax
 from bbsmall_jax.generation.generate import GenerationMixin
 from bbsmall_jax.generation.config import GenerationConfig
-from bbsmall_jax.checkpoint.files import load_state_dict, save_safetensors
+from bbsmall_jax.checkpoint.files import find_weights_file, load_state_dict, save_safetensors
 from bbsmall_jax.checkpoint.hub import resolve_directory
 from bbsmall_jax.nn.model import Head, build_module, init_params, param_shapes
 from bbsmall_jax.nn.outputs import CausalLMOutput, EncoderOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
-
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.msgpack", "*.txt"]
-
 
 class _PretrainedModel:
     """Config + params + Flax module; `module.apply({"params": params}, ...)` is the pure core."""
@@ -49,14 +46,19 @@ class _PretrainedModel:
 
         `dtype` is the compute dtype (bf16 works); params are stored in `param_dtype`.
         """
-        directory = resolve_directory(path_or_hub_id, allow_patterns=_HUB_PATTERNS)
+        directory = resolve_directory(path_or_hub_id)
         if config is None:
             config_path = os.path.join(directory, "config.json")
             if not os.path.isfile(config_path):
                 raise FileNotFoundError(f"{directory} has no config.json")
             config = BlenderbotSmallConfig.from_json_file(config_path)
         expected = param_shapes(build_module(config, cls.head))
-        params = hf_to_flax(load_state_dict(directory), config, cls.head, expected, dtype=param_dtype)
+        weights = find_weights_file(directory)
+        state = load_state_dict(weights)
+        try:
+            params = hf_to_flax(state, config, cls.head, expected, dtype=param_dtype)
+        except ValueError as err:
+            raise ValueError(f"{weights}: {err}") from None
         model = cls(config, params, dtype=dtype, param_dtype=param_dtype)
         model._loaded_from = directory
         if os.path.isfile(os.path.join(directory, "generation_config.json")):
@@ -93,6 +95,9 @@ class _PretrainedModel:
             shape = embeds.shape[:2]
         else:
             return None, None, mask
+        if shape[0] == 0:
+            raise ValueError(f"{ids_name if ids is not None else ids_name.replace('input_ids', 'inputs_embeds')} "
+                             f"has batch size 0: pass at least one sequence")
         if shape[1] == 0:
             raise ValueError(f"{ids_name} is empty (length 0)")
         check.check_length(shape[1], self.config.max_position_embeddings, ids_name)
@@ -119,6 +124,8 @@ class _Seq2Seq(_PretrainedModel):
         else:
             hidden = getattr(encoder_outputs, "last_hidden_state", encoder_outputs)
         hidden = check.as_embeddings(hidden, self.config.d_model, "encoder_outputs.last_hidden_state")
+        if hidden.shape[0] == 0:
+            raise ValueError("encoder_outputs.last_hidden_state has batch size 0: pass at least one sequence")
         mask = check.as_mask(attention_mask, hidden.shape[:2], "attention_mask")
         return EncoderOutput(last_hidden_state=jnp.asarray(hidden)), mask
 

@@ -37,3 +37,35 @@ def prompts():
     ids = rng.integers(3, 101, (4, max(PROMPT_LENGTHS)))
     mask = (np.arange(ids.shape[1])[None] < np.asarray(PROMPT_LENGTHS)[:, None]).astype(np.int64)
     return ids * mask, mask
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A random-weight tiny chat model with a vocabulary trained on chitchat utterances."""
+    import chitchat_dataset
+
+    import bbsmall_jax as bb
+    from bbsmall_jax.text.vocab_training import train_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_chat")
+    texts = [m["text"] for conv in list(chitchat_dataset.Dataset().values())[:300]
+             for turn in conv["messages"] for m in turn]
+    tokenizer = train_tokenizer(texts, 400, directory)
+    config = bb.BlenderbotSmallConfig(vocab_size=tokenizer.vocab_size, d_model=32, encoder_layers=1,
+                                      decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                                      encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                                      scale_embedding=True)
+    model = bb.BlenderbotSmallForConditionalGeneration(config, seed=3)
+    # Random weights: make special tokens unlikely so replies decode to non-empty text.
+    model.params["final_logits_bias"] = model.params["final_logits_bias"].at[:4].set(-20.0)
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def responder(model_dir):
+    """A greedy, 8-token `Responder` over `model_dir`."""
+    from bbsmall_jax.cli.responder import Responder, load_chat_model
+
+    model, tokenizer = load_chat_model(model_dir)
+    return Responder(model, tokenizer, dict(num_beams=1, max_length=8, min_length=0))

@@ -13,36 +13,9 @@ import bbsmall_jax as bb
 from bbsmall_jax.cli import main as cli
 from bbsmall_jax.cli.batch import run_batch
 from bbsmall_jax.cli.chat import ChatSession, run_repl
-from bbsmall_jax.cli.responder import DEMO_MODEL_DIR, Responder, load_chat_model
-from bbsmall_jax.text.vocab_training import train_tokenizer
+from bbsmall_jax.cli.responder import DEMO_MODEL_DIR, Responder
 
 FAST = ["--num-beams", "1", "--max-length", "8", "--min-length", "0"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A random-weight tiny chat model with a vocabulary trained on chitchat utterances."""
-    import chitchat_dataset
-
-    directory = tmp_path_factory.mktemp("tiny_chat")
-    texts = [m["text"] for conv in list(chitchat_dataset.Dataset().values())[:300]
-             for turn in conv["messages"] for m in turn]
-    tokenizer = train_tokenizer(texts, 400, directory)
-    config = bb.BlenderbotSmallConfig(vocab_size=tokenizer.vocab_size, d_model=32, encoder_layers=1,
-                                      decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-                                      encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                                      scale_embedding=True)
-    model = bb.BlenderbotSmallForConditionalGeneration(config, seed=3)
-    # Random weights: make special tokens unlikely so replies decode to non-empty text.
-    model.params["final_logits_bias"] = model.params["final_logits_bias"].at[:4].set(-20.0)
-    model.save_pretrained(directory)
-    return str(directory)
-
-
-@pytest.fixture(scope="module")
-def responder(model_dir):
-    model, tokenizer = load_chat_model(model_dir)
-    return Responder(model, tokenizer, dict(num_beams=1, max_length=8, min_length=0))
 
 
 def test_chat_once_on_the_embedded_demo_model(capsys):
@@ -181,11 +154,25 @@ def test_convert_command_round_trip(model_dir, tmp_path):
     (["chat", "--once", "   "], "empty message"),
     (["generate", "--input", "/nonexistent.jsonl", "--output", "/tmp/x.jsonl"], "no such input file"),
     (["chat", "--once", "hi", "--temperature", "0.5"], "only apply with --sample"),
+    (["chat", "--once", "hi", "--max-context", "0"], "context limit (--max-context, max_context_tokens) must be an "
+                                                     "integer in [1, 128], the model's positions; got 0"),
+    (["chat", "--once", "hi", "--max-context", "129"], "got 129"),
+    (["generate", "--input", "in.jsonl", "--output", "out.jsonl", "--resume", "--overwrite"], "not both"),
+    (["generate", "--input", "in.jsonl", "--output", "out.jsonl", "--window", "0"], "--window must be at least 1"),
 ])
 def test_errors_are_one_line(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_turn_separator_has_one_name_and_reads_the_old_spelling(model_dir, capsys):
+    args = cli.build_parser().parse_args(["chat", "--turn-separator", "end-start"])
+    assert args.turn_separator == "end_start"
+    assert cli.main(["chat", "--model", model_dir, "--turn-separator", "end_start", "--once", "hi", *FAST]) == 0
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["chat", "--turn-separator", "tab"])
+    assert "turn separator 'tab' is not one of newline, end_start" in capsys.readouterr().err
 
 
 def test_unknown_flag_is_a_usage_error(capsys):

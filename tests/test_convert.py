@@ -121,6 +121,28 @@ def test_bad_checkpoints_raise_naming_the_tensor(hf_dir, damage, message):
         hf_to_flax(state, config, "seq2seq_lm", param_shapes(build_module(config, "seq2seq_lm")))
 
 
+def _damaged_copy(directory, target, name, change):
+    """A copy of the checkpoint in `directory` with tensor `name` changed by `change`."""
+    copy_config(directory, target)
+    state = load_file(os.path.join(directory, "model.safetensors"))
+    state[name] = change(state[name].copy())
+    save_file(state, os.path.join(target, "model.safetensors"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: (w.__setitem__((3, 5), np.nan), w)[1], r"holds 1 NaN or infinite values \(the first at index \(3, 5\)\)"),
+    (lambda w: np.full_like(w, np.inf), r"holds 2048 NaN or infinite values \(the first at index \(0, 0\)\)"),
+    (lambda w: w.astype(np.int64), r"has dtype int64, expected a floating-point type"),
+])
+def test_unusable_weight_values_are_refused_naming_the_tensor(hf_dir, tmp_path, change, message):
+    directory, _, _ = hf_dir
+    name = "model.decoder.layers.1.fc1.weight"  # [64, 32]
+    _damaged_copy(directory, tmp_path, name, change)
+    with pytest.raises(ValueError, match=r"model\.safetensors: checkpoint cannot be loaded .*\n  tensor "
+                                         r"decoder\.layers\.1\.fc1\.weight " + message):
+        bb.BlenderbotSmallForConditionalGeneration.from_pretrained(tmp_path)
+
+
 def test_malformed_weights_file_and_missing_files(hf_dir, tmp_path):
     directory, _, _ = hf_dir
     copy_config(directory, tmp_path)
@@ -165,6 +187,12 @@ def tiny_model(hf_dir):
     (dict(input_ids=[[5.5, 6]], decoder_input_ids=[[1]]), "integer"),
     (dict(inputs_embeds=np.full((1, 2, 32), np.nan), decoder_input_ids=[[1]]), "NaN"),
     (dict(input_ids=[[5, 6]], decoder_input_ids=[[1]], train=True), "dropout_rng"),
+    (dict(input_ids=np.zeros((0, 3), int), decoder_input_ids=np.zeros((0, 1), int)),
+     "input_ids has batch size 0: pass at least one sequence"),
+    (dict(inputs_embeds=np.zeros((0, 3, 32)), decoder_input_ids=[[1]]), "inputs_embeds has batch size 0"),
+    (dict(input_ids=[[5, 6]], decoder_inputs_embeds=np.zeros((0, 1, 32))), "decoder_inputs_embeds has batch size 0"),
+    (dict(encoder_outputs=(np.zeros((0, 3, 32)),), decoder_input_ids=np.zeros((0, 1), int)),
+     "encoder_outputs.last_hidden_state has batch size 0"),
 ])
 def test_bad_inputs_raise_clear_errors(tiny_model, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -173,6 +201,8 @@ def test_bad_inputs_raise_clear_errors(tiny_model, kwargs, message):
 
 def test_causal_lm_bad_inputs(hf_dir):
     causal = bb.BlenderbotSmallForCausalLM.from_pretrained(hf_dir[0])
+    with pytest.raises(ValueError, match="input_ids has batch size 0"):
+        causal(input_ids=np.zeros((0, 2), int))
     with pytest.raises(ValueError, match="encoder_attention_mask was given without"):
         causal(input_ids=[[1, 2]], encoder_attention_mask=[[1]])
     with pytest.raises(ValueError, match="input_ids holds id 999"):

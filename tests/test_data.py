@@ -35,9 +35,12 @@ def test_jsonl_both_formats(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ('{"context": ["a"], "response": "b"}\n{"context": ["a"]\n', r"d\.jsonl:2: not valid JSON"),
-    ('{"context": ["a"]}\n', r"d\.jsonl:1: the response/labels must be a string"),
-    ('{"prompt": "a"}\n', r"d\.jsonl:1: a record needs 'context' and 'response'"),
-    ('{"context": [1], "response": "b"}\n', r"d\.jsonl:1: 'context' must be a list of strings"),
+    ('{"context": ["a"]}\n', r'd\.jsonl:1: needs a "response" \(or "labels"\) string to train on'),
+    ('{"prompt": "a"}\n', r'd\.jsonl:1: needs "context" \(a list of turns\) or "text"'),
+    ('{"context": [1], "response": "b"}\n', r'd\.jsonl:1: "context" must be a string or a non-empty list of strings'),
+    ('{"context": ["a"], "response": 3}\n', r'd\.jsonl:1: "response" must be a string or a list of strings, got 3'),
+    ('{"text": "a", "context": ["a"], "response": "b"}\n', r'd\.jsonl:1: has both "context" and "text"'),
+    ('{"context": [" "], "response": "b"}\n', r"d\.jsonl:1: the context is empty"),
     ("\n", r"d\.jsonl: holds no examples"),
 ])
 def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
@@ -50,8 +53,8 @@ def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
 def test_unreadable_files(tmp_path):
     with pytest.raises(data_lib.DataError, match="cannot read data file .*missing.jsonl"):
         data_lib.read_jsonl(tmp_path / "missing.jsonl")
-    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(data_lib.DataError, match="cannot read data file"):
+    (tmp_path / "bin.jsonl").write_bytes(b'{"context": ["a"], "response": "b"}\n\xff\xfe\x00\n')
+    with pytest.raises(data_lib.DataError, match=r"bin\.jsonl:2: not valid UTF-8 \(byte 0xff at byte 1 of the line\)"):
         data_lib.read_jsonl(tmp_path / "bin.jsonl")
 
 

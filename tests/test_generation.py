@@ -184,6 +184,11 @@ BAD = [
     (dict(early_stopping="sometimes"), "early_stopping"),
     (dict(eos_token_id=101), "eos_token_id"),
     (dict(typical_p=0.5), "typical_p"),
+    (dict(renormalize_logits=True), "renormalize_logits=True is not supported"),
+    (dict(output_attentions=True), "output_attentions=True is not supported"),
+    (dict(max_length=10, min_length=11), r"min_length \(11\) is larger than max_length \(10\)"),
+    (dict(max_new_tokens=3, min_length=10), r"min_length \(10\) is larger than max_length \(4\)"),
+    (dict(max_new_tokens=3, min_new_tokens=4), r"min_length \(5\) is larger than max_length \(4\)"),
 ]
 
 
@@ -194,6 +199,28 @@ def test_bad_settings_raise_before_compiling(models, prompts, kwargs, message):
     with pytest.raises(ValueError, match=message):
         ours.generate(*prompts, **kwargs)
     assert compilations(ours) == before
+
+
+def test_unsupported_options_are_neutral_only_at_their_transformers_default():
+    from bbsmall_jax.generation.prepare import neutral
+
+    for option, value in [("renormalize_logits", False), ("typical_p", 1.0), ("typical_p", 1), ("num_beam_groups", 1),
+                          ("epsilon_cutoff", 0), ("diversity_penalty", 0.0), ("min_p", None), ("token_healing", False)]:
+        assert neutral(value, option), (option, value)
+    for option, value in [("renormalize_logits", True), ("renormalize_logits", 0), ("typical_p", True),
+                          ("num_beam_groups", True), ("epsilon_cutoff", False), ("typical_p", 0.0),
+                          ("min_p", 0.0), ("suppress_tokens", []), ("output_attentions", 1)]:
+        assert not neutral(value, option), (option, value)
+    assert neutral(None) and not neutral(False)  # without the option's name only None is known to change nothing
+
+
+def test_unsupported_option_in_a_generation_config_file(models, prompts):
+    _, ours = models
+    neutral = GenerationConfig.from_dict({"max_length": 6, "renormalize_logits": False, "typical_p": 1.0,
+                                          "num_beam_groups": 1, "output_hidden_states": False})
+    assert ours.generate(*prompts, generation_config=neutral).shape[1] <= 6
+    with pytest.raises(ValueError, match="renormalize_logits=True is not supported"):
+        ours.generate(*prompts, generation_config=GenerationConfig.from_dict({"renormalize_logits": True}))
 
 
 def test_bad_inputs_raise(models):

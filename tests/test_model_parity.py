@@ -1,5 +1,7 @@
 """Parity of all three heads with transformers' PyTorch classes on random-weight models (float32, 1e-4)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -114,14 +116,39 @@ def test_inputs_embeds_and_precomputed_encoder_outputs(tmp_path):
     rng = np.random.default_rng(1)
     embeds = rng.normal(size=(3, 6, 32)).astype(np.float32)
     decoder_embeds = rng.normal(size=(3, 5, 32)).astype(np.float32)
-    with torch.no_grad():
+    with torch.no_grad():  # the patch scales the reference's decoder ids only; embeddings passed in are ours to scale
         ref = reference(inputs_embeds=to_torch(embeds, torch.float32), attention_mask=to_torch(mask_of(INPUT_IDS)),
-                        decoder_inputs_embeds=to_torch(decoder_embeds, torch.float32))
+                        decoder_inputs_embeds=to_torch(decoder_embeds * math.sqrt(32), torch.float32))
     out = ours(inputs_embeds=embeds, attention_mask=mask_of(INPUT_IDS), decoder_inputs_embeds=decoder_embeds)
     assert max_diff(out.logits, ref.logits) <= ATOL
     again = ours(encoder_outputs=(np.asarray(out.encoder_last_hidden_state),), attention_mask=mask_of(INPUT_IDS),
                  decoder_inputs_embeds=decoder_embeds)
     assert max_diff(again.logits, ref.logits) <= ATOL
+
+
+@pytest.mark.parametrize("head", ["seq2seq_lm", "decoder_only"])
+@pytest.mark.parametrize("scale_decoder_embedding", [True, False])
+def test_decoder_embeddings_passed_in_are_scaled_as_transformers_4_52_or_5(tmp_path, head, scale_decoder_embedding):
+    """transformers 4.46-4.52 multiply the decoder's input by sqrt(d_model) after choosing between ids and
+    embeddings, so embeddings passed in are scaled too; 5.x never scales them. The reference is an
+    unpatched 5.x model, given the embeddings times sqrt(d_model) to stand for 4.52."""
+    reference = random_hf_model(head)  # default initialisation: embeddings of std 0.02, as trained ones are small
+    directory = save_hf_model(reference, tmp_path / head)
+    config = bb.BlenderbotSmallConfig.from_pretrained(directory).replace(scale_decoder_embedding=scale_decoder_embedding)
+    ours = OURS[head].from_pretrained(directory, config=config)
+    embeds = np.asarray(ours.params["shared"]["embedding"])[DECODER_IDS]  # what embed_tokens(ids) gives
+    scaled = embeds * math.sqrt(32)
+    name = "decoder_inputs_embeds" if head == "seq2seq_lm" else "inputs_embeds"
+    common = dict(input_ids=INPUT_IDS, attention_mask=mask_of(INPUT_IDS)) if head == "seq2seq_lm" else {}
+    out = ours(**common, **{name: embeds}).logits
+    with torch.no_grad():
+        as_4_52, as_5 = (reference(**{k: to_torch(v) for k, v in common.items()},
+                                   **{name: to_torch(e, torch.float32)}).logits for e in (scaled, embeds))
+    expected, other = (as_4_52, as_5) if scale_decoder_embedding else (as_5, as_4_52)
+    assert max_diff(out, expected) <= ATOL
+    assert max_diff(out, other) > 3 * ATOL  # the two semantics differ by more than the tolerance: it can fail
+    by_ids = ours(**common, **{name.replace("inputs_embeds", "input_ids"): DECODER_IDS}).logits
+    assert max_diff(by_ids, expected) <= ATOL  # embed_tokens(ids) passed in gives what the ids give
 
 
 def test_transformers_5_numerics_without_decoder_scale(tmp_path):

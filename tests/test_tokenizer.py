@@ -2,6 +2,7 @@
 
 import json
 import random
+import warnings
 
 import chitchat_dataset
 import numpy as np
@@ -204,7 +205,7 @@ def test_one_pass_pre_tokenizer_matches_reference_rules(text):
 def test_decode_matches_transformers(ours, hf, utterances, skip, clean):
     rng = random.Random(1)
     batches = [ours.encode(t) for t in utterances[:300] + ADVERSARIAL]
-    batches += [[rng.randrange(-2, len(ours) + 5) for _ in range(rng.randrange(12))] for _ in range(200)]
+    batches += [[rng.randrange(len(ours)) for _ in range(rng.randrange(12))] for _ in range(200)]
     batches += [[1, 5, 2, 0, 0], [3, 3], [2], []]
     for ids in batches:
         assert ours.decode(ids, skip, clean) == hf.decode(ids, skip_special_tokens=skip,
@@ -222,6 +223,27 @@ def test_decode_accepts_ints_and_arrays(ours, hf):
     tokens = hf.convert_ids_to_tokens(ids) + ["__END__", "nope@@", "__null__"]
     assert ours.convert_tokens_to_ids(tokens) == hf.convert_tokens_to_ids(tokens)
     assert ours.batch_decode(ids) == hf.batch_decode(ids)
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    ([5, -1], ValueError, "token id -1 at position 1 is not in the vocabulary"),
+    ([6000], ValueError, "token id 6000 at position 0 is not in the vocabulary"),
+    ([5, -100], ValueError, "token id -100 at position 1 is not in the vocabulary .*skip_special_tokens=True"),
+    ([5, 6.7], TypeError, "token id at position 1 is 6.7, not an integer"),
+    (np.array([5.0, 6.0]), TypeError, "token id at position 0 is 5.0, not an integer"),
+    (6.7, TypeError, "token id is 6.7, not an integer"),
+    ([[5, 6], [7, -3]], ValueError, "token id -3 at position 1"),
+])
+def test_decode_refuses_ids_outside_the_vocabulary_and_non_integers(ours, ids, error, message):
+    with pytest.raises(error, match=message):
+        ours.decode(ids)
+
+
+def test_label_padding_is_dropped_with_skip_special_tokens(ours, hf):
+    ids = ours.encode("don't panic, it's fine!")
+    labels = ids + [2, -100, -100]
+    assert ours.decode(labels, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+    assert ours.batch_decode(np.array([labels]), skip_special_tokens=True) == [hf.decode(ids, skip_special_tokens=True)]
 
 
 # ------------------------------------------------------------------------------------------ the call surface
@@ -418,6 +440,40 @@ def test_malformed_vocab_names_file(tmp_path, vocab_text, line):
     where = rf"vocab\.json, line {line}:" if line else r"vocab\.json"
     with pytest.raises(ValueError, match=where):
         BlenderbotSmallTokenizer(tmp_path / "vocab.json", tmp_path / "merges.txt")
+
+
+@pytest.mark.parametrize("vocab_text, message", [
+    ('{"__null__": 0, "__start__": 1, "__end__": 2, "__unk__": 3, "hello": 5, "how": 5, "are": 6, "you": 6}',
+     r"vocab\.json: 2 ids are given to several tokens \(5: 'hello', 'how'; 6: 'are', 'you'\)"),
+    ('{"__unk__": 0, "a": 1,\n "a": 2}', r"vocab\.json: token 'a' appears twice \(ids 1 and 2\)"),
+    ('{"__unk__": 0,\n "x\\ud800": 1}', r"vocab\.json, line 2: token 'x\\ud800' holds a lone surrogate"),
+])
+def test_ambiguous_vocab_is_refused_naming_the_ids(tmp_path, vocab_text, message):
+    write_files(tmp_path, [], [])
+    (tmp_path / "vocab.json").write_text(vocab_text)
+    with pytest.raises(ValueError, match=message):
+        BlenderbotSmallTokenizer(tmp_path / "vocab.json", tmp_path / "merges.txt")
+
+
+def test_merges_cut_short_warn_with_the_count(trained_dir, tmp_path):
+    lines = (trained_dir / "merges.txt").read_text(encoding="utf-8").split("\n")
+    for name in ("vocab.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).write_bytes((trained_dir / name).read_bytes())
+    (tmp_path / "tiny").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the whole file and transformers' test vocabulary make every token
+        BlenderbotSmallTokenizer.from_pretrained(trained_dir)
+        BlenderbotSmallTokenizer(*write_files(tmp_path / "tiny", TINY_VOCAB, TINY_MERGES))
+    half = len(lines) // 2
+    (tmp_path / "merges.txt").write_text("\n".join(lines[:half]) + "\n", encoding="utf-8")
+    kept = {"".join(line.split()) for line in lines[1:half] if line}
+    dropped = {"".join(line.split()) for line in lines[half:] if line} - kept
+    vocab = json.loads((trained_dir / "vocab.json").read_text(encoding="utf-8"))
+    expected = sum(token[:-2] in dropped if token.endswith("@@") else token + "</w>" in dropped for token in vocab)
+    assert expected > 1000
+    with pytest.warns(UserWarning, match=rf"merges\.txt: {expected} of the {len(vocab)} tokens of .*vocab\.json "
+                                         "cannot be made by any merge"):
+        BlenderbotSmallTokenizer.from_pretrained(tmp_path)
 
 
 def test_unavailable_hub_id_gives_clear_error():

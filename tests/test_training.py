@@ -22,7 +22,7 @@ from bbsmall_jax.checkpoint.names import flax_to_hf
 from bbsmall_jax.train.config import ConfigError
 from bbsmall_jax.nn.model import build_module
 from bbsmall_jax.train.checkpoints import CheckpointStore
-from bbsmall_jax.train.loop import DivergedError, train
+from bbsmall_jax.train.loop import DivergedError, TrainingError, train
 from bbsmall_jax.train.sharding import make_mesh
 from bbsmall_jax.train.steps import (abstract_state, learning_rate_schedule, loss_sum, make_optimizer, make_train_step,
                                      zero_frozen)
@@ -134,6 +134,56 @@ def test_resume_is_exact_after_a_kill(one_device_run, tmp_path):
     with pytest.raises(ConfigError, match="total_schedule_steps.*set decay_steps"):
         train(cfg.replace(max_steps=20, decay_steps=0), str(run), datasets, model_config)
     assert train(cfg.replace(max_steps=8), str(run), datasets, model_config).step == 8  # training on
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """Output directory of the shared job stopped after step 4 (checkpoints of steps 3 and 4)."""
+    cfg, datasets, model_config = shared_job()
+    directory = tmp_path_factory.mktemp("four_steps")
+    train(cfg.replace(max_steps=4), str(directory), datasets, model_config)
+    return directory
+
+
+def _truncate_largest_ocdbt_file(step_dir):
+    data_files = [os.path.join(d, f) for d, _, files in os.walk(step_dir / "state") for f in files
+                  if os.sep + "d" + os.sep in os.path.join(d, f)]
+    largest = max(data_files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_truncate_largest_ocdbt_file, "error while reading array"),
+    (lambda step_dir: (step_dir / "meta" / "metadata").write_text('{"step": 4, "epo'), "JSONDecodeError"),
+])
+def test_corrupt_latest_checkpoint_warns_and_resumes_from_the_one_before(four_steps, one_device_run, tmp_path,
+                                                                         capsys, damage, reason):
+    cfg, datasets, model_config = shared_job()
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    damage(run / "checkpoints" / "4")
+    capsys.readouterr()
+    assert train(cfg, str(run), datasets, model_config).step == 6
+    err = capsys.readouterr().err
+    assert f"warning: the checkpoint of step 4 in {run / 'checkpoints'} cannot be restored" in err
+    assert reason in err and "resuming from the checkpoint of step 3" in err
+    assert "Traceback" not in err
+    assert (run / "corrupt_checkpoints" / "4").is_dir()  # kept for inspection, out of the way of the new step 4
+    expected, resumed = read_metrics(one_device_run), read_metrics(run)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in expected], rtol=1e-6, atol=1e-7)
+
+
+def test_no_restorable_checkpoint_is_an_error_naming_them(four_steps, tmp_path):
+    cfg, datasets, model_config = shared_job()
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    for step in (3, 4):
+        (run / "checkpoints" / str(step) / "meta" / "metadata").write_text("[")
+    with pytest.raises(TrainingError, match=r"none of the checkpoints in .*checkpoints can be restored \(steps 4, 3;"):
+        train(cfg, str(run), datasets, model_config)
+    assert sorted(os.listdir(run / "checkpoints")) == ["3", "4"]  # nothing moved or deleted
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from bbsmall_jax.cli.train import EXIT_USAGE, main
-from bbsmall_jax.train.config import ConfigError, load_config
+from bbsmall_jax.train.config import ConfigError, load_config, parse_override
 from bbsmall_jax.train.checkpoints import CheckpointStore
 from bbsmall_jax.testing.training import read_metrics, use_compile_cache
 
@@ -27,6 +27,26 @@ def test_shipped_configs_load():
 def test_overrides():
     cfg = load_config(TINY, {"learning_rate": 1, "model.dropout": 0.0, "buckets": [[64, 32]]})
     assert cfg.learning_rate == 1.0 and cfg.model["dropout"] == 0.0 and cfg.bucket_shapes == ((64, 32),)
+
+
+def test_numbers_without_a_dot_are_numbers(tmp_path):
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e6\nadam_eps: 1E-8\nmax_steps: 1e3\nmodel:\n  init_std: 2e-2\n")
+    overrides = dict(map(parse_override, ["weight_decay=1e-2", "warmup_steps=1e1", "model.dropout=-0e0"]))
+    cfg = load_config(tmp_path / "c.yaml", overrides)
+    assert (cfg.learning_rate, cfg.adam_eps, cfg.max_steps, cfg.weight_decay, cfg.warmup_steps) == (1e6, 1e-8, 1000,
+                                                                                                   0.01, 10)
+    assert type(cfg.max_steps) is int and cfg.model == {"init_std": 0.02, "dropout": 0.0}
+    assert parse_override("data=1e6.jsonl") == ("data", "1e6.jsonl")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["learning_rate=.nan"], "learning_rate must be a finite non-negative number, got nan"),
+    (["learning_rate=-1e-3"], "learning_rate must be a finite non-negative number, got -0.001"),
+    (["max_steps=2.5e0"], "max_steps must be a positive integer, got 2.5"),
+])
+def test_bad_numbers_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, dict(map(parse_override, overrides)))
 
 
 @pytest.mark.parametrize("overrides, message", [

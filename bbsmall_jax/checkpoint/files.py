@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from bbsmall_jax.atomic import atomic_file
 from bbsmall_jax.checkpoint.names import flax_msgpack_to_state_dict
 
 SAFETENSORS = "model.safetensors"
@@ -93,8 +94,7 @@ def save_safetensors(state_dict: dict[str, np.ndarray], directory: str) -> str:
 
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, SAFETENSORS)
-    tmp = path + ".tmp"
-    save_file(state_dict, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(state_dict, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)
     return path

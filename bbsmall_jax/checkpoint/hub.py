@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+# The files of a model repository that loading needs: configs, weights in every supported format, tokenizer.
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.bin", "*.msgpack", "*.txt")
+
 
 class ModelNotFoundError(OSError):
     """A model directory, file or hub id could not be resolved to local files."""
@@ -14,7 +17,7 @@ def _looks_like_hub_id(name: str) -> bool:
     return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
 
 
-def resolve_directory(path_or_hub_id: str | os.PathLike, allow_patterns: list[str] | None = None) -> str:
+def resolve_directory(path_or_hub_id: str | os.PathLike, allow_patterns=HUB_PATTERNS) -> str:
     """A local directory as is, or a hub id downloaded (or found in the cache) with huggingface_hub."""
     name = os.fspath(path_or_hub_id)
     if os.path.isdir(name):
@@ -26,7 +29,7 @@ def resolve_directory(path_or_hub_id: str | os.PathLike, allow_patterns: list[st
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(name, allow_patterns=allow_patterns)
+        return snapshot_download(name, allow_patterns=list(allow_patterns))
     except Exception as err:  # huggingface_hub raises many types: offline, 404, gated, ...
         raise ModelNotFoundError(
             f"could not fetch {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "

@@ -97,6 +97,17 @@ def _get(tree: dict, path: tuple[str, ...]):
     return tree
 
 
+def _bad_values(value: np.ndarray) -> str:
+    """What makes a weight unusable (not floating point, NaN or infinite values), or "" when it is fine."""
+    if "float" not in value.dtype.name:  # float16/32/64, bfloat16 and float8 types
+        return f"has dtype {value.dtype}, expected a floating-point type"
+    finite = np.isfinite(value)
+    if finite.all():
+        return ""
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    return f"holds {int((~finite).sum())} NaN or infinite values (the first at index {first})"
+
+
 def hf_to_flax(state_dict: dict[str, np.ndarray], config: BlenderbotSmallConfig, head: str,
                expected: dict[tuple[str, ...], tuple[int, ...]], dtype=np.float32) -> dict:
     """HF state dict -> Flax params of the head's module, whose param shapes by path are `expected`.
@@ -132,6 +143,10 @@ def hf_to_flax(state_dict: dict[str, np.ndarray], config: BlenderbotSmallConfig,
             problems.append(f"tensor {name} has shape {tensors[name].shape}, expected "
                             f"{expected[path][::-1] if transpose else expected[path]}")
             continue
+        bad_values = _bad_values(tensors[name])  # indices as the checkpoint stores the tensor
+        if bad_values:
+            problems.append(f"tensor {name} {bad_values}")
+            continue
         _set(params, path, np.asarray(value, dtype=dtype))
     for alias in _TIED_ALIASES:
         if alias in tensors and tensors[alias] is not tensors.get("shared.weight") and not problems:
@@ -139,7 +154,7 @@ def hf_to_flax(state_dict: dict[str, np.ndarray], config: BlenderbotSmallConfig,
                     tensors[alias], tensors["shared.weight"]):
                 logger.warning("tied tensor %s differs from shared.weight; shared.weight is used", alias)
     if problems:
-        raise ValueError(f"checkpoint does not match a {head} model of this config:\n  "
+        raise ValueError(f"checkpoint cannot be loaded as a {head} model of this config:\n  "
                          + "\n  ".join(problems))
     return params
 

@@ -34,7 +34,7 @@ def model_class_for(config: BlenderbotSmallConfig):
 
 def convert(source: str, output: str, dtype: str = "float32") -> str:
     """Convert `source` (directory, hub id; safetensors, pytorch_model.bin or flax_model.msgpack) into `output`."""
-    directory = resolve_directory(source, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.msgpack", "*.txt"])
+    directory = resolve_directory(source)
     config = BlenderbotSmallConfig.from_pretrained(directory)
     cls = model_class_for(config)
     model = cls.from_pretrained(directory, param_dtype=dtype)

@@ -16,10 +16,20 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="model directory (ours or transformers') or hub id such as "
                              "facebook/blenderbot_small-90M; default: the embedded demo model")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    parser.add_argument("--turn-separator", choices=("newline", "end-start"), default="newline",
+    parser.add_argument("--turn-separator", type=_separator, default="newline", metavar="{newline,end_start}",
                         help="how turns are joined: a newline (ParlAI, default) or '__end__ __start__'")
     parser.add_argument("--max-context", type=int, default=None,
-                        help="context tokens kept (oldest turns dropped first); default: the model's limit")
+                        help="context tokens kept (oldest turns dropped first), at most the model's "
+                             "positions; default: all of them")
+
+
+def _separator(value: str) -> str:
+    from bbsmall_jax.records import separator_name
+
+    try:
+        return separator_name(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,11 +61,12 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 def _responder(args: argparse.Namespace):
     from bbsmall_jax.cli.responder import Responder, enable_compilation_cache, load_chat_model
 
+    from bbsmall_jax.records import SEPARATORS
+
     kwargs = generation_kwargs(args)  # flag errors before the (slower) model load
     enable_compilation_cache()
     model, tokenizer = load_chat_model(args.model, args.dtype)
-    separator = "\n" if args.turn_separator == "newline" else "__end__ __start__"
-    return Responder(model, tokenizer, kwargs, args.max_context, separator)
+    return Responder(model, tokenizer, kwargs, args.max_context, SEPARATORS[args.turn_separator])
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -73,13 +84,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from bbsmall_jax.cli.batch import run_batch
 
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
+    for flag in ("batch_size", "window"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.resume and args.overwrite:
+        raise ValueError("pass --resume or --overwrite, not both")
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"{args.input}: no such input file")
     summary = run_batch(_responder(args), args.input, args.output, batch_size=args.batch_size,
                         resume=args.resume, overwrite=args.overwrite, on_error=args.on_error,
-                        show_progress=not args.quiet)
+                        window=args.window, show_progress=not args.quiet)
     if args.summary_json:
         print(json.dumps(summary))
     return 0
@@ -114,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--input", required=True, help='JSONL, one {"context": [...]} or {"text": ...} per line')
     generate.add_argument("--output", required=True, help='JSONL written in input order, "reply" added')
     generate.add_argument("--batch-size", type=int, default=32)
-    generate.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    generate.add_argument("--window", type=int, default=512,
+                          help="input lines sorted by length and committed together (default 512): a kill "
+                               "loses at most one window")
+    generate.add_argument("--resume", action="store_true",
+                          help="continue an interrupted run (checked against OUTPUT.progress.json)")
     generate.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     generate.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                           help="a malformed line is reported and skipped (default) or stops the run")

@@ -33,8 +33,7 @@ def enable_compilation_cache(directory: Optional[str] = None) -> str:
 
 def load_chat_model(name: Optional[str] = None, dtype: str = "float32"):
     """(model, tokenizer) from a local directory, a hub id, or the embedded demo model when `name` is None."""
-    directory = DEMO_MODEL_DIR if name is None else resolve_directory(
-        name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.msgpack", "*.txt"])
+    directory = DEMO_MODEL_DIR if name is None else resolve_directory(name)
     if not os.path.isfile(os.path.join(directory, "vocab.json")):
         raise FileNotFoundError(f"{name or directory} has no tokenizer files (vocab.json, merges.txt)")
     model = BlenderbotSmallForConditionalGeneration.from_pretrained(directory, dtype=dtype)
@@ -49,7 +48,11 @@ class Responder:
         self.model, self.tokenizer = model, tokenizer
         self.generation_kwargs = dict(generation_kwargs or {})
         limit = model.config.max_position_embeddings
-        self.max_context_tokens = min(max_context_tokens or limit, limit)
+        if max_context_tokens is not None and (isinstance(max_context_tokens, bool) or not isinstance(
+                max_context_tokens, int) or not 1 <= max_context_tokens <= limit):
+            raise ValueError(f"the context limit (--max-context, max_context_tokens) must be an integer in "
+                             f"[1, {limit}], the model's positions; got {max_context_tokens!r}")
+        self.max_context_tokens = limit if max_context_tokens is None else max_context_tokens
         self.turn_separator = turn_separator
 
     def context_ids(self, turns: Sequence[str]) -> list[int]:

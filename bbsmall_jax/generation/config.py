@@ -17,13 +17,16 @@ GLOBAL_DEFAULTS = dict(
     encoder_no_repeat_ngram_size=0, num_return_sequences=1, output_scores=False, return_dict_in_generate=False,
     use_cache=True)
 
-# Generation options transformers has that this implementation does not: asking for one is an error.
-UNSUPPORTED = ("typical_p", "epsilon_cutoff", "eta_cutoff", "min_p", "top_h", "diversity_penalty",
-               "num_beam_groups", "penalty_alpha", "constraints", "force_words_ids", "sequence_bias",
-               "suppress_tokens", "begin_suppress_tokens", "encoder_repetition_penalty", "guidance_scale",
-               "exponential_decay_length_penalty", "renormalize_logits", "remove_invalid_values",
-               "prompt_lookup_num_tokens", "max_time", "stop_strings", "watermarking_config", "dola_layers",
-               "output_attentions", "output_hidden_states", "output_logits", "low_memory", "token_healing")
+# Generation options transformers has that this implementation does not, with the default that leaves
+# generation unchanged (transformers 4.x writes these into generation_config.json; 5.x leaves them None).
+# Any other value is an error.
+UNSUPPORTED = dict(
+    typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=None, top_h=None, diversity_penalty=0.0,
+    num_beam_groups=1, penalty_alpha=None, constraints=None, force_words_ids=None, sequence_bias=None,
+    suppress_tokens=None, begin_suppress_tokens=None, encoder_repetition_penalty=1.0, guidance_scale=None,
+    exponential_decay_length_penalty=None, renormalize_logits=False, remove_invalid_values=False,
+    prompt_lookup_num_tokens=None, max_time=None, stop_strings=None, watermarking_config=None, dola_layers=None,
+    output_attentions=False, output_hidden_states=False, output_logits=None, low_memory=None, token_healing=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,10 +62,17 @@ def buffer_length(max_length: int, cap: int) -> int:
     return max(max_length, min(-(-max_length // MIN_BUCKET) * MIN_BUCKET, cap))
 
 
-def neutral(value) -> bool:
-    """Whether an unsupported option's value leaves generation unchanged (transformers' defaults)."""
-    return value is None or value is False or (isinstance(value, (int, float)) and value in (0, 1)) \
-        or (isinstance(value, (list, dict)) and not value)
+def neutral(value, option: Optional[str] = None) -> bool:
+    """Whether an unsupported option's value leaves generation unchanged: None, or the option's transformers
+    default in `UNSUPPORTED` (True is not 1 and 0.0 is not False here); without the option's name only None."""
+    if value is None:
+        return True
+    default = UNSUPPORTED.get(option)
+    if isinstance(default, bool):
+        return value is default
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == default
+    return False
 
 
 def token_ids(value, name: str, vocab_size: int) -> tuple[int, ...]:
@@ -126,7 +133,7 @@ def validate(cfg: GenerationConfig, vocab_size: int) -> None:
         for word in words:
             token_ids(word, "bad_words_ids", vocab_size)
     for key, value in cfg.extra.items():
-        if key in UNSUPPORTED and not neutral(value):
+        if key in UNSUPPORTED and not neutral(value, key):
             raise ValueError(f"generation option {key}={value!r} is not supported by this implementation")
 
 
@@ -167,6 +174,10 @@ def _lengths(cfg: GenerationConfig, default_max_length: bool, prompt_length: int
     if max_length > max_positions:
         raise ValueError(f"max_length {max_length} exceeds max_position_embeddings={max_positions}: the "
                          "decoder has no positions beyond it")
+    if min_length > max_length:
+        raise ValueError(f"min_length ({min_length}) is larger than max_length ({max_length}): no sequence can "
+                         "satisfy both; lower min_length (the model's generation config may set it) or raise "
+                         "max_length")
     if prompt_length >= max_length:
         name = "the decoder start token" if seq2seq else "input_ids"
         raise ValueError(f"{name} has length {prompt_length}, but max_length is {max_length}; "

@@ -9,6 +9,8 @@ import math
 import os
 from typing import Any, Union
 
+from bbsmall_jax.atomic import write_atomic
+
 logger = logging.getLogger(__name__)
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh", "sigmoid")
@@ -34,13 +36,9 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_json_file(directory: str | os.PathLike, filename: str, data: dict[str, Any]) -> str:
-    """Write `data` as indented, key-sorted JSON to `directory/filename`; returns the path."""
+    """Write `data` as indented, key-sorted JSON to `directory/filename` (atomically); returns the path."""
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, filename)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return path
+    return write_atomic(os.path.join(directory, filename), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)

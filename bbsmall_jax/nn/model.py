@@ -155,7 +155,9 @@ class Decoder(_Stack):
                  output_attentions: bool = False) -> DecoderOutput:
         c = self.config
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids) * c.decoder_embed_scale
+            inputs_embeds = self.embed_tokens(input_ids)
+        # As transformers 4.46-4.52: the scale applies after choosing, so embeddings passed in are scaled too.
+        inputs_embeds = inputs_embeds * c.decoder_embed_scale
         length = inputs_embeds.shape[1]
         offset = 0 if cache is None else cache.index
         positions = jax.lax.dynamic_slice_in_dim(self.embed_positions.embedding, offset, length)

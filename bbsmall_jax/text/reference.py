@@ -57,20 +57,47 @@ class AddedToken:
         }
 
 
+class _Pairs(list):
+    """A JSON object's (key, value) pairs in file order, duplicates kept."""
+
+
+def _line_of(text: str, token: str) -> int:
+    return text[: text.find(json.dumps(token, ensure_ascii=False))].count("\n") + 1
+
+
 def read_vocab(path: str) -> dict[str, int]:
-    """Read vocab.json, raising ValueError that names the file (and line) when it is malformed."""
+    """Read vocab.json, raising ValueError that names the file (and line) when it is malformed.
+
+    Each token must appear once, with its own integer id >= 0, and be text (no lone surrogate).
+    """
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
-        vocab = json.loads(text)
+        pairs = json.loads(text, object_pairs_hook=_Pairs)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(vocab, dict):
-        raise ValueError(f"{path}: expected a JSON object mapping tokens to ids, got {type(vocab).__name__}")
-    for token, index in vocab.items():
+    if not isinstance(pairs, _Pairs):
+        raise ValueError(f"{path}: expected a JSON object mapping tokens to ids, got {type(pairs).__name__}")
+    vocab: dict[str, int] = {}
+    for token, index in pairs:
         if type(index) is not int or index < 0:
-            line = text[: text.find(json.dumps(token, ensure_ascii=False))].count("\n") + 1
-            raise ValueError(f"{path}, line {line}: id of {token!r} is {index!r}, expected an integer >= 0")
+            raise ValueError(f"{path}, line {_line_of(text, token)}: id of {token!r} is {index!r}, "
+                             "expected an integer >= 0")
+        if token in vocab:
+            raise ValueError(f"{path}: token {token!r} appears twice (ids {vocab[token]} and {index})")
+        if SURROGATE.search(token):
+            raise ValueError(f"{path}, line {_line_of(text, token)}: token {token!r} holds a lone surrogate, "
+                             "which is not text")
+        vocab[token] = index
+    shared: dict[int, list[str]] = {}
+    for token, index in vocab.items():
+        shared.setdefault(index, []).append(token)
+    repeated = {index: tokens for index, tokens in shared.items() if len(tokens) > 1}
+    if repeated:
+        listed = "; ".join(f"{index}: {', '.join(map(repr, tokens[:3]))}" for index, tokens in
+                           sorted(repeated.items())[:5])
+        raise ValueError(f"{path}: {len(repeated)} ids are given to several tokens ({listed}); "
+                         "each token needs its own id")
     return vocab
 
 
@@ -150,6 +177,13 @@ def bpe_symbols(piece: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 def symbol_token(symbol: str) -> str:
     """vocab.json string of a symbol ending a piece (`</w>` dropped) or, without `</w>`, continuing one (`@@`)."""
     return symbol[: -len(END_OF_WORD)] if symbol.endswith(END_OF_WORD) else symbol + CONTINUATION
+
+
+def token_symbol(token: str) -> str:
+    """The BPE symbol a vocab.json string stands for: `x@@` is `x` inside a piece, `x` is `x</w>` ending one."""
+    if token.endswith(CONTINUATION) and len(token) > len(CONTINUATION):
+        return token[: -len(CONTINUATION)]
+    return token + END_OF_WORD
 
 
 def symbols_to_tokens(symbols: list[str]) -> list[str]:

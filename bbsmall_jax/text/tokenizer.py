@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
+from bbsmall_jax.atomic import write_atomic
 from bbsmall_jax.text import batching
 from bbsmall_jax.text import reference as ref
 from bbsmall_jax.text.reference import AddedToken
@@ -14,6 +16,7 @@ from bbsmall_jax.text.word_encoder import WordEncoder, gc_paused
 _CONFIG_KEYS = ref.SPECIAL_NAMES + ("extra_special_tokens", "additional_special_tokens", "added_tokens_decoder",
                                  "model_max_length", "clean_up_tokenization_spaces", "padding_side", "truncation_side")
 _LARGE_INTEGER = int(1e20)  # transformers reads a larger model_max_length as "no limit"
+LABEL_PADDING = -100  # transformers' ignored label id; `decode(..., skip_special_tokens=True)` drops it
 _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
@@ -44,6 +47,7 @@ class BlenderbotSmallTokenizer:
         unk_id = self.encoder.get(self.unk_token, self._added_ids[self.unk_token])
         self._reference = ref.ReferenceTokenizer(self.encoder, self.bpe_ranks, self._added, self._added_ids, unk_id)
         self._check_merges(merges, merge_lines, vocab_file, merges_file)
+        self._check_coverage(merges, vocab_file, merges_file)
 
         self._words = WordEncoder(self._reference, self.bpe_ranks, self._added, self._added_ids, self.encoder, unk_id,
                                   cache_size)
@@ -82,6 +86,21 @@ class BlenderbotSmallTokenizer:
                 raise ValueError(f"{merges_file}, line {line}: merge {a!r} + {b!r} makes token {token!r}, "
                                  f"which {vocab_file} does not contain (vocab and merges disagree)")
 
+    def _check_coverage(self, merges, vocab_file, merges_file) -> None:
+        """Warn when vocab.json holds tokens that no merge makes: merges.txt is cut short or from another vocabulary.
+
+        Symbols of one character need no merge; added tokens are matched before BPE.
+        """
+        made = {a + b for a, b in merges}
+        symbols = {token: ref.token_symbol(token) for token in self.encoder if token not in self._added_ids}
+        unreachable = [token for token, symbol in symbols.items()
+                       if len(symbol.removesuffix(ref.END_OF_WORD)) > 1 and symbol not in made]
+        if unreachable:
+            warnings.warn(f"{merges_file}: {len(unreachable)} of the {len(self.encoder)} tokens of {vocab_file} "
+                          f"cannot be made by any merge (such as {unreachable[0]!r}): merges.txt may be cut short "
+                          "or belong to another vocabulary, and text will not tokenize as the model was trained",
+                          UserWarning, stacklevel=3)
+
     # ----------------------------------------------------------------------------------------------- files
 
     @classmethod
@@ -111,10 +130,7 @@ class BlenderbotSmallTokenizer:
         merges = "".join(f"{a} {b}\n" for a, b in sorted(self.bpe_ranks, key=self.bpe_ranks.get))
         contents = {ref.VOCAB_FILE: ref.to_json(self.encoder), ref.MERGES_FILE: "#version: 0.2\n" + merges,
                     ref.CONFIG_FILE: ref.to_json(config), ref.SPECIAL_TOKENS_FILE: ref.to_json(special)}
-        for name, text in contents.items():
-            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        return tuple(os.path.join(directory, name) for name in contents)
+        return tuple(write_atomic(os.path.join(directory, name), text) for name, text in contents.items())
 
     # ------------------------------------------------------------------------------------------ public calls
 
@@ -188,7 +204,12 @@ class BlenderbotSmallTokenizer:
     # -------------------------------------------------------------------------------------------- decoding
 
     def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
-        """Text of ids (a list of texts for a batch of sequences), joined and cleaned up as transformers does."""
+        """Text of ids (a list of texts for a batch of sequences), joined and cleaned up as transformers does.
+
+        Unlike transformers, an id outside the vocabulary (-1, -100, vocab size) is a ValueError and a
+        value that is not an integer (6.7) a TypeError, instead of `__unk__` or a silent `int()`;
+        `skip_special_tokens=True` also drops -100, transformers' label padding.
+        """
         token_ids = token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids
         if isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple)):
             return [self.decode(seq, skip_special_tokens, clean_up_tokenization_spaces) for seq in token_ids]
@@ -207,12 +228,30 @@ class BlenderbotSmallTokenizer:
         return [self.decode(seq, skip_special_tokens, clean_up_tokenization_spaces) for seq in sequences]
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
-        """Token string of an id, or of each id in a list (special ones dropped if asked; a lone id never is)."""
-        if isinstance(ids, (int, np.integer)):
-            return self._added_decoder.get(int(ids)) or self.decoder.get(int(ids), self.unk_token)
-        skip = set(self.all_special_ids) if skip_special_tokens else ()
-        added, decoder, unk = self._added_decoder, self.decoder, self.unk_token
-        return [added[i] if i in added else decoder.get(i, unk) for i in map(int, ids) if i not in skip]
+        """Token string of an id, or of each id in a list (special ones dropped if asked; a lone id never is).
+
+        An id that is not an integer, or not in the vocabulary, raises naming it; with `skip_special_tokens`
+        the label padding -100 is dropped like the special tokens.
+        """
+        if not isinstance(ids, (list, tuple)):
+            return self._token_of(_as_id(ids, None), None)
+        skip = set(self.all_special_ids) | {LABEL_PADDING} if skip_special_tokens else ()
+        tokens = []
+        for position, index in enumerate(ids):
+            index = _as_id(index, position)
+            if index not in skip:
+                tokens.append(self._token_of(index, position))
+        return tokens
+
+    def _token_of(self, index: int, position) -> str:
+        """The token of one id; ValueError naming the id (and its position in a sequence) outside the vocabulary."""
+        token = self._added_decoder.get(index) or self.decoder.get(index)
+        if token is None:
+            where = "" if position is None else f" at position {position}"
+            hint = " (-100 is label padding: decode with skip_special_tokens=True to drop it)" \
+                if index == LABEL_PADDING else ""
+            raise ValueError(f"token id {index}{where} is not in the vocabulary{hint}")
+        return token
 
     def convert_tokens_to_ids(self, tokens):
         """Id of a token string, or of each one in a list."""
@@ -248,6 +287,14 @@ class BlenderbotSmallTokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, merges={len(self.bpe_ranks)})"
+
+
+def _as_id(index, position) -> int:
+    """An id as a Python int; TypeError naming a value that is not an integer."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        where = "" if position is None else f" at position {position}"
+        raise TypeError(f"token id{where} is {index!r}, not an integer")
+    return int(index)
 
 
 def _download(repo_id: str) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Optional
+import shutil
+from typing import Callable, Optional
 
 import orbax.checkpoint as ocp
 
+from bbsmall_jax.atomic import write_atomic
 from bbsmall_jax.train.config import ConfigError, TrainConfig
 from bbsmall_jax.train.steps import State
 
@@ -28,12 +30,70 @@ class CheckpointStore:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The saved steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
     def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or not all(type(meta.get(k)) is int for k in ("step", "epoch", "index")):
+            raise ValueError(f"its metadata is not a mapping with integer step, epoch and index: {str(meta)[:80]}")
+        return meta
+
+    def newest_meta(self) -> Optional[dict]:
+        """The metadata of the newest checkpoint whose metadata reads (None without any)."""
+        for step in self.steps():
+            try:
+                return self.read_meta(step)
+            except Exception:  # noqa: BLE001 - `restore_newest` reports it
+                continue
+        return None
 
     def restore(self, step: int, abstract_state) -> State:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
+
+    def restore_newest(self, abstract_state, check: Callable[[dict], None], warn: Callable[[str], None],
+                       is_main: bool) -> tuple[Optional[tuple[int, State, dict]], list[int]]:
+        """((step, state, metadata) of the newest checkpoint that restores or None, the steps that did not).
+
+        `check` vets each checkpoint's metadata (its errors propagate). Each checkpoint that fails to
+        restore is named in a warning and, once an older one restored, moved (by the main process) to
+        OUTPUT/corrupt_checkpoints/, so that training on can save its step again (`reload` afterwards).
+        """
+        failed = []
+        for step in self.steps():
+            try:
+                meta = self.read_meta(step)
+            except Exception as err:  # noqa: BLE001 - orbax, tensorstore and json raise many types
+                failed.append(self._report(step, err, warn))
+                continue
+            check(meta)
+            try:
+                state = self.restore(step, abstract_state)
+            except Exception as err:  # noqa: BLE001
+                failed.append(self._report(step, err, warn))
+                continue
+            if failed and is_main:
+                self._set_aside(failed, warn)
+            return (step, state, meta), failed
+        return None, failed
+
+    def _report(self, step: int, err: Exception, warn: Callable[[str], None]) -> int:
+        reason = (str(err).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0][:300]
+        warn(f"warning: the checkpoint of step {step} in {self.directory} cannot be restored "
+             f"({type(err).__name__}: {reason}); trying the one before it")
+        return step
+
+    def _set_aside(self, steps: list[int], warn: Callable[[str], None]) -> None:
+        aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        for step in steps:
+            target = os.path.join(aside, str(step))
+            while os.path.exists(target):
+                target += "_again"
+            shutil.move(os.path.join(self.directory, str(step)), target)
+            warn(f"moved the unusable checkpoint of step {step} to {target}")
 
     def save(self, step: int, state: State, meta: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -79,9 +139,7 @@ class MetricsLog:
                         continue  # a line cut by a kill
                     if isinstance(record, dict) and record.get("step", math.inf) <= resume_step:
                         kept.append(line if line.endswith("\n") else line + "\n")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, "".join(kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 from typing import Any, Optional
 
 import yaml
 
+from bbsmall_jax.atomic import write_atomic
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
+from bbsmall_jax.records import SEPARATORS
 
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "dots", "full")
-SEPARATORS = ("newline", "end_start")
 # Fields that may change when a run resumes: they do not alter the trajectory of the params.
 RESUMABLE_FIELDS = ("max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every",
                     "eval_batches", "progress", "prefetch")
@@ -90,7 +93,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "adam_eps"):
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be a finite non-negative number, got {getattr(self, name)!r}")
         for name in ("valid_fraction", "label_smoothing", "adam_b1", "adam_b2"):
             if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -163,21 +166,34 @@ class TrainConfig:
 
     def save_yaml(self, path: str | os.PathLike) -> None:
         """Write the config as YAML (atomically)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading `1e6` and `3E-4` as floats (YAML 1.1 wants a dot; 1.2 and Python do not)."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def read_yaml(text_or_stream):
+    """YAML with numbers read as numbers, whether or not they have a dot."""
+    return yaml.load(text_or_stream, Loader=_YamlLoader)
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _coerce(name: str, value):
-    """YAML gives ints where floats are meant (`learning_rate: 1`); accept those."""
+    """Numbers as the field's type: an int where a float is meant (`learning_rate: 1`), a whole float for an int."""
     field_type = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
     if field_type == "float" and _is_number(value):
         return float(value)
+    if field_type == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
     if field_type == "Optional[str]" and value is not None and not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {value!r}")
     return value
@@ -209,7 +225,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
     return key, value
@@ -226,7 +242,7 @@ def load_config(path: Optional[str | os.PathLike], overrides: Optional[dict[str,
         source = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
+                data = read_yaml(f) or {}
         except OSError as err:
             raise ConfigError(f"cannot read config file {source}: {err.strerror or err}") from None
         except yaml.YAMLError as err:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import queue
 import threading
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+
+from bbsmall_jax.records import SEPARATORS, RecordError, read_records
 
 
 class DataError(ValueError):
@@ -27,49 +28,18 @@ class Example:
 
 # ---- sources ----
 
-def _example_from_record(record, where: str) -> Example:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "context" in record:
-        context, response = record["context"], record.get("response")
-        if isinstance(context, str):
-            context = [context]
-    elif "text" in record:
-        context, response = record["text"], record.get("labels", record.get("label"))
-        if not isinstance(context, str):
-            raise DataError(f"{where}: 'text' must be a string")
-        context = context.split("\n")  # ParlAI's format: turns joined by newlines
-        if isinstance(response, list):
-            response = response[0] if response else None
-    else:
-        raise DataError(f"{where}: a record needs 'context' and 'response', or 'text' and 'labels'")
-    if not isinstance(response, str):
-        raise DataError(f"{where}: the response/labels must be a string, got {response!r}")
-    if not isinstance(context, list) or not all(isinstance(turn, str) for turn in context):
-        raise DataError(f"{where}: 'context' must be a list of strings")
-    return Example(tuple(context), response)
-
-
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Examples of a JSONL file of `{"context": [...], "response": ...}` or `{"text": ..., "labels": ...}`."""
+    """Examples of a JSONL file of dialogue records (the rules are `bbsmall_jax.records`'), a response each."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read data file {path}: {getattr(err, 'strerror', None) or err}") from None
-    examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        examples.append(_example_from_record(record, f"{path}:{number}"))
-    if not examples:
+        records = read_records(path, need_response=True)
+    except OSError as err:
+        raise DataError(f"cannot read data file {path}: {err.strerror or err}") from None
+    except RecordError as err:
+        raise DataError(str(err)) from None
+    if not records:
         raise DataError(f"{path}: holds no examples")
-    return examples
+    return [Example(record.turns, record.response) for record in records]
 
 
 def chitchat_conversations() -> list[list[str]]:
@@ -149,9 +119,6 @@ def _ragged(rows: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
     np.cumsum(lengths, out=offsets[1:])
     flat = itertools.chain.from_iterable(itertools.chain.from_iterable(rows))
     return np.fromiter(flat, np.int32, count=int(offsets[-1])), offsets
-
-
-SEPARATORS = {"newline": "\n", "end_start": "__end__ __start__"}  # how context turns are joined
 
 
 def _left_truncated(context: Sequence[str], ids: dict, sep: str, budget: int) -> list[list[int]]:

@@ -84,6 +84,20 @@ def _raise_if_diverged(host_metrics: list[tuple[int, dict]], last_good: Optional
                                 f"{float(m['grad_norm'])}); stopping. " + _kept_message(last_good, directory))
 
 
+def _restore(store: CheckpointStore, abstract, cfg: TrainConfig, output_dir: str, is_main: bool):
+    """(step, state, metadata) of the newest checkpoint that restores; TrainingError when none does."""
+    restored, failed = store.restore_newest(abstract, lambda meta: check_compatible(meta, cfg, output_dir),
+                                            say, is_main)
+    if restored is None:
+        raise TrainingError(f"none of the checkpoints in {store.directory} can be restored (steps "
+                            f"{', '.join(map(str, failed))}; see the warnings above). Move that directory away "
+                            "to train from the start.")
+    if failed:
+        barrier("checkpoints set aside")
+        store.manager.reload()
+    return restored
+
+
 def evaluate(eval_step, params, batcher: data_lib.Batcher, max_batches: int, to_device) -> float:
     """Mean token NLL over the validation batches (all, or the first `max_batches` of a fixed order)."""
     count = len(batcher) if not max_batches else min(max_batches, len(batcher))
@@ -112,15 +126,15 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
     store = CheckpointStore(os.path.join(output_dir, "checkpoints"), cfg.keep_checkpoints)
     batches = None
     try:
-        latest = store.latest_step()
-        meta = store.read_meta(latest) if latest is not None else None
-        if meta is not None:
+        resuming = bool(store.steps())
+        meta = store.newest_meta()
+        if meta is not None:  # early, before the data is prepared; each checkpoint is checked again on restore
             check_compatible(meta, cfg, output_dir)
-        model_config = model_config or build_model_config(cfg, output_dir, latest is not None)
+        model_config = model_config or build_model_config(cfg, output_dir, resuming)
         if max(cfg.max_source_length, cfg.max_target_length) > model_config.max_position_embeddings:
             raise ConfigError(f"max_source_length/max_target_length ({cfg.max_source_length}/{cfg.max_target_length})"
                               f" exceed the model's max_position_embeddings ({model_config.max_position_embeddings})")
-        datasets = datasets or prepare_datasets(cfg, output_dir, latest is not None, model_config)
+        datasets = datasets or prepare_datasets(cfg, output_dir, resuming, model_config)
         barrier("datasets")
         if is_main:
             cfg.save_yaml(os.path.join(output_dir, "train_config.yaml"))
@@ -128,11 +142,13 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
         module = build_module(model_config, "seq2seq_lm", jnp.dtype(cfg.dtype), jnp.float32)
         optimizer, schedule = make_optimizer(cfg), learning_rate_schedule(cfg)
         abstract = abstract_state(module, optimizer, mesh, cfg.fsdp)
-        if latest is not None:
+        restored = _restore(store, abstract, cfg, output_dir, is_main) if resuming else None
+        if restored is not None:
+            latest, state, meta = restored
             say(f"resuming from the checkpoint of step {latest} in {store.directory}")
-            state = store.restore(latest, abstract)
             position = data_lib.Position(meta["epoch"], meta["index"])
         else:
+            latest = None
             if host_params is None and cfg.init is not None:
                 from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 
+from bbsmall_jax.atomic import atomic_directory, write_atomic
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.train.config import ConfigError, TrainConfig
@@ -39,9 +39,7 @@ def build_model_config(cfg: TrainConfig, output_dir: str, resuming: bool) -> Ble
     else:
         config = cfg.model_config(BlenderbotSmallConfig.from_pretrained(cfg.init))
     if jax.process_index() == 0:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps(config.to_dict(), indent=2, sort_keys=True))
     return config
 
 
@@ -64,11 +62,8 @@ def prepare_datasets(cfg: TrainConfig, output_dir: str, resuming: bool,
             say(f"training a {model_config.vocab_size}-token vocabulary on {len(order)} utterances")
             tokenizer = train_tokenizer([texts[i] for i in sorted(order)], model_config.vocab_size)
         if jax.process_index() == 0:
-            tmp = tokenizer_dir + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tokenizer.save_pretrained(tmp)
-            shutil.rmtree(tokenizer_dir, ignore_errors=True)
-            os.replace(tmp, tokenizer_dir)
+            with atomic_directory(tokenizer_dir) as tmp:
+                tokenizer.save_pretrained(tmp)
     if len(tokenizer) > model_config.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                           f"{model_config.vocab_size}")
@@ -81,11 +76,8 @@ def export(directory: str, model_config: BlenderbotSmallConfig, host_params: dic
     """Write the final model (`save_pretrained`, HF format) and tokenizer, atomically (tmp dir + rename)."""
     from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
 
-    tmp = directory + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    BlenderbotSmallForConditionalGeneration(model_config, host_params).save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    with atomic_directory(directory) as tmp:
+        BlenderbotSmallForConditionalGeneration(model_config, host_params).save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return directory
