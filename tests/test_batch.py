@@ -118,7 +118,7 @@ def _interrupted(responder, tmp_path, monkeypatch):
     (lambda p, size: dict(p, bytes=size + 10), r"records \d+ committed bytes, but .*out\.jsonl holds"),
     (lambda p, size: dict(p, bytes=size - 3), r"is not the end of a line"),
     (lambda p, size: dict(p, next_line=1), r"holds 3 committed lines, but only 0 input lines were read"),
-    (lambda p, size: dict(p, next_line=100), r"99 input lines were read, but .*in\.jsonl has 12"),
+    (lambda p, size: dict(p, next_line=100), r"input lines 1 to 99 were read, but .*in\.jsonl has 12"),
     (lambda p, size: "{not json", r"not valid JSON"),
 ])
 def test_damaged_sidecar_is_refused_and_nothing_is_touched(responder, tmp_path, monkeypatch, damage, message):

@@ -14,16 +14,19 @@ The commit protocol, which makes a kill at any moment lose at most the window in
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, Optional, TextIO
 
-from bbsmall_jax.atomic import write_atomic
+from bbsmall_jax.atomic import atomic_file, write_atomic
 from bbsmall_jax.cli.responder import Responder
 from bbsmall_jax.records import Dialogue, RecordError, decode_line, parse_record, read_lines
 
@@ -96,8 +99,8 @@ class _Output:
         return BatchError(f"{self.sidecar}: damaged progress file ({why}); {self.path} is left untouched. "
                           "Fix or delete the progress file, or pass --overwrite instead of --resume to start over")
 
-    def read_progress(self) -> Progress:
-        """The sidecar's progress, checked against the output file."""
+    def read_progress(self, first: int) -> Progress:
+        """The sidecar's progress, checked against the output file (this run reads input lines from `first`)."""
         try:
             with open(self.sidecar, encoding="utf-8") as f:
                 data = json.load(f)
@@ -116,8 +119,11 @@ class _Output:
         lines, last = _scan(self.path, progress.size)
         if progress.size and not last.endswith(b"\n"):
             raise self.damaged(f"byte {progress.size} of {self.path} is not the end of a line")
-        if lines > progress.next_line - 1:
-            raise self.damaged(f"{self.path} holds {lines} committed lines, but only {progress.next_line - 1} "
+        if progress.next_line < first:
+            raise self.damaged(f"it resumes at input line {progress.next_line}, before line {first} where this "
+                               "run's share of the input starts (same --window and process count as before?)")
+        if lines > progress.next_line - first:
+            raise self.damaged(f"{self.path} holds {lines} committed lines, but only {progress.next_line - first} "
                                "input lines were read")
         if progress.size and not _is_reply(last):
             raise self.damaged(f"the last committed line of {self.path}, line {lines}, is not a reply record")
@@ -145,14 +151,15 @@ def _is_reply(line: bytes) -> bool:
     return isinstance(record, dict) and isinstance(record.get("reply"), str)
 
 
-def _skip_consumed(lines: Iterator[tuple[int, bytes]], progress: Progress, input_path: str, output: _Output):
+def _skip_consumed(lines: Iterator[tuple[int, bytes]], progress: Progress, first: int, input_path: str,
+                   output: _Output):
     """Hash the input lines the sidecar says were consumed; the running hash, or BatchError if they changed."""
     hasher, seen = hashlib.sha256(), 0
-    while seen < progress.next_line - 1:
+    while seen < progress.next_line - first:
         item = next(lines, None)
         if item is None:
-            raise output.damaged(f"it says {progress.next_line - 1} input lines were read, but {input_path} "
-                                 f"has {seen}")
+            raise output.damaged(f"it says input lines {first} to {progress.next_line - 1} were read, but "
+                                 f"{input_path} has {first - 1 + seen}")
         hasher.update(item[1])
         seen += 1
     if hasher.hexdigest() != progress.input_sha256:
@@ -198,109 +205,231 @@ class _Reporter:
             self.bar.close()
 
 
-def _reply_lines(responder: Responder, records: list[Dialogue], batch_size: int, reporter: _Reporter) -> bytes:
-    """The output lines of records, in input order; replies generated in batches of similar context length."""
-    ids = {r.line: responder.context_ids(r.turns) for r in records}
-    ordered = sorted(records, key=lambda r: len(ids[r.line]))
-    texts: dict[int, str] = {}
-    for i in range(0, len(ordered), batch_size):
-        chunk = ordered[i:i + batch_size]
-        for record, row in zip(chunk, responder.reply_ids([ids[r.line] for r in chunk])):
-            texts[record.line] = responder.decode(row)
-        reporter.advance(len(chunk), len(chunk))
-    return b"".join((json.dumps({**r.data, "reply": texts[r.line]}, ensure_ascii=False) + "\n").encode("utf-8")
-                    for r in records)
+def generated_tokens(row: list[int], eos: Optional[int], pad: Optional[int]) -> int:
+    """Tokens a reply generated: after the start token, up to and including the first EOS, padding not counted."""
+    tokens = row[1:]
+    if eos in tokens:
+        return tokens.index(eos) + 1
+    return sum(1 for t in tokens if t != pad)
 
 
-def _start(output: _Output, lines: Iterator[tuple[int, bytes]], input_path: str, resume: bool):
+@dataclasses.dataclass
+class _Window:
+    """A window's records on their way: chunks being generated on the device thread, then committed."""
+
+    records: list[Dialogue]
+    next_line: int  # the input line after the window
+    input_sha256: str  # of the input lines consumed through the window
+    chunks: list[tuple[list[Dialogue], Future]]
+
+    def output(self, responder: Responder, reporter: _Reporter) -> tuple[bytes, int]:
+        """(the window's output lines in input order, tokens generated), once its chunks are done."""
+        texts, tokens = {}, 0
+        eos, pad = responder.tokenizer.eos_token_id, responder.tokenizer.pad_token_id
+        for chunk, future in self.chunks:
+            for record, row in zip(chunk, future.result()):
+                texts[record.line] = responder.decode(row)
+                tokens += generated_tokens(row, eos, pad)
+            reporter.advance(len(chunk), len(chunk))
+        data = b"".join((json.dumps({**r.data, "reply": texts[r.line]}, ensure_ascii=False) + "\n").encode("utf-8")
+                        for r in self.records)
+        return data, tokens
+
+
+def _start(output: _Output, lines: Iterator[tuple[int, bytes]], input_path: str, resume: bool, first: int):
     """(progress, running input hash) to continue from, the output rewound to it; None if already complete."""
     if resume and os.path.exists(output.sidecar):
-        progress = output.read_progress()
-        hasher = _skip_consumed(lines, progress, input_path, output)
+        progress = output.read_progress(first)
+        hasher = _skip_consumed(lines, progress, first, input_path, output)
         output.rewind(progress.size)
         return progress, hasher
     if resume and os.fstat(output.file.fileno()).st_size:
         return None
     hasher = hashlib.sha256()
-    progress = Progress(1, 0, hasher.hexdigest())
-    write_atomic(output.sidecar, progress.to_json())  # before truncating: a kill in between resumes at line 1
+    progress = Progress(first, 0, hasher.hexdigest())
+    write_atomic(output.sidecar, progress.to_json())  # before truncating: a kill in between resumes at the start
     output.rewind(0)
     return progress, hasher
 
 
 class _Run:
-    """The records of the current window, answered and committed together."""
+    """Windows of input lines, read and tokenized here, generated on a device thread, committed in order.
 
-    def __init__(self, responder: Responder, output: _Output, reporter: _Reporter, hasher, batch_size: int):
+    With `overlap`, window k+1 is read, tokenized and queued while the device decodes window k, and window
+    k-1 is decoded to text and committed meanwhile; without it each window is finished before the next.
+    """
+
+    def __init__(self, responder: Responder, output: _Output, reporter: _Reporter, hasher, batch_size: int,
+                 overlap: bool):
         self.responder, self.output, self.reporter = responder, output, reporter
-        self.hasher, self.batch_size = hasher, batch_size
+        self.hasher, self.batch_size, self.overlap = hasher, batch_size, overlap
+        self.device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.pending: list[Dialogue] = []
-        self.skipped = 0
+        self.in_flight: collections.deque[_Window] = collections.deque()
+        self.skipped = self.tokens = 0
 
-    def commit(self, next_line: int) -> None:
-        """Answer and write the pending records; the input is consumed up to `next_line`."""
-        data = _reply_lines(self.responder, self.pending, self.batch_size, self.reporter)
-        self.output.commit(data, next_line, self.hasher.hexdigest())
-        self.pending.clear()
+    def submit(self, next_line: int) -> None:
+        """Queue the pending records for generation, in batches of similar context length."""
+        ids = {r.line: self.responder.context_ids(r.turns) for r in self.pending}
+        ordered = sorted(self.pending, key=lambda r: len(ids[r.line]))
+        chunks = [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+        self.in_flight.append(_Window(self.pending, next_line, self.hasher.hexdigest(), [
+            (chunk, self.device.submit(self.responder.reply_ids, [ids[r.line] for r in chunk])) for chunk in chunks]))
+        self.pending = []
+        self.finish(keep=1 if self.overlap else 0)
+
+    def finish(self, keep: int = 0) -> None:
+        """Commit the oldest windows in flight until at most `keep` remain."""
+        while len(self.in_flight) > keep:
+            window = self.in_flight.popleft()
+            data, tokens = window.output(self.responder, self.reporter)
+            self.output.commit(data, window.next_line, window.input_sha256)
+            self.tokens += tokens
 
     def read(self, lines, input_path: str, on_error: str, window: int, next_line: int) -> int:
-        """Answer the remaining input lines, a window at a time; returns the line after the last."""
-        for number, raw in lines:
-            try:
-                text = decode_line(raw, f"{input_path}:{number}", first=number == 1)
-                record = parse_record(text, number, input_path) if text.strip() else None
-            except RecordError as err:
-                if on_error == "fail":
-                    self.commit(number)
-                    raise RecordError(f"{err} (the replies before it are committed: fix the line and rerun "
-                                      "with --resume)") from None
-                self.skipped += 1
-                self.reporter.say(f"skipped {err}")
-                record = None
-            self.hasher.update(raw)
-            next_line = number + 1
-            if record is None:
-                self.reporter.advance(1)
-            else:
-                self.pending.append(record)
-            if len(self.pending) >= window:
-                self.commit(next_line)
-        self.commit(next_line)
+        """Answer the remaining input lines, `window` lines at a time; returns the line after the last."""
+        window_end = next_line + window
+        try:
+            for number, raw in lines:
+                try:
+                    text = decode_line(raw, f"{input_path}:{number}", first=number == 1)
+                    record = parse_record(text, number, input_path) if text.strip() else None
+                except RecordError as err:
+                    if on_error == "fail":
+                        self.submit(number)
+                        self.finish()
+                        raise RecordError(f"{err} (the replies before it are committed: fix the line and rerun "
+                                          "with --resume)") from None
+                    self.skipped += 1
+                    self.reporter.say(f"skipped {err}")
+                    record = None
+                self.hasher.update(raw)
+                next_line = number + 1
+                if record is None:
+                    self.reporter.advance(1)
+                else:
+                    self.pending.append(record)
+                if next_line >= window_end:
+                    self.submit(next_line)
+                    window_end = next_line + window
+            self.submit(next_line)
+            self.finish()
+        finally:
+            self.device.shutdown(wait=True, cancel_futures=True)
         return next_line
 
 
-def run_batch(responder: Responder, input_path: str, output_path: str, batch_size: int = 32,
-              resume: bool = False, overwrite: bool = False, on_error: str = "skip", window: int = 512,
-              log: TextIO = sys.stderr, show_progress: bool = True) -> dict:
-    """Reply to every record of `input_path`, writing `output_path` in input order; returns a summary.
+def shares(total_lines: int, window: int, processes: int) -> list[tuple[int, int]]:
+    """Each process's input lines [first, end): whole windows, contiguous, in process order."""
+    windows = -(-total_lines // window)
+    bounds = [p * windows // processes * window + 1 for p in range(processes + 1)]
+    return [(bounds[p], min(bounds[p + 1], total_lines + 1)) for p in range(processes)]
 
-    Blank lines are passed over; a bad line is reported with its number and skipped, or ends the run
-    under `on_error="fail"` after committing the replies before it.
-    """
-    if resume and overwrite:
-        raise BatchError("pass --resume or --overwrite, not both")
-    _check_paths(input_path, output_path)
-    began = time.perf_counter()
+
+def part_path(output_path: str, process: int, processes: int) -> str:
+    """Where process `process` of `processes` writes its share of the output."""
+    return f"{output_path}.part-{process:05d}-of-{processes:05d}"
+
+
+def _answer(responder: Responder, input_path: str, output_path: str, first: int, end: int, batch_size: int,
+            resume: bool, overwrite: bool, on_error: str, window: int, log: TextIO, show_progress: bool,
+            overlap: bool) -> Optional[dict]:
+    """Reply to input lines [first, end) into `output_path` under the commit protocol; None if already done."""
     with _Output(output_path, create_only=not (resume or overwrite)) as output:
-        lines = read_lines(input_path)
-        started = _start(output, lines, input_path, resume)
+        lines = ((n, raw) for n, raw in read_lines(input_path) if first <= n < end)
+        started = _start(output, lines, input_path, resume, first)
         if started is None:
-            print(f"{output_path} is complete (no unfinished run to resume)", file=log)
-            return {"replies": 0, "skipped": 0, "seconds": 0.0, "replies_per_s": None}
+            return None
         progress, hasher = started
-        reporter = _Reporter(log, count_lines(input_path), progress.next_line - 1, show_progress)
-        run = _Run(responder, output, reporter, hasher, batch_size)
+        reporter = _Reporter(log, end - first, progress.next_line - first, show_progress)
+        run = _Run(responder, output, reporter, hasher, batch_size, overlap)
         try:
-            if progress.next_line > 1:
+            if progress.next_line > first:
                 reporter.say(f"resuming at input line {progress.next_line}")
             run.read(lines, input_path, on_error, window, progress.next_line)
         finally:
             reporter.close()
         os.remove(output.sidecar)
-    seconds = time.perf_counter() - began
-    replies = reporter.replies
-    summary = {"replies": replies, "skipped": run.skipped, "seconds": round(seconds, 2),
-               "replies_per_s": round(replies / seconds, 2) if seconds > 0 else None}
-    print(f"{replies} replies in {seconds:.1f} s ({summary['replies_per_s']} replies/s), "
-          f"{run.skipped} bad lines skipped -> {output_path}", file=log)
+    return {"replies": reporter.replies, "skipped": run.skipped, "tokens": run.tokens}
+
+
+def _merge(parts: list[str], output_path: str) -> None:
+    """Concatenate the finished parts into the output atomically, then remove them."""
+    with atomic_file(output_path) as tmp, open(tmp, "wb") as joined:
+        for part in parts:
+            with open(part, "rb") as source:
+                shutil.copyfileobj(source, joined, 1 << 20)
+    for part in parts:
+        os.remove(part)
+
+
+def run_batch(responder: Responder, input_path: str, output_path: str, batch_size: int = 32,
+              resume: bool = False, overwrite: bool = False, on_error: str = "skip", window: int = 512,
+              log: TextIO = sys.stderr, show_progress: bool = True, overlap: bool = True,
+              processes: int = 1, process_index: int = 0, barrier=None) -> dict:
+    """Reply to every record of `input_path`, writing `output_path` in input order; returns a summary.
+
+    Blank lines are passed over; a bad line is reported with its number and skipped, or ends the run
+    under `on_error="fail"` after committing the replies before it. With several processes each answers
+    its share of whole windows into its own part file; after `barrier()` process 0 joins the parts into
+    `output_path` (the same bytes as one process writes), so the output must be on a filesystem they all see.
+    """
+    if resume and overwrite:
+        raise BatchError("pass --resume or --overwrite, not both")
+    _check_paths(input_path, output_path)
+    if processes > 1 and not (resume or overwrite) and os.path.exists(output_path):
+        raise FileExistsError(f"{output_path} exists; pass --resume to continue it or --overwrite to replace it")
+    began, compiled = time.perf_counter(), compile_seconds()
+    first, end = shares(count_lines(input_path), window, processes)[process_index]
+    target = output_path if processes == 1 else part_path(output_path, process_index, processes)
+    if processes > 1 and resume and os.path.exists(output_path) and not os.path.exists(target):
+        done = None  # joined by an earlier run
+    else:
+        done = _answer(responder, input_path, target, first, end, batch_size, resume, overwrite, on_error, window,
+                       log, show_progress, overlap)
+    if processes > 1:
+        barrier("bbsmall-generate-parts")
+        parts = [part_path(output_path, p, processes) for p in range(processes)]
+        if process_index == 0 and all(os.path.exists(p) for p in parts):
+            _merge(parts, output_path)
+        barrier("bbsmall-generate-joined")
+    if done is None:
+        print(f"{target} is complete (no unfinished run to resume)", file=log)
+        done = {"replies": 0, "skipped": 0, "tokens": 0}
+    return _summary(responder, done, time.perf_counter() - began, compile_seconds() - compiled, processes,
+                    output_path, log)
+
+
+def _summary(responder: Responder, done: dict, seconds: float, compile_s: float, processes: int, output_path: str,
+             log: TextIO) -> dict:
+    """The run's figures (this process's share), printed as one line."""
+    import jax
+
+    from bbsmall_jax.generation.plan import requested_path
+
+    summary = {"replies": done["replies"], "skipped": done["skipped"], "seconds": round(seconds, 2),
+               "replies_per_s": round(done["replies"] / seconds, 2) if seconds > 0 else None,
+               "tokens_per_s": round(done["tokens"] / seconds, 1) if seconds > 0 else None,
+               "devices": jax.local_device_count(), "processes": processes,
+               "dtype": jax.numpy.dtype(responder.model.dtype).name,
+               "decode_path": requested_path(jax.default_backend()), "compile_s": round(compile_s, 2)}
+    print(f"{summary['replies']} replies in {seconds:.1f} s ({summary['replies_per_s']} replies/s, "
+          f"{summary['tokens_per_s']} tokens/s, compile {summary['compile_s']} s) on {summary['devices']} "
+          f"device(s), {summary['skipped']} bad lines skipped -> {output_path}", file=log)
     return summary
+
+
+_COMPILE_SECONDS = [0.0]
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent tracing, lowering and compiling JAX programs so far."""
+    if not _COMPILE_SECONDS[1:]:
+        import jax
+
+        def listen(name: str, seconds: float, **_) -> None:
+            if name.startswith("/jax/core/compile/"):
+                _COMPILE_SECONDS[0] += seconds
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        _COMPILE_SECONDS.append(True)
+    return _COMPILE_SECONDS[0]

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Optional
 
+from bbsmall_jax.cli import distributed
+
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, ImportError)
 
 
@@ -15,7 +17,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model directory (ours or transformers') or hub id such as "
                              "facebook/blenderbot_small-90M; default: the embedded demo model")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     parser.add_argument("--turn-separator", type=_separator, default="newline", metavar="{newline,end_start}",
                         help="how turns are joined: a newline (ParlAI, default) or '__end__ __start__'")
     parser.add_argument("--max-context", type=int, default=None,
@@ -91,9 +94,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("pass --resume or --overwrite, not both")
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"{args.input}: no such input file")
+    distributed.check_flags(args)
+    distributed.initialize(args)
+    import jax
+
+    from bbsmall_jax.train.sharding import barrier
+
     summary = run_batch(_responder(args), args.input, args.output, batch_size=args.batch_size,
                         resume=args.resume, overwrite=args.overwrite, on_error=args.on_error,
-                        window=args.window, show_progress=not args.quiet)
+                        window=args.window, show_progress=not args.quiet and jax.process_index() == 0,
+                        overlap=not args.no_overlap, processes=jax.process_count(),
+                        process_index=jax.process_index(), barrier=barrier)
     if args.summary_json:
         print(json.dumps(summary))
     return 0
@@ -137,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                           help="a malformed line is reported and skipped (default) or stops the run")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    generate.add_argument("--no-overlap", action="store_true",
+                          help="finish each window before reading the next (by default the host reads, tokenizes "
+                               "and writes while the device decodes)")
     generate.add_argument("--summary-json", action="store_true", help="print the throughput summary as JSON")
+    distributed.add_flags(generate)
     generate.set_defaults(run=cmd_generate)
 
     convert = commands.add_parser("convert", help="convert a checkpoint (same as convert_weights.py)")

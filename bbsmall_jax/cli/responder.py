@@ -31,8 +31,14 @@ def enable_compilation_cache(directory: Optional[str] = None) -> str:
     return directory
 
 
-def load_chat_model(name: Optional[str] = None, dtype: str = "float32"):
-    """(model, tokenizer) from a local directory, a hub id, or the embedded demo model when `name` is None."""
+def load_chat_model(name: Optional[str] = None, dtype: str = "auto"):
+    """(model, tokenizer) from a local directory, a hub id, or the embedded demo model when `name` is None;
+    `dtype` "auto" computes in bfloat16 on GPU/TPU and float32 on the CPU."""
+    import jax
+
+    from bbsmall_jax.generation.plan import compute_dtype
+
+    dtype = compute_dtype(dtype, jax.default_backend())
     directory = DEMO_MODEL_DIR if name is None else resolve_directory(name)
     if not os.path.isfile(os.path.join(directory, "vocab.json")):
         raise FileNotFoundError(f"{name or directory} has no tokenizer files (vocab.json, merges.txt)")

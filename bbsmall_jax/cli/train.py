@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from bbsmall_jax.cli import distributed
+
 # flag -> config key; each flag overrides the YAML value
 FLAG_KEYS = {"max_steps": "max_steps", "save_every": "save_every", "log_every": "log_every",
              "eval_every": "eval_every", "seed": "seed", "init": "init", "data": "data"}
@@ -30,12 +32,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     parser.add_argument("--init", help="pretrained model directory or hub id to start from")
     parser.add_argument("--data", help="'chitchat' or a JSONL file of dialogue examples")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    dist = parser.add_argument_group("multi-process (one process per host; see README)")
-    dist.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, ...)")
-    dist.add_argument("--coordinator", help="host:port of process 0 (implies --distributed)")
-    dist.add_argument("--num-processes", type=int)
-    dist.add_argument("--process-id", type=int)
+    distributed.add_flags(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
@@ -54,16 +51,6 @@ def parse_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def _initialize_distributed(args: argparse.Namespace) -> None:
-    import jax
-
-    if args.coordinator or args.num_processes is not None or args.process_id is not None:
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
-
-
 def main(argv: Optional[Sequence[str]] = None, prog: str = "train.py") -> int:
     """Run the command; returns the exit status (0 done, 1 failed, 2 bad usage/config/data, 143 stopped)."""
     parser = build_parser(prog)
@@ -80,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "train.py") -> int:
         parser.print_usage(sys.stderr)
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    _initialize_distributed(args)
+    distributed.initialize(args)
     from bbsmall_jax.train.loop import TrainingError, train
 
     try:
