@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from bbsmall_jax.train.loop import DivergedError, TrainingError, train
 from bbsmall_jax.train.sharding import make_mesh
 from bbsmall_jax.train.steps import (abstract_state, learning_rate_schedule, loss_sum, make_optimizer, make_train_step,
                                      zero_frozen)
+from bbsmall_jax.testing import loopback_coordinator
 from bbsmall_jax.testing.reference_models import random_hf_model, save_hf_model, scale_reference_decoder_embeddings
 from bbsmall_jax.testing.training import (read_metrics, shared_job, subprocess_env, synthetic_datasets, tiny_config,
                                           torch_reference_losses, use_compile_cache)
@@ -224,17 +224,10 @@ def test_eight_devices_match_one_device(one_device_losses, tmp_path):
         assert diff <= 1e-5
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(one_device_losses, tmp_path):
-    # Gloo binds to this host's name: run only where that name is a loopback address.
-    if not socket.gethostbyname(socket.gethostname()).startswith("127."):
+    coordinator = loopback_coordinator()
+    if coordinator is None:
         pytest.skip("the host name does not resolve to a loopback address; CPU collectives would leave loopback")
-    coordinator = f"127.0.0.1:{_free_loopback_port()}"
     flags = ["--output-dir", str(tmp_path), "--fsdp", "on", "--coordinator", coordinator, "--num-processes", "2"]
     env = subprocess_env(XLA_FLAGS=FAST_COMPILE)
     workers = [_run_worker(flags + ["--process-id", str(i)], env) for i in range(2)]
