@@ -85,8 +85,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from bbsmall_jax.cli.batch import run_batch
-
     for flag in ("batch_size", "window"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -98,6 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     distributed.initialize(args)
     import jax
 
+    from bbsmall_jax.cli.batch import run_batch
     from bbsmall_jax.train.sharding import barrier
 
     summary = run_batch(_responder(args), args.input, args.output, batch_size=args.batch_size,
