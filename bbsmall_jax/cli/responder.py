@@ -47,6 +47,10 @@ class Responder:
                  max_context_tokens: Optional[int] = None, turn_separator: str = "\n"):
         self.model, self.tokenizer = model, tokenizer
         self.generation_kwargs = dict(generation_kwargs or {})
+        tokenless = sorted(set(range(model.config.vocab_size)) - set(tokenizer.get_vocab().values()))
+        if tokenless:  # a model vocabulary padded past the tokenizer's: never generate what cannot be decoded
+            self.generation_kwargs["bad_words_ids"] = [*map(list, self.generation_kwargs.get("bad_words_ids") or []),
+                                                       *([i] for i in tokenless)]
         limit = model.config.max_position_embeddings
         if max_context_tokens is not None and (isinstance(max_context_tokens, bool) or not isinstance(
                 max_context_tokens, int) or not 1 <= max_context_tokens <= limit):
