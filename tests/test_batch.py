@@ -103,6 +103,13 @@ def test_input_as_output_is_refused_even_with_overwrite(responder, tmp_path, lin
     assert (tmp_path / "in.jsonl").read_bytes() == original
 
 
+def test_a_directory_as_output_is_refused(responder, tmp_path):
+    write_lines(tmp_path / "in.jsonl", LINES)
+    (tmp_path / "out.jsonl").mkdir()
+    with pytest.raises(BatchError, match=r"--output .*out\.jsonl is a directory"):
+        batch(responder, tmp_path, overwrite=True)
+
+
 def _interrupted(responder, tmp_path, monkeypatch):
     """An output with one committed window and a dying second one; returns (output, sidecar) paths."""
     write_lines(tmp_path / "in.jsonl", LINES)
@@ -140,6 +147,16 @@ def test_resume_refuses_a_changed_input(responder, tmp_path, monkeypatch):
     with pytest.raises(BatchError, match=r"in\.jsonl changed since .*out\.jsonl was started: its first 3 lines"):
         batch(responder, tmp_path, resume=True)
     assert out.read_bytes() == before
+
+
+def test_resume_refuses_other_settings(responder, tmp_path, monkeypatch):
+    out, sidecar = _interrupted(responder, tmp_path, monkeypatch)
+    before = out.read_bytes(), sidecar.read_bytes()
+    other = Responder(responder.model, responder.tokenizer, dict(num_beams=1, max_length=6, min_length=0))
+    with pytest.raises(BatchError, match=r"out\.jsonl was started with other settings \(generation: "
+                                         r'\{"max_length": 8, .* then, \{"max_length": 6, .* now\)'):
+        batch(other, tmp_path, resume=True)
+    assert (out.read_bytes(), sidecar.read_bytes()) == before
 
 
 def test_undecodable_line_is_reported_with_its_number_and_skipped(responder, tmp_path):

@@ -39,9 +39,11 @@ class Progress:
     next_line: int
     size: int
     input_sha256: str  # of the raw input lines before next_line
+    settings: dict  # what the replies depend on (`Responder.settings`): a resume must use the same
 
     def to_json(self) -> str:
-        return json.dumps({"next_line": self.next_line, "bytes": self.size, "input_sha256": self.input_sha256})
+        return json.dumps({"next_line": self.next_line, "bytes": self.size, "input_sha256": self.input_sha256,
+                           "settings": self.settings})
 
 
 def _scan(path: str, size: Optional[int] = None) -> tuple[int, bytes]:
@@ -71,8 +73,8 @@ def count_lines(path: str) -> int:
 class _Output:
     """The output file, locked by this run, and its sidecar."""
 
-    def __init__(self, path: str, create_only: bool):
-        self.path, self.sidecar = path, path + ".progress.json"
+    def __init__(self, path: str, create_only: bool, settings: dict):
+        self.path, self.sidecar, self.settings = path, path + ".progress.json", settings
         flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if create_only else 0)
         try:
             fd = os.open(path, flags, 0o644)
@@ -103,13 +105,13 @@ class _Output:
                 data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise self.damaged(f"not valid JSON: {err}") from None
-        fields = ("next_line", "bytes", "input_sha256")
+        fields = ("next_line", "bytes", "input_sha256", "settings")
         if not isinstance(data, dict) or set(data) != set(fields) or any(
                 type(data[k]) is not int for k in fields[:2]) or not isinstance(data["input_sha256"], str) or \
-                data["next_line"] < 1 or data["bytes"] < 0:
-            raise self.damaged(f"expected {{\"next_line\": >= 1, \"bytes\": >= 0, \"input_sha256\": ...}}, "
-                               f"got {json.dumps(data)[:120]}")
-        progress = Progress(data["next_line"], data["bytes"], data["input_sha256"])
+                not isinstance(data["settings"], dict) or data["next_line"] < 1 or data["bytes"] < 0:
+            raise self.damaged(f"expected {{\"next_line\": >= 1, \"bytes\": >= 0, \"input_sha256\": ..., "
+                               f"\"settings\": {{...}}}}, got {json.dumps(data)[:120]}")
+        progress = Progress(data["next_line"], data["bytes"], data["input_sha256"], data["settings"])
         size = os.fstat(self.file.fileno()).st_size
         if progress.size > size:
             raise self.damaged(f"it records {progress.size} committed bytes, but {self.path} holds {size}")
@@ -134,7 +136,7 @@ class _Output:
         self.file.write(data)
         self.file.flush()
         os.fsync(self.file.fileno())
-        write_atomic(self.sidecar, Progress(next_line, self.file.tell(), input_sha256).to_json())
+        write_atomic(self.sidecar, Progress(next_line, self.file.tell(), input_sha256, self.settings).to_json())
 
 
 def _is_reply(line: bytes) -> bool:
@@ -161,9 +163,21 @@ def _skip_consumed(lines: Iterator[tuple[int, bytes]], progress: Progress, input
     return hasher
 
 
+def _check_settings(before: dict, output: _Output) -> None:
+    """Refuse to resume with settings that change the replies (another model, other generation flags)."""
+    changed = sorted(k for k in set(before) | set(output.settings) if before.get(k) != output.settings.get(k))
+    if changed:
+        described = "; ".join(f"{k}: {json.dumps(before.get(k))[:80]} then, {json.dumps(output.settings.get(k))[:80]} "
+                              "now" for k in changed)
+        raise BatchError(f"{output.path} was started with other settings ({described}); resume with the same "
+                         "model and flags, or pass --overwrite instead of --resume to start over")
+
+
 def _check_paths(input_path: str, output_path: str) -> None:
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"{input_path}: no such input file")
+    if os.path.isdir(output_path):
+        raise BatchError(f"--output {output_path} is a directory; name a file to write")
     same = os.path.realpath(input_path) == os.path.realpath(output_path) or (
         os.path.exists(output_path) and os.path.samefile(input_path, output_path))
     if same:
@@ -216,13 +230,14 @@ def _start(output: _Output, lines: Iterator[tuple[int, bytes]], input_path: str,
     """(progress, running input hash) to continue from, the output rewound to it; None if already complete."""
     if resume and os.path.exists(output.sidecar):
         progress = output.read_progress()
+        _check_settings(progress.settings, output)
         hasher = _skip_consumed(lines, progress, input_path, output)
         output.rewind(progress.size)
         return progress, hasher
     if resume and os.fstat(output.file.fileno()).st_size:
         return None
     hasher = hashlib.sha256()
-    progress = Progress(1, 0, hasher.hexdigest())
+    progress = Progress(1, 0, hasher.hexdigest(), output.settings)
     write_atomic(output.sidecar, progress.to_json())  # before truncating: a kill in between resumes at line 1
     output.rewind(0)
     return progress, hasher
@@ -281,7 +296,7 @@ def run_batch(responder: Responder, input_path: str, output_path: str, batch_siz
         raise BatchError("pass --resume or --overwrite, not both")
     _check_paths(input_path, output_path)
     began = time.perf_counter()
-    with _Output(output_path, create_only=not (resume or overwrite)) as output:
+    with _Output(output_path, not (resume or overwrite), responder.settings()) as output:
         lines = read_lines(input_path)
         started = _start(output, lines, input_path, resume)
         if started is None:
