@@ -5,11 +5,11 @@ The commit protocol, which makes a kill at any moment lose at most the window in
 1. the output is locked (`flock`) for the whole run, so a second writer is refused;
 2. a window's lines are written after the committed size of the output, flushed and `fsync`ed;
 3. only then is the sidecar `OUTPUT.progress.json` replaced atomically: the next input line, the
-   committed size and a hash of the input lines consumed so far;
+   committed size, a hash of the input lines consumed so far and the settings the replies depend on;
 4. `--resume` first checks the sidecar against both files (the size exists and ends a line, the last
    committed line is a reply record, no more lines than inputs read, the input's consumed lines are
-   unchanged), touching nothing when a check fails; then it truncates the output to the committed
-   size through the descriptor it writes with, so the next window starts exactly there.
+   unchanged) and the settings, touching nothing when a check fails; then it truncates the output to
+   the committed size through the descriptor it writes with, so the next window starts exactly there.
 """
 
 from __future__ import annotations
@@ -44,6 +44,18 @@ class Progress:
     def to_json(self) -> str:
         return json.dumps({"next_line": self.next_line, "bytes": self.size, "input_sha256": self.input_sha256,
                            "settings": self.settings})
+
+    @classmethod
+    def from_json_data(cls, data) -> Optional["Progress"]:
+        """The progress a sidecar's JSON holds, None when it holds something else."""
+        if not isinstance(data, dict) or set(data) != {"next_line", "bytes", "input_sha256", "settings"}:
+            return None
+        next_line, size = data["next_line"], data["bytes"]
+        if type(next_line) is not int or type(size) is not int or next_line < 1 or size < 0:
+            return None
+        if not isinstance(data["input_sha256"], str) or not isinstance(data["settings"], dict):
+            return None
+        return cls(next_line, size, data["input_sha256"], data["settings"])
 
 
 def _scan(path: str, size: Optional[int] = None) -> tuple[int, bytes]:
@@ -105,13 +117,10 @@ class _Output:
                 data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise self.damaged(f"not valid JSON: {err}") from None
-        fields = ("next_line", "bytes", "input_sha256", "settings")
-        if not isinstance(data, dict) or set(data) != set(fields) or any(
-                type(data[k]) is not int for k in fields[:2]) or not isinstance(data["input_sha256"], str) or \
-                not isinstance(data["settings"], dict) or data["next_line"] < 1 or data["bytes"] < 0:
+        progress = Progress.from_json_data(data)
+        if progress is None:
             raise self.damaged(f"expected {{\"next_line\": >= 1, \"bytes\": >= 0, \"input_sha256\": ..., "
                                f"\"settings\": {{...}}}}, got {json.dumps(data)[:120]}")
-        progress = Progress(data["next_line"], data["bytes"], data["input_sha256"], data["settings"])
         size = os.fstat(self.file.fileno()).st_size
         if progress.size > size:
             raise self.damaged(f"it records {progress.size} committed bytes, but {self.path} holds {size}")
