@@ -103,6 +103,13 @@ def test_input_as_output_is_refused_even_with_overwrite(responder, tmp_path, lin
     assert (tmp_path / "in.jsonl").read_bytes() == original
 
 
+def test_a_directory_as_output_is_refused(responder, tmp_path):
+    write_lines(tmp_path / "in.jsonl", LINES)
+    (tmp_path / "out.jsonl").mkdir()
+    with pytest.raises(BatchError, match=r"--output .*out\.jsonl is a directory"):
+        batch(responder, tmp_path, overwrite=True)
+
+
 def _interrupted(responder, tmp_path, monkeypatch):
     """An output with one committed window and a dying second one; returns (output, sidecar) paths."""
     write_lines(tmp_path / "in.jsonl", LINES)
@@ -140,6 +147,16 @@ def test_resume_refuses_a_changed_input(responder, tmp_path, monkeypatch):
     with pytest.raises(BatchError, match=r"in\.jsonl changed since .*out\.jsonl was started: its first 3 lines"):
         batch(responder, tmp_path, resume=True)
     assert out.read_bytes() == before
+
+
+def test_resume_refuses_other_settings(responder, tmp_path, monkeypatch):
+    out, sidecar = _interrupted(responder, tmp_path, monkeypatch)
+    before = out.read_bytes(), sidecar.read_bytes()
+    other = Responder(responder.model, responder.tokenizer, dict(num_beams=1, max_length=6, min_length=0))
+    with pytest.raises(BatchError, match=r"out\.jsonl was started with other settings \(generation: "
+                                         r'\{"max_length": 8, .* then, \{"max_length": 6, .* now\)'):
+        batch(other, tmp_path, resume=True)
+    assert (out.read_bytes(), sidecar.read_bytes()) == before
 
 
 def test_undecodable_line_is_reported_with_its_number_and_skipped(responder, tmp_path):
@@ -204,6 +221,17 @@ def test_messages_never_overwrite_the_progress_bar(responder, tmp_path):
 FAST = ["--num-beams", "1", "--max-length", "8", "--min-length", "0"]
 
 
+def _wait_for_commit(sidecar, next_line: int, process) -> None:
+    """Until the sidecar records input consumed up to `next_line`, or the process ends."""
+    while process.poll() is None:
+        try:
+            if json.loads(sidecar.read_text())["next_line"] >= next_line:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass  # not written yet, or being replaced
+        time.sleep(0.002)
+
+
 def test_twenty_kills_at_random_moments_lose_and_repeat_nothing(model_dir, tmp_path):
     """`kill -9` of `bbsmall generate --resume` at 20 random moments of a 24-window run, each followed by a
     resume: the committed bytes are always a prefix of an uninterrupted run's, and every completed
@@ -230,7 +258,11 @@ def test_twenty_kills_at_random_moments_lose_and_repeat_nothing(model_dir, tmp_p
     while kills < 20:
         process = subprocess.Popen(command("out.jsonl"), env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.0, duration))
+        if kills % 2:  # every other kill lands just after a random window's commit (they come in a quick burst)
+            _wait_for_commit(sidecar, rng.randrange(1, 24) * 4 + 1, process)
+            time.sleep(rng.uniform(0.0, 0.02))
+        else:  # the others anywhere in the run
+            time.sleep(rng.uniform(0.0, duration))
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             kills += 1

@@ -13,7 +13,7 @@ import bbsmall_jax as bb
 from bbsmall_jax.cli import main as cli
 from bbsmall_jax.cli.batch import run_batch
 from bbsmall_jax.cli.chat import ChatSession, run_repl
-from bbsmall_jax.cli.responder import DEMO_MODEL_DIR, Responder
+from bbsmall_jax.cli.responder import DEMO_MODEL_DIR, Responder, load_chat_model
 
 FAST = ["--num-beams", "1", "--max-length", "8", "--min-length", "0"]
 
@@ -51,6 +51,16 @@ def test_history_is_truncated_from_the_left(responder):
         session.send(long_turn)
     ids = responder.context_ids(session.history + ["and now?"])
     assert 0 < len(ids) <= responder.max_context_tokens == 64
+
+
+def test_ids_without_a_token_are_never_generated(model_dir):
+    """A model vocabulary padded past the tokenizer's: replies decode instead of failing on an unknown id."""
+    model, tokenizer = load_chat_model(model_dir)
+    padded = bb.BlenderbotSmallForConditionalGeneration(model.config.replace(vocab_size=len(tokenizer) + 8), seed=3)
+    padded.params["final_logits_bias"] = padded.params["final_logits_bias"].at[len(tokenizer):].set(20.0)
+    responder = Responder(padded, tokenizer, dict(num_beams=1, max_length=8, min_length=0))
+    ids = responder.reply_ids([responder.context_ids(["hello there"])])[0]
+    assert max(ids) < len(tokenizer) and responder.decode(ids) == responder.reply([["hello there"]])[0]
 
 
 def write_jsonl(path, lines):

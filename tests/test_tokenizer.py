@@ -444,7 +444,7 @@ def test_malformed_vocab_names_file(tmp_path, vocab_text, line):
 
 @pytest.mark.parametrize("vocab_text, message", [
     ('{"__null__": 0, "__start__": 1, "__end__": 2, "__unk__": 3, "hello": 5, "how": 5, "are": 6, "you": 6}',
-     r"vocab\.json: 2 ids are given to several tokens \(5: 'hello', 'how'; 6: 'are', 'you'\)"),
+     r"vocab\.json: ids given to several tokens: 5: 'hello', 'how'; 6: 'are', 'you'; each token needs its own id"),
     ('{"__unk__": 0, "a": 1,\n "a": 2}', r"vocab\.json: token 'a' appears twice \(ids 1 and 2\)"),
     ('{"__unk__": 0,\n "x\\ud800": 1}', r"vocab\.json, line 2: token 'x\\ud800' holds a lone surrogate"),
 ])

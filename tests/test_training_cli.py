@@ -99,6 +99,18 @@ def test_cli_errors(capsys, tmp_path, extra, message):
     assert code == EXIT_USAGE and message in err
 
 
+def test_bad_tokenizer_files_are_a_usage_error(capsys, tmp_path):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.json").write_text('{"__null__": 0, "__start__": 1, "__end__": 2, "__unk__": 3, '
+                                                 '"hi": 4, "yo": 4}')
+    (tmp_path / "tok" / "merges.txt").write_text("#version: 0.2\nh i</w>\ny o</w>\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"context": ["hi"], "response": "yo"}) + "\n")
+    code, err = _run(capsys, "--config", TINY, "--output-dir", str(tmp_path / "out"), "--data", str(tmp_path / "d.jsonl"),
+                     f"tokenizer={tmp_path / 'tok'}")
+    assert code == EXIT_USAGE and "vocab.json: ids given to several tokens: 4: 'hi', 'yo'; each token" in err
+    assert "Traceback" not in err
+
+
 def test_init_that_cannot_be_found(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, err = _run(capsys, "--config", TINY, "--output-dir", str(tmp_path), "--init", "./no/such/model")

@@ -154,8 +154,9 @@ def hf_to_flax(state_dict: dict[str, np.ndarray], config: BlenderbotSmallConfig,
                     tensors[alias], tensors["shared.weight"]):
                 logger.warning("tied tensor %s differs from shared.weight; shared.weight is used", alias)
     if problems:
-        raise ValueError(f"checkpoint cannot be loaded as a {head} model of this config:\n  "
-                         + "\n  ".join(problems))
+        more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise ValueError(f"checkpoint cannot be loaded as a {head} model of this config: "
+                         + "; ".join(problems[:8]) + more)
     return params
 
 

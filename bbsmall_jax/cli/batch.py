@@ -5,11 +5,11 @@ The commit protocol, which makes a kill at any moment lose at most the window in
 1. the output is locked (`flock`) for the whole run, so a second writer is refused;
 2. a window's lines are written after the committed size of the output, flushed and `fsync`ed;
 3. only then is the sidecar `OUTPUT.progress.json` replaced atomically: the next input line, the
-   committed size and a hash of the input lines consumed so far;
+   committed size, a hash of the input lines consumed so far and the settings the replies depend on;
 4. `--resume` first checks the sidecar against both files (the size exists and ends a line, the last
    committed line is a reply record, no more lines than inputs read, the input's consumed lines are
-   unchanged), touching nothing when a check fails; then it truncates the output to the committed
-   size through the descriptor it writes with, so the next window starts exactly there.
+   unchanged) and the settings, touching nothing when a check fails; then it truncates the output to
+   the committed size through the descriptor it writes with, so the next window starts exactly there.
 """
 
 from __future__ import annotations
@@ -42,9 +42,23 @@ class Progress:
     next_line: int
     size: int
     input_sha256: str  # of the raw input lines before next_line
+    settings: dict  # what the replies depend on (`Responder.settings`): a resume must use the same
 
     def to_json(self) -> str:
-        return json.dumps({"next_line": self.next_line, "bytes": self.size, "input_sha256": self.input_sha256})
+        return json.dumps({"next_line": self.next_line, "bytes": self.size, "input_sha256": self.input_sha256,
+                           "settings": self.settings})
+
+    @classmethod
+    def from_json_data(cls, data) -> Optional["Progress"]:
+        """The progress a sidecar's JSON holds, None when it holds something else."""
+        if not isinstance(data, dict) or set(data) != {"next_line", "bytes", "input_sha256", "settings"}:
+            return None
+        next_line, size = data["next_line"], data["bytes"]
+        if type(next_line) is not int or type(size) is not int or next_line < 1 or size < 0:
+            return None
+        if not isinstance(data["input_sha256"], str) or not isinstance(data["settings"], dict):
+            return None
+        return cls(next_line, size, data["input_sha256"], data["settings"])
 
 
 def _scan(path: str, size: Optional[int] = None) -> tuple[int, bytes]:
@@ -74,8 +88,8 @@ def count_lines(path: str) -> int:
 class _Output:
     """The output file, locked by this run, and its sidecar."""
 
-    def __init__(self, path: str, create_only: bool):
-        self.path, self.sidecar = path, path + ".progress.json"
+    def __init__(self, path: str, create_only: bool, settings: dict):
+        self.path, self.sidecar, self.settings = path, path + ".progress.json", settings
         flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if create_only else 0)
         try:
             fd = os.open(path, flags, 0o644)
@@ -106,13 +120,10 @@ class _Output:
                 data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise self.damaged(f"not valid JSON: {err}") from None
-        fields = ("next_line", "bytes", "input_sha256")
-        if not isinstance(data, dict) or set(data) != set(fields) or any(
-                type(data[k]) is not int for k in fields[:2]) or not isinstance(data["input_sha256"], str) or \
-                data["next_line"] < 1 or data["bytes"] < 0:
-            raise self.damaged(f"expected {{\"next_line\": >= 1, \"bytes\": >= 0, \"input_sha256\": ...}}, "
-                               f"got {json.dumps(data)[:120]}")
-        progress = Progress(data["next_line"], data["bytes"], data["input_sha256"])
+        progress = Progress.from_json_data(data)
+        if progress is None:
+            raise self.damaged(f"expected {{\"next_line\": >= 1, \"bytes\": >= 0, \"input_sha256\": ..., "
+                               f"\"settings\": {{...}}}}, got {json.dumps(data)[:120]}")
         size = os.fstat(self.file.fileno()).st_size
         if progress.size > size:
             raise self.damaged(f"it records {progress.size} committed bytes, but {self.path} holds {size}")
@@ -140,7 +151,7 @@ class _Output:
         self.file.write(data)
         self.file.flush()
         os.fsync(self.file.fileno())
-        write_atomic(self.sidecar, Progress(next_line, self.file.tell(), input_sha256).to_json())
+        write_atomic(self.sidecar, Progress(next_line, self.file.tell(), input_sha256, self.settings).to_json())
 
 
 def _is_reply(line: bytes) -> bool:
@@ -168,9 +179,21 @@ def _skip_consumed(lines: Iterator[tuple[int, bytes]], progress: Progress, first
     return hasher
 
 
+def _check_settings(before: dict, output: _Output) -> None:
+    """Refuse to resume with settings that change the replies (another model, other generation flags)."""
+    changed = sorted(k for k in set(before) | set(output.settings) if before.get(k) != output.settings.get(k))
+    if changed:
+        described = "; ".join(f"{k}: {json.dumps(before.get(k))[:80]} then, {json.dumps(output.settings.get(k))[:80]} "
+                              "now" for k in changed)
+        raise BatchError(f"{output.path} was started with other settings ({described}); resume with the same "
+                         "model and flags, or pass --overwrite instead of --resume to start over")
+
+
 def _check_paths(input_path: str, output_path: str) -> None:
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"{input_path}: no such input file")
+    if os.path.isdir(output_path):
+        raise BatchError(f"--output {output_path} is a directory; name a file to write")
     same = os.path.realpath(input_path) == os.path.realpath(output_path) or (
         os.path.exists(output_path) and os.path.samefile(input_path, output_path))
     if same:
@@ -240,13 +263,14 @@ def _start(output: _Output, lines: Iterator[tuple[int, bytes]], input_path: str,
     """(progress, running input hash) to continue from, the output rewound to it; None if already complete."""
     if resume and os.path.exists(output.sidecar):
         progress = output.read_progress(first)
+        _check_settings(progress.settings, output)
         hasher = _skip_consumed(lines, progress, first, input_path, output)
         output.rewind(progress.size)
         return progress, hasher
     if resume and os.fstat(output.file.fileno()).st_size:
         return None
     hasher = hashlib.sha256()
-    progress = Progress(first, 0, hasher.hexdigest())
+    progress = Progress(first, 0, hasher.hexdigest(), output.settings)
     write_atomic(output.sidecar, progress.to_json())  # before truncating: a kill in between resumes at the start
     output.rewind(0)
     return progress, hasher
@@ -335,7 +359,7 @@ def _answer(responder: Responder, input_path: str, output_path: str, first: int,
             resume: bool, overwrite: bool, on_error: str, window: int, log: TextIO, show_progress: bool,
             overlap: bool) -> Optional[dict]:
     """Reply to input lines [first, end) into `output_path` under the commit protocol; None if already done."""
-    with _Output(output_path, create_only=not (resume or overwrite)) as output:
+    with _Output(output_path, not (resume or overwrite), responder.settings()) as output:
         lines = ((n, raw) for n, raw in read_lines(input_path) if first <= n < end)
         started = _start(output, lines, input_path, resume, first)
         if started is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Optional, Sequence
 
@@ -53,6 +55,10 @@ class Responder:
                  max_context_tokens: Optional[int] = None, turn_separator: str = "\n"):
         self.model, self.tokenizer = model, tokenizer
         self.generation_kwargs = dict(generation_kwargs or {})
+        tokenless = sorted(set(range(model.config.vocab_size)) - set(tokenizer.get_vocab().values()))
+        if tokenless:  # a model vocabulary padded past the tokenizer's: never generate what cannot be decoded
+            self.generation_kwargs["bad_words_ids"] = [*map(list, self.generation_kwargs.get("bad_words_ids") or []),
+                                                       *([i] for i in tokenless)]
         limit = model.config.max_position_embeddings
         if max_context_tokens is not None and (isinstance(max_context_tokens, bool) or not isinstance(
                 max_context_tokens, int) or not 1 <= max_context_tokens <= limit):
@@ -60,6 +66,15 @@ class Responder:
                              f"[1, {limit}], the model's positions; got {max_context_tokens!r}")
         self.max_context_tokens = limit if max_context_tokens is None else max_context_tokens
         self.turn_separator = turn_separator
+
+    def settings(self) -> dict:
+        """What the replies depend on, as JSON data: the weights file, the config, dtype, generation and context."""
+        model, source = self.model, getattr(self.model, "_loaded_from", None)
+        config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
+        raw = {"model": source and os.path.realpath(source), "config_sha256": hashlib.sha256(config).hexdigest(),
+               "dtype": str(np.dtype(model.dtype)), "generation": self.generation_kwargs,
+               "max_context_tokens": self.max_context_tokens, "turn_separator": self.turn_separator}
+        return json.loads(json.dumps(raw, sort_keys=True, default=lambda value: np.asarray(value).tolist()))
 
     def context_ids(self, turns: Sequence[str]) -> list[int]:
         """Token ids of a context, oldest turns dropped to fit the model."""

@@ -72,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "train.py") -> int:
 
     try:
         result = train(cfg, args.output_dir)
-    except (ConfigError, DataError, ModelNotFoundError) as err:
+    except (ConfigError, DataError, ModelNotFoundError, ValueError, OSError) as err:  # bad config, data or files
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingError as err:

@@ -96,8 +96,7 @@ def read_vocab(path: str) -> dict[str, int]:
     if repeated:
         listed = "; ".join(f"{index}: {', '.join(map(repr, tokens[:3]))}" for index, tokens in
                            sorted(repeated.items())[:5])
-        raise ValueError(f"{path}: {len(repeated)} ids are given to several tokens ({listed}); "
-                         "each token needs its own id")
+        raise ValueError(f"{path}: ids given to several tokens: {listed}; each token needs its own id")
     return vocab
 
 
