@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import pytest
 
@@ -221,21 +222,32 @@ def test_messages_never_overwrite_the_progress_bar(responder, tmp_path):
 FAST = ["--num-beams", "1", "--max-length", "8", "--min-length", "0"]
 
 
-def _wait_for_commit(sidecar, next_line: int, process) -> None:
-    """Until the sidecar records input consumed up to `next_line`, or the process ends."""
-    while process.poll() is None:
-        try:
-            if json.loads(sidecar.read_text())["next_line"] >= next_line:
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass  # not written yet, or being replaced
+def _committed_line(sidecar) -> int:
+    """The next input line the sidecar records (0 while there is none)."""
+    try:
+        return json.loads(sidecar.read_text())["next_line"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _kill_when(process, sidecar, line: Optional[int], delay: float) -> bool:
+    """SIGKILL `process` `delay` seconds after its sidecar reaches input line `line` (after its start when
+    `line` is None); False if it ended first."""
+    while line is not None and process.poll() is None and _committed_line(sidecar) < line:
         time.sleep(0.002)
+    time.sleep(delay)
+    if process.poll() is not None:
+        return False
+    os.kill(process.pid, signal.SIGKILL)
+    return True
 
 
 def test_twenty_kills_at_random_moments_lose_and_repeat_nothing(model_dir, tmp_path):
     """`kill -9` of `bbsmall generate --resume` at 20 random moments of a 24-window run, each followed by a
-    resume: the committed bytes are always a prefix of an uninterrupted run's, and every completed
-    output equals it (each input line exactly once, in order, no NUL byte)."""
+    resume: the committed bytes are always a prefix of an uninterrupted run's, and every completed output
+    equals it (each input line exactly once, in order, no NUL byte). One kill in five lands at a random time
+    of start-up; the others a random 0-30 ms after the run commits one of the next 12 lines: while it
+    generates, writes or syncs the next window, or replaces the sidecar."""
     lines = [json.dumps({"id": i, "text": f"line {i}: what do you like to do on weekends?"}) for i in range(96)]
     write_lines(tmp_path / "in.jsonl", lines)
     env = dict(os.environ, BBSMALL_CACHE_DIR=str(tmp_path / "xla"))
@@ -243,35 +255,32 @@ def test_twenty_kills_at_random_moments_lose_and_repeat_nothing(model_dir, tmp_p
     def command(output: str) -> list[str]:
         return [sys.executable, "-m", "bbsmall_jax", "generate", "--model", model_dir, "--input",
                 str(tmp_path / "in.jsonl"), "--output", str(tmp_path / output), "--window", "4", "--batch-size",
-                "4", "--quiet", "--resume", *FAST]
+                "2", "--quiet", "--resume", *FAST]
 
     subprocess.run(command("reference.jsonl"), env=env, check=True, capture_output=True, timeout=600)  # compiles
-    began = time.perf_counter()
-    subprocess.run(command("warm.jsonl"), env=env, check=True, capture_output=True, timeout=600)
-    duration = time.perf_counter() - began  # a whole run, startup included, with compilations cached
     reference = (tmp_path / "reference.jsonl").read_bytes()
-    assert (tmp_path / "warm.jsonl").read_bytes() == reference
     assert [json.loads(line)["id"] for line in reference.splitlines()] == list(range(96))
 
     out, sidecar = tmp_path / "out.jsonl", tmp_path / "out.jsonl.progress.json"
-    rng, kills, mid_run = random.Random(14), 0, 0
+    rng, kills, mid_run, completed = random.Random(14), 0, 0, 0
     while kills < 20:
         process = subprocess.Popen(command("out.jsonl"), env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        if kills % 2:  # every other kill lands just after a random window's commit (they come in a quick burst)
-            _wait_for_commit(sidecar, rng.randrange(1, 24) * 4 + 1, process)
-            time.sleep(rng.uniform(0.0, 0.02))
-        else:  # the others anywhere in the run
-            time.sleep(rng.uniform(0.0, duration))
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            kills += 1
+        done = max(_committed_line(sidecar), 1)
+        if done > len(lines):  # all committed: let the run remove its sidecar and end
+            kills += _kill_when(process, sidecar, len(lines) + 2, 0.0)
+        elif rng.random() < 0.2:
+            kills += _kill_when(process, sidecar, None, rng.uniform(0.0, 3.0))
+        else:
+            line = min(done + rng.randint(1, 12), len(lines))  # one to three windows on: kills spread over the run
+            kills += _kill_when(process, sidecar, line, rng.uniform(0.0, 0.03))
         code = process.wait()
         data = out.read_bytes() if out.exists() else b""
         assert b"\x00" not in data
-        if code == 0:  # it finished before the kill: complete and exact; start over to kill again
+        if code == 0:  # it finished first: complete and exact; start over to kill again
             assert data == reference and not sidecar.exists()
             out.unlink()
+            completed += 1
             continue
         if sidecar.exists():
             committed = json.loads(sidecar.read_text())["bytes"]
@@ -280,4 +289,5 @@ def test_twenty_kills_at_random_moments_lose_and_repeat_nothing(model_dir, tmp_p
     final = subprocess.run(command("out.jsonl"), env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr
     assert out.read_bytes() == reference
-    assert mid_run >= 2  # some kills landed after a commit and before the end
+    print(f"20 kills: {mid_run} between the first commit and the last, {completed} runs ended before their kill")
+    assert mid_run >= 5

@@ -59,7 +59,7 @@ class GenerationMixin:
         names = set(GenerationConfig.field_names())
         for key, value in kwargs.items():
             if key in UNSUPPORTED:
-                if not neutral(value):
+                if not neutral(value, key):
                     raise ValueError(f"generation option {key}={value!r} is not supported by this implementation")
             elif key not in names:
                 raise TypeError(f"generate() got an unexpected keyword argument {key!r}")
