@@ -118,7 +118,6 @@ def _choices(replies: list[Reply], copies: int, stops: list[str]) -> list[tuple[
 
 def create_app(service: Service) -> FastAPI:
     """The application for one loaded model."""
-    page = resources.files("bbsmall_jax.serve").joinpath("static", "chat.html").read_text(encoding="utf-8")
 
     async def lifespan(app):
         service.loop = asyncio.get_running_loop()
@@ -130,6 +129,18 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="bbsmall serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     _add_error_handlers(app)
+    _add_info_routes(app, service)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _chat_completion(service, request)
+
+    return app
+
+
+def _add_info_routes(app: FastAPI, service: Service) -> None:
+    """The chat page, health, metrics and models."""
+    page = resources.files("bbsmall_jax.serve").joinpath("static", "chat.html").read_text(encoding="utf-8")
     metrics = service.metrics
 
     @app.get("/", response_class=HTMLResponse)
@@ -164,30 +175,29 @@ def create_app(service: Service) -> FastAPI:
             raise _unknown_model(model, service.model_id)
         return model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        arrived = time.perf_counter()
-        try:
-            body = await read_body(request, service.max_body_bytes)
-        except ClientDisconnect:
-            return Response(status_code=CLIENT_CLOSED)
-        chat = parse_request(body)
-        if chat.model != service.model_id:
-            raise _unknown_model(chat.model, service.model_id)
-        settings, copies = service.defaults.for_request(chat)
-        ids = await asyncio.to_thread(service.responder.context_ids, turns_of(chat))
-        try:
-            job = service.batcher.submit(ids, settings)
-        except QueueFull as err:
-            raise ApiError(503, f"The server is busy: {err}", code="queue_full", kind="server_error",
-                           headers={"Retry-After": str(err.retry_after)}) from None
-        metrics.in_flight.add(1)
-        reply = _Reply(service, chat, job, copies, len(ids), arrived)
-        if chat.stream:
-            return _EventStream(reply)
-        return await reply.whole(request)
 
-    return app
+async def _chat_completion(service: Service, request: Request) -> Response:
+    """POST /v1/chat/completions: check, tokenize (off the event loop), queue, then answer or stream."""
+    arrived = time.perf_counter()
+    try:
+        body = await read_body(request, service.max_body_bytes)
+    except ClientDisconnect:
+        return Response(status_code=CLIENT_CLOSED)
+    chat = parse_request(body)
+    if chat.model != service.model_id:
+        raise _unknown_model(chat.model, service.model_id)
+    settings, copies = service.defaults.for_request(chat)
+    ids = await asyncio.to_thread(service.responder.context_ids, turns_of(chat))
+    try:
+        job = service.batcher.submit(ids, settings)
+    except QueueFull as err:
+        raise ApiError(503, f"The server is busy: {err}", code="queue_full", kind="server_error",
+                       headers={"Retry-After": str(err.retry_after)}) from None
+    service.metrics.in_flight.add(1)
+    reply = _Reply(service, chat, job, copies, len(ids), arrived)
+    if chat.stream:
+        return _EventStream(reply)
+    return await reply.whole(request)
 
 
 def _unknown_model(name: str, served: str) -> ApiError:

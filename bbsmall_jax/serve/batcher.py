@@ -80,6 +80,7 @@ class Batcher:
         self._flush = self._stopping = False
         self._ids = itertools.count()
         self._batch_seconds = 0.0  # moving average of a generate call, for Retry-After
+        self._free_since = 0.0  # when the worker finished its last batch (time.monotonic)
         self.ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bbsmall-generate", daemon=True)
 
@@ -145,6 +146,7 @@ class Batcher:
             if batch is None:
                 return
             self._execute(batch)
+            self._free_since = time.monotonic()
 
     def _warm_up(self) -> None:
         """Compile every batch bucket for each warm-up (settings, context length bucket)."""
@@ -160,7 +162,9 @@ class Batcher:
                          time.perf_counter() - began)
 
     def _next_batch(self) -> Optional[list[Job]]:
-        """The oldest job's group, once it is full or the oldest has waited `max_wait`; None when stopped."""
+        """The oldest job's group, once it is full or `max_wait` has passed since the oldest arrived or, if it
+        arrived while the worker was busy, since the worker became free (so the requests answered by the
+        last batch may join the next); None when stopped."""
         with self._cond:
             while True:
                 if not self._jobs:
@@ -170,7 +174,7 @@ class Batcher:
                     continue
                 head = self._jobs[0]
                 group = [job for job in self._jobs if job.key == head.key][:self.max_batch]
-                remaining = head.enqueued + self.max_wait - time.monotonic()
+                remaining = max(head.enqueued, self._free_since) + self.max_wait - time.monotonic()
                 if len(group) >= self.max_batch or remaining <= 0 or self._flush or not head.settings.batchable:
                     for job in group:
                         self._jobs.remove(job)
