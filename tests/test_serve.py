@@ -354,6 +354,8 @@ def good(**changes):
 BAD_REQUESTS = [
     ("not json", b"{this is not json", 400, None, "invalid_json"),
     ("not an object", b"[1, 2]", 400, None, "invalid_json"),
+    ("NaN is not JSON", b'{"model": "bbsmall-demo", "messages": [], "temperature": NaN}', 400, None, "invalid_json"),
+    ("nested too deeply", b"[" * 30000 + b"]" * 30000, 400, None, "invalid_json"),
     ("messages not a list", good(messages="hi"), 400, "messages", "invalid_value"),
     ("temperature a string", good(temperature="hot"), 400, "temperature", "invalid_value"),
     ("max_tokens a float", good(max_tokens=1.5), 400, "max_tokens", "invalid_value"),
@@ -377,6 +379,7 @@ BAD_REQUESTS = [
     ("top_p above 1", good(top_p=1.5), 400, "top_p", "invalid_value"),
     ("n 0", good(n=0), 400, "n", "invalid_value"),
     ("n too large", good(n=1000), 400, "n", "invalid_value"),
+    ("seed beyond 64 bits", good(seed=2 ** 64), 400, "seed", "invalid_value"),
     ("too many stop strings", good(stop=["a", "b", "c", "d", "e"]), 400, "stop", "invalid_value"),
     ("unknown field", good(colour="blue"), 400, "colour", "unknown_parameter"),
     ("unsupported penalty", good(presence_penalty=1.0), 400, "presence_penalty", "unsupported_parameter"),

@@ -104,9 +104,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-buckets", metavar="SIZES",
                        help="batch sizes compiled, e.g. 1,8,32; a batch is padded up to the next "
                             "(default: powers of two up to --max-batch)")
-    group.add_argument("--warmup-lengths", default="16,32,64", metavar="TOKENS",
+    group.add_argument("--warmup-lengths", default="16,32", metavar="TOKENS",
                        help="context-length buckets compiled at start for every batch size, with the default "
-                            "settings, or none (default 16,32,64)")
+                            "settings, or none (default 16,32)")
     group.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default 256)")
     group.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     group.add_argument("--drain-timeout", type=float, default=30.0,

@@ -151,6 +151,10 @@ class Batcher:
     def _warm_up(self) -> None:
         """Compile every batch bucket for each warm-up (settings, context length bucket)."""
         tokens = self.responder.context_ids([WARMUP_TEXT]) or [self.responder.tokenizer.eos_token_id]
+        if self.warmup:
+            log.info("warm-up: compiling %d shapes (batch sizes %s x context lengths %s); /health answers 503 "
+                     "until done", len(self.warmup) * len(self.batch_buckets), ",".join(map(str, self.batch_buckets)),
+                     ",".join(str(length) for _, length in self.warmup))
         for settings, length in self.warmup:
             ids = list(itertools.islice(itertools.cycle(tokens), length))
             for size in self.batch_buckets:

@@ -58,7 +58,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, ge=0, le=1)
     n: Optional[int] = Field(None, ge=1, le=MAX_N)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2 ** 63, le=2 ** 63 - 1)
     stop: Union[str, list[str], None] = None
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
@@ -104,15 +104,22 @@ def _validation_error(err: ValidationError) -> ApiError:
     return ApiError(400, f"Invalid value for '{param}': {first['msg']} (got {shown})", param, "invalid_value")
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_request(body: bytes) -> ChatCompletionRequest:
     """A checked request from the raw body; ApiError(400) naming the problem otherwise."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ApiError(400, f"We could not parse the JSON body of your request ({err}). The body must be a "
+        data = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise ApiError(400, f"We could not parse the JSON body of your request ({reason}). The body must be a "
                        "JSON object.", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise ApiError(400, f"The request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+        kind = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+            type(data), "null")
+        raise ApiError(400, f"The request body must be a JSON object, got {kind}", code="invalid_json")
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as err:
