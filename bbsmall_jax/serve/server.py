@@ -69,6 +69,7 @@ def build_service(args: argparse.Namespace, responder: Responder) -> Service:
     """The Service for a loaded responder and the serving flags."""
     model = responder.model
     positions = model.config.max_position_embeddings
+    # --sample's fixed key is dropped: the batcher draws a key per call (or uses the request's seed)
     flag_kwargs = {k: v for k, v in responder.generation_kwargs.items() if k != "prng_key"}
     responder.generation_kwargs = flag_kwargs
     defaults = Defaults.resolve(model.generation_config, flag_kwargs,
