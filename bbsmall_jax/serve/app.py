@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Optional
@@ -42,6 +43,9 @@ class Service:
     draining: bool = False
     stopped: bool = False
     loop: Optional[asyncio.AbstractEventLoop] = None
+    # one thread tokenizes, off the event loop (the tokenizer's caches are not for concurrent writers)
+    tokenizing: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="bbsmall-tokenize"))
 
     def begin_drain(self) -> None:
         """SIGTERM: report not ready and stop holding batches open; in-flight requests are still answered."""
@@ -124,6 +128,7 @@ def create_app(service: Service) -> FastAPI:
         service.batcher.start()
         yield
         await asyncio.to_thread(service.batcher.stop, service.drain_timeout)
+        service.tokenizing.shutdown(wait=False)
         service.stopped = True
 
     app = FastAPI(title="bbsmall serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -187,7 +192,8 @@ async def _chat_completion(service: Service, request: Request) -> Response:
     if chat.model != service.model_id:
         raise _unknown_model(chat.model, service.model_id)
     settings, copies = service.defaults.for_request(chat)
-    ids = await asyncio.to_thread(service.responder.context_ids, turns_of(chat))
+    ids = await asyncio.get_running_loop().run_in_executor(service.tokenizing, service.responder.context_ids,
+                                                           turns_of(chat))
     try:
         job = service.batcher.submit(ids, settings)
     except QueueFull as err:

@@ -74,6 +74,9 @@ class Batcher:
         self.batch_buckets = tuple(sorted(set(batch_buckets or power_of_two_buckets(max_batch)) | {1}))
         self.max_positions = responder.model.config.max_position_embeddings
         self.warmup = tuple(warmup)
+        # tokenized here, before any request is tokenized on the server's tokenizing thread
+        self._warmup_ids = (responder.context_ids([WARMUP_TEXT]) or [responder.tokenizer.eos_token_id]
+                            if warmup else [])
         self._rng = np.random.default_rng(seed)
         self._jobs: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -150,13 +153,12 @@ class Batcher:
 
     def _warm_up(self) -> None:
         """Compile every batch bucket for each warm-up (settings, context length bucket)."""
-        tokens = self.responder.context_ids([WARMUP_TEXT]) or [self.responder.tokenizer.eos_token_id]
         if self.warmup:
             log.info("warm-up: compiling %d shapes (batch sizes %s x context lengths %s); /health answers 503 "
                      "until done", len(self.warmup) * len(self.batch_buckets), ",".join(map(str, self.batch_buckets)),
                      ",".join(str(length) for _, length in self.warmup))
         for settings, length in self.warmup:
-            ids = list(itertools.islice(itertools.cycle(tokens), length))
+            ids = list(itertools.islice(itertools.cycle(self._warmup_ids), length))
             for size in self.batch_buckets:
                 if self._stopping:
                     return
