@@ -203,7 +203,9 @@ def test_batcher_groups_by_settings_and_length_bucket():
 
     async def scenario():
         blocker = batcher.submit([1] * 3, short)  # runs first, alone, and holds the worker
+        began = time.monotonic()
         await asyncio.sleep(0.2)
+        assert time.monotonic() - began < 5  # the event loop runs while the worker is held (for up to 30 s)
         # while the worker is busy: short contexts (bucket 16), long ones (bucket 32), other settings
         jobs = [batcher.submit([1] * n, s) for n, s in ((5, short), (20, short), (6, short), (30, short),
                                                         (7, short), (8, other), (9, short), (10, short))]
