@@ -34,6 +34,7 @@ PROMPTS = [f"{opening} {topic}?" for opening in ("hi! do you like", "what do you
 
 
 def parse_args():
+    """The benchmark's flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="--model for the servers (default: the embedded demo model)")
     parser.add_argument("--clients", default="1,8,32,64", help="concurrent clients per level")
@@ -47,6 +48,7 @@ def parse_args():
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -79,6 +81,7 @@ class Server:
                                          "--no-access-log", *flags], stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 1800) -> None:
+        """Until /health answers 200 (warm-up done); exits naming the log if the server dies or takes too long."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -98,6 +101,7 @@ class Server:
             "bbsmall_batch_size_count", "bbsmall_batch_size_sum", "bbsmall_generate_duration_seconds_sum"))
 
     def stop(self) -> None:
+        """SIGTERM, then wait (kill after a minute)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -129,6 +133,7 @@ class Connection:
         return status, data
 
     def close(self) -> None:
+        """Close the connection (the next post reconnects)."""
         if self.writer is not None:
             self.writer.close()
             self.reader = self.writer = None
@@ -177,6 +182,7 @@ def measure(server: Server, model: str, clients: int, args) -> dict:
 
 
 def median(runs: list[dict], key: str) -> float:
+    """The median of one measure over the rounds."""
     return statistics.median(run[key] for run in runs)
 
 
@@ -186,6 +192,7 @@ def speedup(on: list[dict], off: list[dict]) -> float:
 
 
 def main() -> int:
+    """Start both servers, run every level on each in turns, report."""
     args = parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     common = args.server_flags.split() + (["--model", args.model] if args.model else [])

@@ -54,6 +54,7 @@ class Service:
         self.batcher.flush()
 
     def state(self) -> str:
+        """The health status: warming_up, ok or draining."""
         if self.draining:
             return "draining"
         return "ok" if self.batcher.ready.is_set() else "warming_up"
@@ -84,6 +85,7 @@ class MetricsMiddleware:
 
 
 def _error_response(err: ApiError) -> JSONResponse:
+    """The JSON response of an ApiError, with its headers."""
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
@@ -207,6 +209,7 @@ async def _chat_completion(service: Service, request: Request) -> Response:
 
 
 def _unknown_model(name: str, served: str) -> ApiError:
+    """404 for a model this server does not serve, as OpenAI answers."""
     return ApiError(404, f"The model '{name}' does not exist; this server serves '{served}'", "model",
                     "model_not_found")
 
@@ -264,6 +267,7 @@ class _Reply:
                                             self.prompt_tokens, completion_tokens))
 
     def _sse(self, choices: list[dict], usage_: Optional[dict] = None) -> str:
+        """One server-sent event holding a chunk."""
         return f"data: {json.dumps(chunk_body(self.id, self.created, self.chat.model, choices, usage_))}\n\n"
 
     async def events(self):

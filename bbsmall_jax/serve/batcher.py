@@ -50,6 +50,7 @@ class Job:
 
 
 def _settle(future: asyncio.Future, result) -> None:
+    """Resolve a future with a result or an exception, unless it is already done (on the event loop)."""
     if future.done():
         return
     if isinstance(result, BaseException):
@@ -90,6 +91,7 @@ class Batcher:
     # ---- the event loop's side
 
     def start(self) -> None:
+        """Start the worker thread (warm-up first)."""
         self._thread.start()
 
     def submit(self, ids: list[int], settings: Settings) -> Job:
@@ -138,6 +140,7 @@ class Batcher:
     # ---- the worker thread
 
     def _run(self) -> None:
+        """The worker: warm up, report ready, then run batches until stopped."""
         try:
             self._warm_up()
         except Exception:  # a failed warm-up leaves compiling to the first requests

@@ -40,6 +40,7 @@ class _Metric:
         return tuple(str(labels[n]) for n in self.label_names)
 
     def header(self) -> list[str]:
+        """The family's HELP and TYPE lines."""
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 
 
@@ -61,6 +62,7 @@ class Counter(_Metric):
             self._values[key] = self._values.get(key, 0.0) + amount
 
     def render(self) -> list[str]:
+        """The family's lines: one sample per label set."""
         with self._lock:
             items = sorted(self._values.items())
         return self.header() + [f"{self.name}{_labels(self.label_names, k)} {_number(v)}" for k, v in items]
@@ -76,18 +78,22 @@ class Gauge(_Metric):
         self._value = 0.0
 
     def set(self, value: float) -> None:
+        """Set the value."""
         with self._lock:
             self._value = float(value)
 
     def add(self, amount: float) -> None:
+        """Add `amount` (negative to subtract)."""
         with self._lock:
             self._value += amount
 
     @property
     def value(self) -> float:
+        """The current value."""
         return self._value
 
     def render(self) -> list[str]:
+        """The family's lines."""
         return self.header() + [f"{self.name} {_number(self._value)}"]
 
 
@@ -110,6 +116,7 @@ class Histogram(_Metric):
             self._sum += value
 
     def render(self) -> list[str]:
+        """The family's lines: cumulative buckets, then sum and count."""
         with self._lock:
             counts, total = list(self._counts), self._sum
         lines, running = self.header(), 0

@@ -42,6 +42,8 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    """`stream_options`: `include_usage` adds a final chunk with the token counts."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
@@ -105,6 +107,7 @@ def _validation_error(err: ValidationError) -> ApiError:
 
 
 def _no_constant(name: str):
+    """json.loads' hook for NaN and Infinity, which JSON does not have."""
     raise ValueError(f"{name} is not JSON")
 
 
@@ -214,6 +217,7 @@ def completion_body(completion_id: str, created: int, model: str, choices: list[
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's `usage` object."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 

@@ -95,6 +95,7 @@ class DrainingServer(uvicorn.Server):
         self.service = service
 
     def handle_exit(self, sig: int, frame) -> None:
+        """Start draining on the event loop (a signal handler must not take the service's locks)."""
         if self.service.loop is not None and not self.service.draining:
             log.info("bbsmall serve: draining in-flight requests, then exiting")
             self.service.loop.call_soon_threadsafe(self.service.begin_drain)
