@@ -1,1 +1,1 @@
-"""The `bbsmall` command: chat, generate (batch), convert, train, info."""
+"""The `bbsmall` command: chat, generate (batch), serve, convert, train, info."""

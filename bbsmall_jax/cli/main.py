@@ -1,4 +1,4 @@
-"""The `bbsmall` command: chat, generate (batch inference), convert, train, info, bench."""
+"""The `bbsmall` command: chat, generate (batch inference), serve, convert, train, info, bench."""
 
 from __future__ import annotations
 
@@ -109,6 +109,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bbsmall_jax.serve.server import check_flags, serve
+
+    check_flags(args)
+    generation_kwargs(args)  # flag errors before the (slower) model load
+    return serve(args, lambda: _responder(args))
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("serving")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    group.add_argument("--model-name", help="the id clients pass as `model` (default: --model, or bbsmall-demo)")
+    group.add_argument("--max-batch", type=int, default=32, help="most conversations in one generate call")
+    group.add_argument("--max-wait-ms", type=float, default=10.0,
+                       help="longest a request waits for others to fill its batch (default 10)")
+    group.add_argument("--batch-buckets", metavar="SIZES",
+                       help="batch sizes compiled, e.g. 1,8,32; a batch is padded up to the next "
+                            "(default: powers of two up to --max-batch)")
+    group.add_argument("--warmup-lengths", default="16,32", metavar="TOKENS",
+                       help="context-length buckets compiled at start for every batch size, with the default "
+                            "settings, or none (default 16,32)")
+    group.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default 256)")
+    group.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    group.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds SIGTERM waits for in-flight requests (default 30)")
+    group.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    group.add_argument("--no-access-log", action="store_true", help="do not log each request")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from bbsmall_jax.cli.convert import main as convert_main
 
@@ -153,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--summary-json", action="store_true", help="print the throughput summary as JSON")
     distributed.add_flags(generate)
     generate.set_defaults(run=cmd_generate)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible chat server with dynamic batching, metrics and "
+                                "a web chat page")
+    _add_model_flags(serve)
+    _add_generation_flags(serve)
+    _add_serve_flags(serve)
+    serve.set_defaults(run=cmd_serve)
 
     convert = commands.add_parser("convert", help="convert a checkpoint (same as convert_weights.py)")
     convert.add_argument("source")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
 from bbsmall_jax.checkpoint.hub import resolve_directory
+from bbsmall_jax.generation.config import GLOBAL_DEFAULTS, GenerationConfig
 from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
 from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
 
@@ -46,6 +48,15 @@ def load_chat_model(name: Optional[str] = None, dtype: str = "auto"):
         raise FileNotFoundError(f"{name or directory} has no tokenizer files (vocab.json, merges.txt)")
     model = BlenderbotSmallForConditionalGeneration.from_pretrained(directory, dtype=dtype)
     return model, BlenderbotSmallTokenizer.from_pretrained(directory)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One generated reply: its text, its tokens and why it ended."""
+
+    text: str
+    token_ids: tuple[int, ...]  # generated tokens: the start token and padding dropped, the final EOS kept
+    finish_reason: str  # "stop" (the model ended it) or "length" (it reached the length limit)
 
 
 class Responder:
@@ -102,3 +113,40 @@ class Responder:
         """Replies to a batch of contexts, each a list of turns (oldest first)."""
         ids = [self.context_ids(turns) for turns in contexts]
         return [self.decode(row) for row in self.reply_ids(ids, **overrides)]
+
+    def max_reply_length(self, **overrides) -> int:
+        """The `max_length` a call with these overrides decodes to (start token included), as `generate`
+        resolves it for the encoder-decoder: max_new_tokens + 1, else max_length, else the global default + 1."""
+        settings = {**self.generation_kwargs, **overrides}
+        names = set(GenerationConfig.field_names())
+        cfg = self.model.generation_config.replace(**{k: v for k, v in settings.items() if k in names})
+        if cfg.max_new_tokens is not None:
+            return cfg.max_new_tokens + 1
+        if cfg.max_length is None:
+            return min(GLOBAL_DEFAULTS["max_length"] + 1, self.model.config.max_position_embeddings)
+        return cfg.max_length
+
+    def _eos_ids(self, **overrides) -> set[int]:
+        """The ids that end a reply under these settings."""
+        value = {**self.generation_kwargs, **overrides}.get("eos_token_id", self.model.generation_config.eos_token_id)
+        if value is None:
+            value = self.model.config.eos_token_id
+        return set(value) if isinstance(value, (list, tuple)) else {value}
+
+    def finished_reply(self, row: Sequence[int], max_length: int, eos_ids: set[int]) -> Reply:
+        """A Reply from one generated row [start, tokens..., EOS, padding...] decoded to `max_length`."""
+        generated = [int(t) for t in row[1:max_length]]
+        end = next((i for i, token in enumerate(generated) if token in eos_ids), None)
+        if end is not None:
+            generated = generated[:end + 1]
+        limited = end is None or end + 2 >= max_length  # EOS at the last position is the forced one
+        return Reply(self.decode(generated), tuple(generated), "length" if limited else "stop")
+
+    def replies(self, contexts: Sequence[list[int]], **overrides) -> list[list[Reply]]:
+        """Replies to a batch of id contexts in one `generate` call: for each context its
+        `num_return_sequences` replies (one for greedy search), with token ids and finish reasons."""
+        rows = self.reply_ids(contexts, **overrides)
+        max_length, eos_ids = self.max_reply_length(**overrides), self._eos_ids(**overrides)
+        per_context = len(rows) // max(len(contexts), 1)
+        return [[self.finished_reply(row, max_length, eos_ids) for row in rows[i * per_context:(i + 1) * per_context]]
+                for i in range(len(contexts))]

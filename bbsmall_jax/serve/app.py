@@ -1,0 +1,335 @@
+"""The FastAPI application: OpenAI's chat completions (plain and streamed), models, health, metrics, the chat page."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from bbsmall_jax.cli.responder import Reply, Responder
+from bbsmall_jax.serve.batcher import Batcher, Job, QueueFull
+from bbsmall_jax.serve.metrics import ServerMetrics
+from bbsmall_jax.serve.schemas import (ApiError, ChatCompletionRequest, chunk_body, completion_body, error_body,
+                                       parse_request, stop_strings, turns_of, usage)
+from bbsmall_jax.serve.settings import Defaults
+
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the reply
+PATHS = ("/", "/health", "/health/live", "/metrics", "/v1/models", "/v1/chat/completions")
+
+
+@dataclass
+class Service:
+    """What the endpoints share: the model's responder and batcher, defaults, limits, metrics and state."""
+
+    responder: Responder
+    batcher: Batcher
+    metrics: ServerMetrics
+    defaults: Defaults
+    model_id: str
+    max_body_bytes: int = 1 << 20
+    drain_timeout: float = 30.0
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+    stopped: bool = False
+    loop: Optional[asyncio.AbstractEventLoop] = None
+    # one thread tokenizes, off the event loop (the tokenizer's caches are not for concurrent writers)
+    tokenizing: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="bbsmall-tokenize"))
+
+    def begin_drain(self) -> None:
+        """SIGTERM: report not ready and stop holding batches open; in-flight requests are still answered."""
+        self.draining = True
+        self.metrics.ready.set(0)
+        self.batcher.flush()
+
+    def state(self) -> str:
+        """The health status: warming_up, ok or draining."""
+        if self.draining:
+            return "draining"
+        return "ok" if self.batcher.ready.is_set() else "warming_up"
+
+
+class MetricsMiddleware:
+    """Counts every HTTP response by path and status (pure ASGI, so streaming and disconnects pass through)."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope["path"] if scope["path"] in PATHS else (
+                "/v1/models/{model}" if scope["path"].startswith("/v1/models/") else "other")
+            self.metrics.requests.inc(path=path, status=status["code"])
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    """The JSON response of an ApiError, with its headers."""
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or ApiError(413) as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    too_large = f"The request body is larger than this server's limit of {limit} bytes"
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"{too_large} (Content-Length: {declared})", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, too_large, code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _choices(replies: list[Reply], copies: int, stops: list[str]) -> list[tuple[str, str, int]]:
+    """(text, finish_reason, tokens) per choice: each reply `copies` times, cut at the first stop string."""
+    out = []
+    for reply in replies:
+        text, reason = reply.text, reply.finish_reason
+        cuts = [text.find(s) for s in stops if s in text]
+        if cuts:
+            text, reason = text[:min(cuts)], "stop"
+        out += [(text, reason, len(reply.token_ids))] * copies
+    return out
+
+
+def create_app(service: Service) -> FastAPI:
+    """The application for one loaded model."""
+
+    async def lifespan(app):
+        service.loop = asyncio.get_running_loop()
+        service.batcher.start()
+        yield
+        await asyncio.to_thread(service.batcher.stop, service.drain_timeout)
+        service.tokenizing.shutdown(wait=False)
+        service.stopped = True
+
+    app = FastAPI(title="bbsmall serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    _add_error_handlers(app)
+    _add_info_routes(app, service)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _chat_completion(service, request)
+
+    return app
+
+
+def _add_info_routes(app: FastAPI, service: Service) -> None:
+    """The chat page, health, metrics and models."""
+    page = resources.files("bbsmall_jax.serve").joinpath("static", "chat.html").read_text(encoding="utf-8")
+    metrics = service.metrics
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        state = service.state()
+        body = {"status": state, "ready": state == "ok", "model": service.model_id,
+                "queue_depth": int(metrics.queue_depth.value)}
+        return JSONResponse(body, status_code=200 if state == "ok" else 503)
+
+    @app.get("/health/live")
+    async def live():
+        return {"status": "alive"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=ServerMetrics.CONTENT_TYPE)
+
+    def model_card() -> dict:
+        return {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "bbsmall_jax"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def one_model(model: str):
+        if model != service.model_id:
+            raise _unknown_model(model, service.model_id)
+        return model_card()
+
+
+async def _chat_completion(service: Service, request: Request) -> Response:
+    """POST /v1/chat/completions: check, tokenize (off the event loop), queue, then answer or stream."""
+    arrived = time.perf_counter()
+    try:
+        body = await read_body(request, service.max_body_bytes)
+    except ClientDisconnect:
+        return Response(status_code=CLIENT_CLOSED)
+    chat = parse_request(body)
+    if chat.model != service.model_id:
+        raise _unknown_model(chat.model, service.model_id)
+    settings, copies = service.defaults.for_request(chat)
+    ids = await asyncio.get_running_loop().run_in_executor(service.tokenizing, service.responder.context_ids,
+                                                           turns_of(chat))
+    try:
+        job = service.batcher.submit(ids, settings)
+    except QueueFull as err:
+        raise ApiError(503, f"The server is busy: {err}", code="queue_full", kind="server_error",
+                       headers={"Retry-After": str(err.retry_after)}) from None
+    service.metrics.in_flight.add(1)
+    reply = _Reply(service, chat, job, copies, len(ids), arrived)
+    if chat.stream:
+        return _EventStream(reply)
+    return await reply.whole(request)
+
+
+def _unknown_model(name: str, served: str) -> ApiError:
+    """404 for a model this server does not serve, as OpenAI answers."""
+    return ApiError(404, f"The model '{name}' does not exist; this server serves '{served}'", "model",
+                    "model_not_found")
+
+
+class _Reply:
+    """Answering one submitted request: the whole completion, or its server-sent events."""
+
+    def __init__(self, service: Service, chat: ChatCompletionRequest, job: Job, copies: int, prompt_tokens: int,
+                 arrived: float):
+        self.service, self.chat, self.job, self.copies = service, chat, job, copies
+        self.prompt_tokens, self.arrived = prompt_tokens, arrived
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        self.finished = False
+
+    def abandon(self) -> None:
+        """The reply will not be sent (the client left, or the server cancels): drop the job, once."""
+        if not self.finished:
+            self.service.batcher.cancel(self.job)
+            self._done()
+
+    def _done(self, choices: Optional[list] = None) -> None:
+        """Count the request as finished (answered when `choices` is given)."""
+        if self.finished:
+            return
+        self.finished = True
+        metrics = self.service.metrics
+        metrics.in_flight.add(-1)
+        if choices is not None:
+            metrics.latency.observe(time.perf_counter() - self.arrived)
+            metrics.prompt_tokens.inc(self.prompt_tokens)
+            metrics.generated_tokens.inc(sum(tokens for _, _, tokens in choices))
+
+    async def whole(self, request: Request) -> Response:
+        """The chat.completion body, or nothing (499) if the client leaves first."""
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({self.job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self.abandon()
+            raise
+        finally:
+            watcher.cancel()
+        if not self.job.future.done():
+            self.abandon()
+            return Response(status_code=CLIENT_CLOSED)
+        try:
+            choices = _choices(self.job.future.result(), self.copies, stop_strings(self.chat))
+        except Exception:
+            self._done()
+            raise
+        self._done(choices)
+        completion_tokens = sum(tokens for _, _, tokens in choices)
+        return JSONResponse(completion_body(self.id, self.created, self.chat.model,
+                                            [(text, reason) for text, reason, _ in choices],
+                                            self.prompt_tokens, completion_tokens))
+
+    def _sse(self, choices: list[dict], usage_: Optional[dict] = None) -> str:
+        """One server-sent event holding a chunk."""
+        return f"data: {json.dumps(chunk_body(self.id, self.created, self.chat.model, choices, usage_))}\n\n"
+
+    async def events(self):
+        """Server-sent events in OpenAI's chunk format: role, each whole reply, finish reasons, [DONE]."""
+        try:
+            yield self._sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(self.chat.n or 1)])
+            try:
+                choices = _choices(await self.job.future, self.copies, stop_strings(self.chat))
+            except Exception as err:
+                self._done()
+                yield f"data: {json.dumps(error_body(f'generation failed: {err}', 'server_error'))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            self._done(choices)
+            for i, (text, _, _) in enumerate(choices):
+                yield self._sse([{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+            yield self._sse([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}
+                             for i, (_, reason, _) in enumerate(choices)])
+            if self.chat.stream_options is not None and self.chat.stream_options.include_usage:
+                yield self._sse([], usage(self.prompt_tokens, sum(tokens for _, _, tokens in choices)))
+            yield "data: [DONE]\n\n"
+        finally:
+            self.abandon()
+
+
+class _EventStream(StreamingResponse):
+    """The event stream of a reply; a stream that ends before its reply (the client left) drops the job."""
+
+    def __init__(self, reply: _Reply):
+        super().__init__(reply.events(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.reply = reply
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.reply.abandon()
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answers in OpenAI's shape."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        return _error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        if err.status_code == 404:
+            message, code = f"Invalid URL ({request.method} {request.url.path})", "unknown_url"
+        elif err.status_code == 405:
+            message, code = f"Method {request.method} is not allowed for {request.url.path}", "method_not_allowed"
+        else:
+            message, code = str(err.detail), None
+        return _error_response(ApiError(err.status_code, message, code=code, headers=err.headers))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError):
+        return _error_response(ApiError(400, f"Invalid request: {err.errors()[0].get('msg', err)}"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception):
+        return _error_response(ApiError(500, f"Internal error: {type(err).__name__}: {err}", kind="server_error"))

@@ -1,0 +1,122 @@
+"""Running the server: the model, batcher and app from the command's flags, under uvicorn with a SIGTERM drain."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from typing import Callable
+
+import uvicorn
+
+from bbsmall_jax.cli.responder import Responder
+from bbsmall_jax.generation.prepare import bucket_length
+from bbsmall_jax.serve.app import Service, create_app
+from bbsmall_jax.serve.batcher import Batcher, power_of_two_buckets
+from bbsmall_jax.serve.metrics import ServerMetrics
+from bbsmall_jax.serve.settings import Defaults
+
+log = logging.getLogger("uvicorn.error")
+DEMO_MODEL_ID = "bbsmall-demo"
+
+
+def parse_sizes(text: str, flag: str, allow_none: bool = False) -> tuple[int, ...]:
+    """"1,2,8" -> (1, 2, 8); "none" -> () where allowed; anything else is an error naming the flag."""
+    if allow_none and text.strip().lower() in ("none", "0", ""):
+        return ()
+    try:
+        sizes = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers such as 1,2,4") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"{flag} {text!r}: expected positive integers")
+    return sizes
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Clear errors for the serving flags, before the model loads."""
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: expected 0-65535")
+    for name, minimum in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1024)):
+        if getattr(args, name) < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {minimum}")
+    if args.max_wait_ms < 0:
+        raise ValueError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
+    if args.drain_timeout <= 0:
+        raise ValueError(f"--drain-timeout {args.drain_timeout}: must be > 0")
+    if args.batch_buckets is not None:
+        buckets = parse_sizes(args.batch_buckets, "--batch-buckets")
+        odd = [b for b in buckets if b & (b - 1)]
+        if odd:
+            raise ValueError(f"--batch-buckets: {odd[0]} is not a power of two (generate pads batches to one)")
+        if buckets[-1] < args.max_batch:
+            raise ValueError(f"--batch-buckets {args.batch_buckets}: the largest ({buckets[-1]}) is below "
+                             f"--max-batch {args.max_batch}")
+    parse_sizes(args.warmup_lengths, "--warmup-lengths", allow_none=True)
+
+
+def model_id(args: argparse.Namespace) -> str:
+    """The name clients pass as `model`: --model-name, else the --model given, else bbsmall-demo."""
+    if args.model_name:
+        return args.model_name
+    if args.model is None:
+        return DEMO_MODEL_ID
+    return os.path.basename(os.path.normpath(args.model)) if os.path.isdir(args.model) else args.model
+
+
+def build_service(args: argparse.Namespace, responder: Responder) -> Service:
+    """The Service for a loaded responder and the serving flags."""
+    model = responder.model
+    positions = model.config.max_position_embeddings
+    # --sample's fixed key is dropped: the batcher draws a key per call (or uses the request's seed)
+    flag_kwargs = {k: v for k, v in responder.generation_kwargs.items() if k != "prng_key"}
+    responder.generation_kwargs = flag_kwargs
+    defaults = Defaults.resolve(model.generation_config, flag_kwargs,
+                                min(responder.max_reply_length(), positions), positions)
+    settings = defaults.default_settings()
+    lengths = sorted({bucket_length(min(n, responder.max_context_tokens), positions)
+                      for n in parse_sizes(args.warmup_lengths, "--warmup-lengths", allow_none=True)})
+    buckets = (parse_sizes(args.batch_buckets, "--batch-buckets") if args.batch_buckets
+               else power_of_two_buckets(args.max_batch))
+    metrics = ServerMetrics()
+    batcher = Batcher(responder, metrics, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                      max_queue=args.max_queue, batch_buckets=buckets,
+                      warmup=[(settings, length) for length in lengths], seed=args.seed)
+    return Service(responder, batcher, metrics, defaults, model_id(args), max_body_bytes=args.max_body_bytes,
+                   drain_timeout=args.drain_timeout)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the service when SIGTERM/SIGINT starts the graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config, service: Service):
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig: int, frame) -> None:
+        """Start draining on the event loop (a signal handler must not take the service's locks)."""
+        if self.service.loop is not None and not self.service.draining:
+            log.info("bbsmall serve: draining in-flight requests, then exiting")
+            self.service.loop.call_soon_threadsafe(self.service.begin_drain)
+        super().handle_exit(sig, frame)
+
+
+def serve(args: argparse.Namespace, make_responder: Callable[[], Responder]) -> int:
+    """Load the model, serve until SIGTERM/SIGINT, drain, and return 0 (128 + signal if stopped before serving)."""
+    holder: dict = {}
+
+    def before_or_after_uvicorn(sig: int, frame) -> None:
+        if "service" in holder and holder["service"].stopped:
+            return  # uvicorn re-raises the signal it shut down for; the drain is done, so exit normally
+        raise SystemExit(128 + sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, before_or_after_uvicorn)
+    service = holder["service"] = build_service(args, make_responder())
+    config = uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=not args.no_access_log, timeout_graceful_shutdown=args.drain_timeout,
+                            lifespan="on")
+    log.info("bbsmall serve: model %s on http://%s:%d (chat page at /)", service.model_id, args.host, args.port)
+    DrainingServer(config, service).run()
+    return 0 if service.stopped else 1

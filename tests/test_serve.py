@@ -1,0 +1,563 @@
+"""`bbsmall serve` on a free loopback port with the embedded demo model, driven by the official `openai` client:
+completions, personas, streaming, 32 concurrent requests batched and equal to `generate` alone, every bad
+request's 4xx, disconnects, a full queue, the SIGTERM drain, and the chat page in headless Chromium."""
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import threading
+import types
+
+import httpx
+import openai
+import pytest
+
+from bbsmall_jax.cli import main as cli
+from bbsmall_jax.cli.responder import Reply, Responder, enable_compilation_cache, load_chat_model
+from bbsmall_jax.serve.batcher import Batcher, QueueFull
+from bbsmall_jax.serve.metrics import ServerMetrics
+from bbsmall_jax.serve.schemas import ApiError, parse_request, turns_of
+from bbsmall_jax.serve.settings import Defaults, Settings
+
+MODEL = "bbsmall-demo"
+# Few shapes to compile: batches padded to 1 or 32, contexts of at most 32 tokens (the demo tokenizer spells
+# a turn separator in 6 tokens), replies of at most 15.
+FLAGS = ["--num-beams", "1", "--max-length", "16", "--batch-buckets", "1,32", "--max-context", "32",
+         "--max-body-bytes", "65536"]
+GENERATION = dict(num_beams=1, max_length=16)  # the same, as `generate` kwargs
+MAX_CONTEXT = 32
+TOPICS = ["dogs", "cats", "pizza", "music", "football", "rain", "books", "movies", "school", "work", "coffee",
+          "travel", "summer", "games", "cars", "cooking"]
+CONVERSATIONS = [[f"hi! do you like {topic}?"] for topic in TOPICS] + [
+    [f"what do you think about {topic}?"] for topic in TOPICS]  # 32, in the warm-up's context bucket (16)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`python -m bbsmall_jax serve` in a subprocess on a free loopback port, its output in a log file."""
+
+    def __init__(self, flags: list[str], log_path: str):
+        self.port, self.log_path = free_port(), log_path
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bbsmall_jax", "serve", "--port", str(self.port), *flags],
+            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()[-4000:]
+
+    def wait_ready(self, timeout: float = 420) -> None:
+        """Until /health answers 200 (warm-up done); fails with the log if the server dies or takes too long."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="not-needed", max_retries=0, timeout=300)
+
+    def metrics(self) -> dict:
+        return parse_metrics(httpx.get(self.url + "/metrics", timeout=30).text)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def parse_metrics(text: str) -> dict:
+    """{(name, ((label, value), ...)): value} from the Prometheus text format."""
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.fullmatch(r'([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)', line)
+        assert match, f"not a Prometheus sample line: {line!r}"
+        labels = tuple(sorted(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or "")))
+        samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The server every test below shares: greedy, 16 tokens, batches of up to 32 padded to 1 or 32."""
+    enable_compilation_cache()  # the server's compilations serve this process's `generate` calls too
+    log = str(tmp_path_factory.mktemp("serve") / "server.log")
+    process = Server(FLAGS + ["--warmup-lengths", "16"], log)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def responder():
+    model, tokenizer = load_chat_model(None)
+    return Responder(model, tokenizer, GENERATION, max_context_tokens=MAX_CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def alone(responder):
+    """The reply `generate` gives each conversation alone (batch of one), memoised."""
+    cache = {}
+
+    def reply(turns, **overrides):
+        if "prng_key" in overrides:  # a key is not hashable: sampled replies are not memoised
+            return responder.replies([responder.context_ids(turns)], **overrides)[0][0]
+        key = (tuple(turns), tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = responder.replies([responder.context_ids(turns)], **overrides)[0][0]
+        return cache[key]
+
+    return reply
+
+
+def messages_of(turns, persona=None):
+    roles = ["user", "assistant"] * len(turns)
+    start = len(turns) % 2 == 0  # the last turn is the user's
+    messages = [{"role": roles[i + start], "content": text} for i, text in enumerate(turns)]
+    return ([{"role": "system", "content": persona}] if persona else []) + messages
+
+
+# ---- without a server: the request mapping and the batcher, on a stub responder
+
+
+def test_messages_become_persona_lines_and_turns():
+    request = parse_request(json.dumps({"model": MODEL, "messages": [
+        {"role": "system", "content": "i have two dogs.\n\nyour persona: i love hiking."},
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "hey"}]},
+        {"role": "user", "content": "  "}, {"role": "user", "content": "pets?"}]}).encode())
+    assert turns_of(request) == ["your persona: i have two dogs.", "your persona: i love hiking.", "hi", "hey",
+                                 "pets?"]
+
+
+def test_request_settings():
+    defaults = Defaults(do_sample=False, num_beams=4, temperature=1.0, top_p=1.0, max_length=32, max_positions=128)
+
+    def settings(**fields):
+        return defaults.for_request(parse_request(json.dumps(good(**fields)).encode()))
+
+    assert settings() == (defaults.default_settings(), 1)
+    assert settings() == (Settings(False, 4, None, None, 32, 1, None), 1)  # the server's beam search
+    assert settings(n=3, max_tokens=9) == (Settings(False, 4, None, None, 10, 3, None), 1)  # the 3 best beams
+    assert settings(temperature=0, n=2) == (Settings(False, 1, None, None, 32, 1, None), 2)  # greedy, copied
+    assert settings(top_p=0) == (Settings(False, 1, None, None, 32, 1, None), 1)
+    assert settings(temperature=0.7, seed=3) == (Settings(True, 1, 0.7, 1.0, 32, 1, 3), 1)
+    assert settings(top_p=0.9, n=2) == (Settings(True, 1, 1.0, 0.9, 32, 2, None), 1)
+    assert not settings(temperature=0.7, seed=3)[0].batchable and settings(temperature=0.7)[0].batchable
+    with pytest.raises(ApiError, match="more than the 4 beams"):
+        settings(n=5)
+    with pytest.raises(ApiError, match="limit of 127 tokens"):
+        settings(max_tokens=128)
+
+
+class StubResponder:
+    """Stands in for the model: records each call's batch; the first call waits until released."""
+
+    def __init__(self):
+        self.calls, self.release = [], threading.Event()
+        self.model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=128))
+
+    def replies(self, contexts, **kwargs):
+        if not self.calls:
+            self.release.wait(30)
+        self.calls.append(([len(c) for c in contexts], kwargs["max_length"]))
+        return [[Reply(f"{len(c)} tokens", (9, 2), "stop")] * kwargs["num_return_sequences"] for c in contexts]
+
+
+def test_batcher_groups_by_settings_and_length_bucket():
+    responder = StubResponder()
+    batcher = Batcher(responder, ServerMetrics(), max_batch=4, max_wait_ms=50, batch_buckets=(1, 2, 4))
+    short, other = Settings(False, 1, None, None, 16, 1, None), Settings(False, 1, None, None, 20, 1, None)
+
+    async def scenario():
+        blocker = batcher.submit([1] * 3, short)  # runs first, alone, and holds the worker
+        began = time.monotonic()
+        await asyncio.sleep(0.2)
+        assert time.monotonic() - began < 5  # the event loop runs while the worker is held (for up to 30 s)
+        # while the worker is busy: short contexts (bucket 16), long ones (bucket 32), other settings
+        jobs = [batcher.submit([1] * n, s) for n, s in ((5, short), (20, short), (6, short), (30, short),
+                                                        (7, short), (8, other), (9, short), (10, short))]
+        gone = batcher.submit([1] * 11, short)
+        batcher.cancel(gone)  # a client that left before its batch: never generated
+        responder.release.set()
+        results = await asyncio.gather(blocker.future, *(job.future for job in jobs))
+        return [replies[0].text for replies in results]
+
+    batcher.start()
+    try:
+        texts = asyncio.run(scenario())
+    finally:
+        batcher.stop(10)
+    assert texts == [f"{n} tokens" for n in (3, 5, 20, 6, 30, 7, 8, 9, 10)]  # each request gets its own reply
+    assert responder.calls == [
+        ([3], 16),  # the blocker
+        ([5, 6, 7, 9], 16),  # the oldest group, full at max_batch
+        ([20, 30], 16),  # the next oldest: same settings, longer bucket
+        ([8], 20),  # other settings
+        ([10], 16)]  # the rest of the first group
+    metrics = parse_metrics(batcher.metrics.render())
+    assert metrics[("bbsmall_batch_size_count", ())] == 5 and metrics[("bbsmall_batch_size_sum", ())] == 9
+    assert metrics[("bbsmall_queue_depth", ())] == 0
+
+
+def test_batcher_pads_to_buckets_and_refuses_a_full_queue():
+    responder = StubResponder()
+    batcher = Batcher(responder, ServerMetrics(), max_batch=8, max_wait_ms=30, max_queue=3, batch_buckets=(1, 8))
+    settings = Settings(False, 1, None, None, 16, 1, None)
+
+    async def scenario():
+        jobs = [batcher.submit([1] * 4, settings) for _ in range(3)]
+        with pytest.raises(QueueFull) as refused:
+            batcher.submit([1] * 4, settings)
+        responder.release.set()
+        await asyncio.gather(*(job.future for job in jobs))
+        return refused.value
+
+    batcher.start()
+    try:
+        refused = asyncio.run(scenario())
+    finally:
+        batcher.stop(10)
+    assert refused.retry_after >= 1 and "full (3 waiting)" in str(refused)
+    assert responder.calls == [([4] * 8, 16)]  # 3 conversations padded to the batch bucket of 8
+    assert parse_metrics(batcher.metrics.render())[("bbsmall_queue_rejections_total", ())] == 1
+
+
+# ---- the real server
+
+
+def test_completion_with_the_openai_client(server, alone, responder):
+    turns = ["hello, how are you?"]
+    completion = server.client().chat.completions.create(model=MODEL, messages=messages_of(turns))
+    expected = alone(turns)
+    assert completion.object == "chat.completion" and completion.model == MODEL
+    assert completion.id.startswith("chatcmpl-") and len(completion.choices) == 1
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == expected.text != ""
+    assert choice.finish_reason == expected.finish_reason
+    assert completion.usage.prompt_tokens == len(responder.context_ids(turns))
+    assert completion.usage.completion_tokens == len(expected.token_ids)
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+
+def test_multi_turn_with_a_system_persona(server, alone, responder):
+    turns = ["hi", "hello", "any pets?"]
+    completion = server.client().chat.completions.create(model=MODEL, messages=messages_of(turns, "i love dogs."))
+    context = ["your persona: i love dogs.", *turns]
+    assert completion.choices[0].message.content == alone(context).text
+    assert completion.usage.prompt_tokens == len(responder.context_ids(context)) == 31  # nothing dropped
+    long = ["tell me everything about your favourite places to travel and why you like them so much"] * 3
+    truncated = server.client().chat.completions.create(model=MODEL, messages=messages_of(long, "i love dogs."))
+    assert truncated.usage.prompt_tokens <= MAX_CONTEXT  # the oldest turns, persona first, were dropped
+    assert truncated.choices[0].message.content == alone(["your persona: i love dogs.", *long]).text
+
+
+def test_stream_in_openai_chunks(server, alone):
+    turns = ["what do you like to do for fun?"]
+    stream = server.client().chat.completions.create(model=MODEL, messages=messages_of(turns), stream=True,
+                                                     stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == alone(turns).text
+    finished = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finished == [alone(turns).finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(alone(turns).token_ids)
+    raw = httpx.post(server.url + "/v1/chat/completions", timeout=300,
+                     json={"model": MODEL, "messages": messages_of(turns), "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_n_stop_and_max_tokens(server, alone):
+    client, turns = server.client(), ["do you like music?"]
+    expected = alone(turns)
+    two = client.chat.completions.create(model=MODEL, messages=messages_of(turns), n=2, temperature=0)
+    assert [c.message.content for c in two.choices] == [expected.text] * 2 and [c.index for c in two.choices] == [0, 1]
+    word = expected.text.split()[1]
+    stopped = client.chat.completions.create(model=MODEL, messages=messages_of(turns), stop=[word, "zzz"])
+    assert stopped.choices[0].message.content == expected.text[:expected.text.find(word)]
+    assert stopped.choices[0].finish_reason == "stop"
+    short = client.chat.completions.create(model=MODEL, messages=messages_of(turns), max_tokens=4)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 4
+    assert short.choices[0].message.content == alone(turns, max_length=5).text
+
+
+def test_seeded_sampling_is_reproducible(server, alone):
+    client, turns = server.client(), ["tell me about your family"]
+    replies = [client.chat.completions.create(model=MODEL, messages=messages_of(turns), temperature=0.9,
+                                              seed=11).choices[0].message.content for _ in range(2)]
+    import jax
+
+    expected = alone(turns, do_sample=True, temperature=0.9, top_p=1.0, num_return_sequences=1,
+                     prng_key=jax.random.PRNGKey(11))
+    assert replies == [expected.text] * 2
+
+
+def test_32_concurrent_requests_are_batched_and_equal_generate_alone(server, alone):
+    before = server.metrics()
+    client = server.client()
+
+    def ask(turns):
+        return client.chat.completions.create(model=MODEL, messages=messages_of(turns)).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(len(CONVERSATIONS)) as pool:
+        replies = list(pool.map(ask, CONVERSATIONS))
+    assert replies == [alone(turns).text for turns in CONVERSATIONS]
+    after = server.metrics()
+    count = ("bbsmall_batch_size_count", ())
+    single = ("bbsmall_batch_size_bucket", (("le", "1"),))
+    batches = after[count] - before[count]
+    larger = batches - (after[single] - before[single])
+    assert larger >= 1, f"{batches} generate calls, none with more than one conversation"
+    assert batches < len(CONVERSATIONS)
+    answered = ("bbsmall_requests_total", (("path", "/v1/chat/completions"), ("status", "200")))
+    assert after[answered] - before[answered] == len(CONVERSATIONS)
+    assert after[("bbsmall_requests_in_flight", ())] == 0 and after[("bbsmall_ready", ())] == 1
+    assert after[("bbsmall_generated_tokens_total", ())] > before[("bbsmall_generated_tokens_total", ())]
+    assert ("bbsmall_request_duration_seconds_bucket", (("le", "+Inf"),)) in after
+
+
+def good(**changes):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **changes}
+
+
+BAD_REQUESTS = [
+    ("not json", b"{this is not json", 400, None, "invalid_json"),
+    ("not an object", b"[1, 2]", 400, None, "invalid_json"),
+    ("NaN is not JSON", b'{"model": "bbsmall-demo", "messages": [], "temperature": NaN}', 400, None, "invalid_json"),
+    ("nested too deeply", b"[" * 30000 + b"]" * 30000, 400, None, "invalid_json"),
+    ("messages not a list", good(messages="hi"), 400, "messages", "invalid_value"),
+    ("temperature a string", good(temperature="hot"), 400, "temperature", "invalid_value"),
+    ("max_tokens a float", good(max_tokens=1.5), 400, "max_tokens", "invalid_value"),
+    ("n a boolean", good(n=True), 400, "n", "invalid_value"),
+    ("stream a string", good(stream="yes"), 400, "stream", "invalid_value"),
+    ("content a number", good(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content", "invalid_value"),
+    ("image content", good(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     400, "messages[0].content[0]", "invalid_value"),
+    ("role missing", good(messages=[{"content": "hi"}]), 400, "messages[0].role", "missing_required_parameter"),
+    ("empty messages", good(messages=[]), 400, "messages", "invalid_value"),
+    ("unknown role", good(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages[0].role", "invalid_value"),
+    ("only a system message", good(messages=[{"role": "system", "content": "i like tea"}]), 400, "messages",
+     "invalid_value"),
+    ("only blank turns", good(messages=[{"role": "user", "content": "   "}]), 400, "messages", "invalid_value"),
+    ("model missing", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model", "missing_required_parameter"),
+    ("unknown model", good(model="gpt-4o"), 404, "model", "model_not_found"),
+    ("max_tokens 0", good(max_tokens=0), 400, "max_tokens", "invalid_value"),
+    ("max_tokens too large", good(max_tokens=100000), 400, "max_tokens", "invalid_value"),
+    ("temperature too high", good(temperature=2.5), 400, "temperature", "invalid_value"),
+    ("temperature negative", good(temperature=-0.1), 400, "temperature", "invalid_value"),
+    ("top_p above 1", good(top_p=1.5), 400, "top_p", "invalid_value"),
+    ("n 0", good(n=0), 400, "n", "invalid_value"),
+    ("n too large", good(n=1000), 400, "n", "invalid_value"),
+    ("seed beyond 64 bits", good(seed=2 ** 64), 400, "seed", "invalid_value"),
+    ("too many stop strings", good(stop=["a", "b", "c", "d", "e"]), 400, "stop", "invalid_value"),
+    ("unknown field", good(colour="blue"), 400, "colour", "unknown_parameter"),
+    ("unsupported penalty", good(presence_penalty=1.0), 400, "presence_penalty", "unsupported_parameter"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,code", [case[1:] for case in BAD_REQUESTS],
+                         ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_request_gets_an_openai_error(server, body, status, param, code):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(server.url + "/v1/chat/completions", content=content, timeout=60,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert (error["param"], error["code"]) == (param, code)
+    assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+
+
+def test_body_over_the_limit_is_413_and_unknown_urls_are_openai_errors(server):
+    big = good(messages=[{"role": "user", "content": "hello " * 20000}])
+    response = httpx.post(server.url + "/v1/chat/completions", json=big, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert "65536" in response.json()["error"]["message"]
+    missing = httpx.get(server.url + "/v1/nothing", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_url"
+    wrong_method = httpx.get(server.url + "/v1/chat/completions", timeout=30)
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="unknown role"):
+        server.client().chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "hi"}])
+    assert httpx.get(server.url + "/health", timeout=30).json()["status"] == "ok"
+
+
+def test_models_health_metrics_and_page(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert server.client().models.retrieve(MODEL).id == MODEL
+    assert httpx.get(server.url + "/v1/models/other", timeout=30).status_code == 404
+    health = httpx.get(server.url + "/health", timeout=30).json()
+    assert health["status"] == "ok" and health["ready"] is True
+    assert httpx.get(server.url + "/health/live", timeout=30).json() == {"status": "alive"}
+    response = httpx.get(server.url + "/metrics", timeout=30)
+    assert response.headers["content-type"].startswith("text/plain")
+    for name in ("bbsmall_requests_total", "bbsmall_request_duration_seconds", "bbsmall_batch_size",
+                 "bbsmall_queue_depth", "bbsmall_generated_tokens_total"):
+        assert f"# TYPE {name} " in response.text
+    page = httpx.get(server.url + "/", timeout=30)
+    assert page.headers["content-type"].startswith("text/html") and 'id="reset"' in page.text
+
+
+def test_disconnected_clients_do_not_disturb_the_batch(server, alone):
+    before = server.metrics()
+    request = json.dumps(good(messages=[{"role": "user", "content": "are you still there?"}])).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(request)}\r\n\r\n").encode()
+    client = server.client()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = [pool.submit(lambda t=turns: client.chat.completions.create(
+            model=MODEL, messages=messages_of(t)).choices[0].message.content) for turns in CONVERSATIONS[:8]]
+        for _ in range(4):  # clients that send a request and hang up at once
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(head + request)
+        replies = [answer.result() for answer in answers]
+    assert replies == [alone(turns).text for turns in CONVERSATIONS[:8]]
+    closed = ("bbsmall_requests_total", (("path", "/v1/chat/completions"), ("status", "499")))
+    deadline = time.monotonic() + 30
+    while server.metrics().get(closed, 0) - before.get(closed, 0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = server.metrics()
+    assert after.get(closed, 0) - before.get(closed, 0) == 4
+    assert after[("bbsmall_requests_in_flight", ())] == 0 and after[("bbsmall_queue_depth", ())] == 0
+    assert client.chat.completions.create(model=MODEL, messages=messages_of(["hi"])).choices[0].message.content
+
+
+def test_full_queue_503_then_sigterm_drains(server, tmp_path):
+    """A second server: one conversation per call, two may wait; a full queue answers 503, SIGTERM drains."""
+    small = Server(FLAGS + ["--max-batch", "2", "--max-queue", "2", "--max-wait-ms", "1000",
+                            "--warmup-lengths", "16"], str(tmp_path / "small.log"))
+    try:
+        small.wait_ready()
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda i: httpx.post(small.url + "/v1/chat/completions", timeout=300,
+                                                           json=good()), range(12)))
+        statuses = sorted(r.status_code for r in responses)
+        assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
+        busy = next(r for r in responses if r.status_code == 503)
+        assert int(busy.headers["Retry-After"]) >= 1
+        assert busy.json()["error"]["code"] == "queue_full" and busy.json()["error"]["type"] == "server_error"
+        assert httpx.get(small.url + "/health", timeout=30).status_code == 200
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, small.url + "/v1/chat/completions", json=good(), timeout=300)
+            in_flight = ("bbsmall_requests_in_flight", ())
+            deadline = time.monotonic() + 30
+            while small.metrics()[in_flight] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            small.process.send_signal(signal.SIGTERM)  # the request waits for a partner up to 1 s: in flight
+            drained = pending.result()
+        assert drained.status_code == 200 and drained.json()["choices"][0]["message"]["content"]
+        assert small.process.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(small.url + "/health", timeout=5)
+        assert "draining" in small.log()
+    finally:
+        small.stop()
+
+
+def test_serve_flag_errors(capsys):
+    assert cli.main(["serve", "--batch-buckets", "1,3"]) == 2
+    assert "--batch-buckets: 3 is not a power of two" in capsys.readouterr().err
+    assert cli.main(["serve", "--max-batch", "64", "--batch-buckets", "1,32"]) == 2
+    assert "below --max-batch 64" in capsys.readouterr().err
+    assert cli.main(["serve", "--warmup-lengths", "a,b"]) == 2
+    assert "--warmup-lengths 'a,b'" in capsys.readouterr().err
+    assert cli.main(["serve", "--port", "70000"]) == 2
+    assert cli.main(["serve", "--temperature", "0.5"]) == 2
+    assert "only apply with --sample" in capsys.readouterr().err
+
+
+def browser_missing() -> str:
+    """Why the browser test cannot run here ('' when it can)."""
+    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    if missing:
+        return (f"{' and '.join(missing)} not installed (Debian's chromium and chromium-driver; .ci/run installs "
+                "them with apt-get when it can)")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (the test extra)"
+    return ""
+
+
+@pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "browser available")
+def test_chat_page_in_headless_chromium(server, alone, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=760,560", f"--user-data-dir={tempfile.mkdtemp()}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=DriverService(shutil.which("chromedriver")), options=options)
+    try:
+        wait = WebDriverWait(driver, 120)
+        driver.get(server.url + "/")
+        wait.until(lambda d: d.find_element(By.ID, "status").text == f"model: {MODEL}")
+        first, second = "hi! do you like dogs?", "what is your favourite food?"
+        history = []
+        for number, message in enumerate((first, second), start=1):
+            box = driver.find_element(By.ID, "input")
+            box.send_keys(message, Keys.ENTER)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.bot:not(.pending)")) == number)
+            history.append(message)
+            reply = driver.find_elements(By.CSS_SELECTOR, ".msg.bot")[-1].text
+            assert reply == alone(history).text  # the page keeps the conversation and sends all of it
+            history.append(reply)
+        assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.user")] == [first, second]
+        sent = driver.execute_script("return state.history")
+        assert sent == [{"role": role, "content": text} for role, text in zip(["user", "assistant"] * 2, history)]
+        driver.save_screenshot(str(tmp_path / "chat.png"))
+        if os.environ.get("BBSMALL_SCREENSHOT"):  # how the README's picture was taken
+            driver.save_screenshot(os.environ["BBSMALL_SCREENSHOT"])
+        assert (tmp_path / "chat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        driver.find_element(By.ID, "reset").click()
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
+        assert driver.execute_script("return state.history") == []
+        driver.find_element(By.ID, "input").send_keys(second, Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.bot:not(.pending)")) == 1)
+        assert driver.find_element(By.CSS_SELECTOR, ".msg.bot").text == alone([second]).text  # a new conversation
+    finally:
+        driver.quit()
