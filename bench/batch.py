@@ -74,8 +74,9 @@ def main():
 
     from bbsmall_jax.cli.responder import Responder, load_chat_model
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.local_device_count()}, "
-          f"{os.cpu_count()} cores, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    from bbsmall_jax.testing.machine import describe
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.local_device_count()}; {describe()}")
     print(f"{ARGS.records} records, batch {ARGS.batch_size}, window {ARGS.window}, greedy to {ARGS.max_length} tokens")
     print("| model | plain replies/s | overlapped replies/s | speed-up | same bytes |")
     print("|---|---|---|---|---|")

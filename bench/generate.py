@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -57,6 +56,7 @@ import torch  # noqa: E402
 
 from bbsmall_jax import BlenderbotSmallForConditionalGeneration  # noqa: E402
 from bbsmall_jax.generation import plan as plan_lib  # noqa: E402
+from bbsmall_jax.testing.machine import describe as machine  # noqa: E402
 from bbsmall_jax.testing.reference_models import (FULL_90M, random_hf_model, save_hf_model,  # noqa: E402
                                                   scale_reference_decoder_embeddings)
 
@@ -79,23 +79,6 @@ def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def machine() -> str:
-    """CPU model, its vector extensions, cores and the load average."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    vector = ",".join(sorted(f for f in flags if f in ("avx2", "avx512f", "avx512bw", "avx512_bf16", "amx_tile")))
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{model} ({vector or 'no AVX2'}), {os.cpu_count()} cores, load average {load}"
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:

@@ -16,17 +16,16 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import httpx
+
+from bbsmall_jax.testing.machine import describe as machine
+from bbsmall_jax.testing.server import ServeProcess, ServerFailed
 
 PROMPTS = [f"{opening} {topic}?" for opening in ("hi! do you like", "what do you think about")
            for topic in ("dogs", "cats", "pizza", "music", "football", "rain", "books", "movies", "school", "work",
@@ -47,68 +46,24 @@ def parse_args():
     return parser.parse_args()
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def machine() -> str:
-    """CPU model, SIMD flags, cores and load average."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = re.search(r"model name\s*:\s*(.*)", info).group(1)
-        flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split())
-    except (OSError, AttributeError):
-        pass
-    simd = " ".join(f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags)
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{model}; {os.cpu_count()} cores; flags: {simd or 'none of note'}; load average {load}"
-
-
-class Server:
-    """One `bbsmall serve` subprocess on a free loopback port."""
+class Server(ServeProcess):
+    """A named `bbsmall serve` subprocess whose log goes to LOG_DIR/NAME.log."""
 
     def __init__(self, name: str, flags: list[str], log_dir: str):
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(log_dir, f"{name}.log")
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "bbsmall_jax", "serve", "--port", str(self.port),
-                                         "--no-access-log", *flags], stdout=self._log, stderr=subprocess.STDOUT)
+        self.name = name
+        super().__init__(["--no-access-log", *flags], os.path.join(log_dir, f"{name}.log"))
 
     def wait_ready(self, timeout: float = 1800) -> None:
-        """Until /health answers 200 (warm-up done); exits naming the log if the server dies or takes too long."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"{self.name} server exited ({self.process.returncode}); see {self.log_path}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        raise SystemExit(f"{self.name} server not ready after {timeout} s; see {self.log_path}")
+        try:
+            super().wait_ready(timeout)
+        except ServerFailed as err:
+            raise SystemExit(f"{self.name} {err}") from None
 
     def batches(self) -> tuple[float, float, float]:
         """(generate calls, conversations, seconds generating) so far, from /metrics."""
         text = httpx.get(self.url + "/metrics", timeout=30).text
         return tuple(float(re.search(rf"^{name} (\S+)$", text, re.M).group(1)) for name in (
             "bbsmall_batch_size_count", "bbsmall_batch_size_sum", "bbsmall_generate_duration_seconds_sum"))
-
-    def stop(self) -> None:
-        """SIGTERM, then wait (kill after a minute)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self._log.close()
 
 
 class Connection:

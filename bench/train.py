@@ -9,8 +9,6 @@ clipping and dropout 0.1. Prints tokens/s (source + target tokens) of each, the 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 

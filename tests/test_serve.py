@@ -10,8 +10,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -28,6 +26,7 @@ from bbsmall_jax.serve.batcher import Batcher, QueueFull
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.schemas import ApiError, parse_request, turns_of
 from bbsmall_jax.serve.settings import Defaults, Settings
+from bbsmall_jax.testing.server import ServeProcess, ServerFailed
 
 MODEL = "bbsmall-demo"
 # Few shapes to compile: batches padded to 1 or 32, contexts of at most 32 tokens (the demo tokenizer spells
@@ -42,40 +41,8 @@ CONVERSATIONS = [[f"hi! do you like {topic}?"] for topic in TOPICS] + [
     [f"what do you think about {topic}?"] for topic in TOPICS]  # 32, in the warm-up's context bucket (16)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`python -m bbsmall_jax serve` in a subprocess on a free loopback port, its output in a log file."""
-
-    def __init__(self, flags: list[str], log_path: str):
-        self.port, self.log_path = free_port(), log_path
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bbsmall_jax", "serve", "--port", str(self.port), *flags],
-            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
-
-    def log(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()[-4000:]
-
-    def wait_ready(self, timeout: float = 420) -> None:
-        """Until /health answers 200 (warm-up done); fails with the log if the server dies or takes too long."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"server not ready after {timeout} s:\n{self.log()}")
+class Server(ServeProcess):
+    """The server under test, with the official client and parsed metrics."""
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="not-needed", max_retries=0, timeout=300)
@@ -83,16 +50,11 @@ class Server:
     def metrics(self) -> dict:
         return parse_metrics(httpx.get(self.url + "/metrics", timeout=30).text)
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
+    def wait_ready(self, timeout: float = 420) -> None:
+        try:
+            super().wait_ready(timeout)
+        except ServerFailed as err:
+            pytest.fail(str(err))
 
 
 def parse_metrics(text: str) -> dict:
