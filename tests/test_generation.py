@@ -214,6 +214,13 @@ def test_unsupported_options_are_neutral_only_at_their_transformers_default():
     assert neutral(None) and not neutral(False)  # without the option's name only None is known to change nothing
 
 
+def test_unsupported_options_as_keywords_are_neutral_at_their_default(models, prompts):
+    hf, ours = models
+    assert_same(hf, ours, *prompts, max_length=8, typical_p=1.0, renormalize_logits=False)
+    with pytest.raises(ValueError, match="renormalize_logits=True is not supported"):
+        ours.generate(*prompts, max_length=8, renormalize_logits=True)
+
+
 def test_unsupported_option_in_a_generation_config_file(models, prompts):
     _, ours = models
     neutral = GenerationConfig.from_dict({"max_length": 6, "renormalize_logits": False, "typical_p": 1.0,

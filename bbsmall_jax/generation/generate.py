@@ -53,6 +53,17 @@ class GenerationMixin:
             kept = self._kept_decoding_weights = (sources, plan.lm_head, plan.decoding_weights(params))
         return kept[2]
 
+    def _placed_weights(self, params, plan: plan_lib.DecodingPlan, mesh) -> tuple:
+        """(params, decoding weights) replicated over the mesh, kept while the params and mesh stay the same."""
+        weights = self._decoding_weights(params, plan)
+        if mesh is None:
+            return params, weights
+        key = (mesh, plan.lm_head, tuple(map(id, jax.tree_util.tree_leaves((params, weights)))))
+        kept = self.__dict__.get("_kept_placement")
+        if kept is None or kept[0] != key:
+            kept = self._kept_placement = (key, (replicated(params, mesh), replicated(weights, mesh)), (params, weights))
+        return kept[1]
+
     def _resolve_generation_config(self, generation_config: Optional[GenerationConfig],
                                    kwargs: dict) -> tuple[GenerationConfig, bool]:
         """Model defaults < `generation_config` < kwargs < (for what is still unset) global defaults."""
@@ -115,8 +126,7 @@ class GenerationMixin:
         """(jitted program, positional arguments, static arguments) of a prepared call."""
         plan = self.decoding_plan(prepared.rows, device_count(mesh))
         params = self.params if params is None else params
-        weights = self._decoding_weights(params, plan)
         inputs, search_inputs = place_inputs(prepared, mesh)
-        args = (replicated(params, mesh), replicated(weights, mesh), inputs, search_inputs)
+        args = (*self._placed_weights(params, plan, mesh), inputs, search_inputs)
         return self._program(plan), args, dict(spec=dataclasses.replace(prepared.spec, plan=plan),
                                                layout=prepared.layout, mesh=mesh)
