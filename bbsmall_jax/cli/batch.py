@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -228,14 +229,6 @@ class _Reporter:
             self.bar.close()
 
 
-def generated_tokens(row: list[int], eos: Optional[int], pad: Optional[int]) -> int:
-    """Tokens a reply generated: after the start token, up to and including the first EOS, padding not counted."""
-    tokens = row[1:]
-    if eos in tokens:
-        return tokens.index(eos) + 1
-    return sum(1 for t in tokens if t != pad)
-
-
 @dataclasses.dataclass
 class _Window:
     """A window's records on their way: chunks being generated on the device thread, then committed."""
@@ -248,11 +241,10 @@ class _Window:
     def output(self, responder: Responder, reporter: _Reporter) -> tuple[bytes, int]:
         """(the window's output lines in input order, tokens generated), once its chunks are done."""
         texts, tokens = {}, 0
-        eos, pad = responder.tokenizer.eos_token_id, responder.tokenizer.pad_token_id
         for chunk, future in self.chunks:
-            for record, row in zip(chunk, future.result()):
-                texts[record.line] = responder.decode(row)
-                tokens += generated_tokens(row, eos, pad)
+            for record, replies in zip(chunk, future.result()):  # the first (best) reply of each record
+                texts[record.line] = replies[0].text
+                tokens += len(replies[0].token_ids)
             reporter.advance(len(chunk), len(chunk))
         data = b"".join((json.dumps({**r.data, "reply": texts[r.line]}, ensure_ascii=False) + "\n").encode("utf-8")
                         for r in self.records)
@@ -298,7 +290,7 @@ class _Run:
         ordered = sorted(self.pending, key=lambda r: len(ids[r.line]))
         chunks = [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
         self.in_flight.append(_Window(self.pending, next_line, self.hasher.hexdigest(), [
-            (chunk, self.device.submit(self.responder.reply_ids, [ids[r.line] for r in chunk])) for chunk in chunks]))
+            (chunk, self.device.submit(self.responder.replies, [ids[r.line] for r in chunk])) for chunk in chunks]))
         self.pending = []
         self.finish(keep=1 if self.overlap else 0)
 
@@ -443,17 +435,22 @@ def _summary(responder: Responder, done: dict, seconds: float, compile_s: float,
     return summary
 
 
-_COMPILE_SECONDS = [0.0]
+_compile_seconds = 0.0
+
+
+@functools.lru_cache(maxsize=None)
+def _listen_to_compilations() -> None:
+    """Add up JAX's compilation events from now on (registered once per process)."""
+    import jax
+
+    def listen(name: str, seconds: float, **_) -> None:
+        global _compile_seconds
+        if name.startswith("/jax/core/compile/"):
+            _compile_seconds += seconds
+    jax.monitoring.register_event_duration_secs_listener(listen)
 
 
 def compile_seconds() -> float:
-    """Seconds this process has spent tracing, lowering and compiling JAX programs so far."""
-    if not _COMPILE_SECONDS[1:]:
-        import jax
-
-        def listen(name: str, seconds: float, **_) -> None:
-            if name.startswith("/jax/core/compile/"):
-                _COMPILE_SECONDS[0] += seconds
-        jax.monitoring.register_event_duration_secs_listener(listen)
-        _COMPILE_SECONDS.append(True)
-    return _COMPILE_SECONDS[0]
+    """Seconds this process has spent tracing, lowering and compiling JAX programs since it first asked."""
+    _listen_to_compilations()
+    return _compile_seconds
