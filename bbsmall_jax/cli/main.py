@@ -1,4 +1,4 @@
-"""The `bbsmall` command: chat, generate (batch inference), serve, convert, train, info, bench."""
+"""The `bbsmall` command: chat, generate (batch inference), serve, eval, convert, train, info, bench."""
 
 from __future__ import annotations
 
@@ -13,12 +13,16 @@ from bbsmall_jax.cli import distributed
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, ImportError)
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+def _add_model_choice(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="model directory (ours or transformers') or hub id such as "
-                             "facebook/blenderbot_small-90M; default: the embedded demo model")
+                        help="model directory (ours or transformers'), hub id such as facebook/blenderbot_small-90M, "
+                             "or demo, the embedded demo model (the default; a directory named demo is ./demo)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    _add_model_choice(parser)
     parser.add_argument("--turn-separator", type=_separator, default="newline", metavar="{newline,end_start}",
                         help="how turns are joined: a newline (ParlAI, default) or '__end__ __start__'")
     parser.add_argument("--max-context", type=int, default=None,
@@ -139,6 +143,47 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-access-log", action="store_true", help="do not log each request")
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bbsmall_jax.cli import evaluate
+
+    evaluate.check_flags(args)
+    return evaluate.run(args)
+
+
+def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
+    _add_model_choice(parser)
+    parser.add_argument("--data", required=True, metavar="chitchat|PATH.jsonl",
+                        help="chitchat: the held-out split that train.py makes of the chitchat corpus (see "
+                             "--valid-fraction, --seed); or a JSONL file of dialogue records, all of them used")
+    parser.add_argument("--max-examples", type=int, help="evaluate the first N examples only (default: all)")
+    parser.add_argument("--max-generate", type=int, default=100,
+                        help="replies generated, with the model's generation_config.json, for distinct-n and "
+                             "length (the first N examples; 0 skips generation; default 100)")
+    parser.add_argument("--candidates", type=int, default=20,
+                        help="hits@1 ranks each true reply among this many: itself and random other replies "
+                             "(default 20)")
+    parser.add_argument("--hits-examples", type=int, default=500,
+                        help="examples ranked for hits@1, a sample drawn with --seed (0: all; each scores "
+                             "--candidates replies, 20 times the work of perplexity; default 500)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="contexts per hits@1 batch (times --candidates decoder rows; perplexity batches take "
+                             "that many rows too) and per generate call (default 8)")
+    group = parser.add_argument_group("as training tokenizes and splits (default: the run's train_config.yaml "
+                                      "beside a train.py final/ model, else configs/demo.yaml's values)")
+    group.add_argument("--max-source-length", type=int,
+                       help="context tokens kept, oldest turns dropped first (else 64; at most the model's positions)")
+    group.add_argument("--max-target-length", type=int,
+                       help="reply tokens scored, __end__ included (else 32; at most the model's positions)")
+    group.add_argument("--turn-separator", type=_separator, default=None, metavar="{newline,end_start}",
+                       help="how context turns are joined (else newline)")
+    group.add_argument("--valid-fraction", type=float,
+                       help="--data chitchat: the share of conversations held out (else 0.02)")
+    group.add_argument("--seed", type=int, help="--data chitchat: the split's seed; also the draw of the hits@1 "
+                                                "sample and its distractors (else 0)")
+    parser.add_argument("--summary-json", action="store_true", help="print the figures as JSON on the last line")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from bbsmall_jax.cli.convert import main as convert_main
 
@@ -153,7 +198,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bbsmall", description="BlenderbotSmall in JAX: chat, batch "
-                                     "inference, conversion, training, benchmarks.")
+                                     "inference, serving, evaluation, conversion, training, benchmarks.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat in the terminal")
@@ -190,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(serve)
     _add_serve_flags(serve)
     serve.set_defaults(run=cmd_serve)
+
+    evaluation = commands.add_parser("eval", help="perplexity, token accuracy, hits@1/20 and distinct-n of a model "
+                                     "on held-out dialogue (ParlAI's eval_model)")
+    _add_eval_flags(evaluation)
+    evaluation.set_defaults(run=cmd_eval)
 
     convert = commands.add_parser("convert", help="convert a checkpoint (same as convert_weights.py)")
     convert.add_argument("source")

@@ -10,12 +10,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from bbsmall_jax.checkpoint.hub import resolve_directory
+from bbsmall_jax.cli.models import DEMO_MODEL_DIR, model_directory  # noqa: F401 - DEMO_MODEL_DIR re-exported
 from bbsmall_jax.generation.config import GLOBAL_DEFAULTS, GenerationConfig
 from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
 from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
 
-DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_model")
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "bbsmall_jax", "xla")
 
 
@@ -36,14 +35,14 @@ def enable_compilation_cache(directory: Optional[str] = None) -> str:
 
 
 def load_chat_model(name: Optional[str] = None, dtype: str = "auto"):
-    """(model, tokenizer) from a local directory, a hub id, or the embedded demo model when `name` is None;
+    """(model, tokenizer) from a local directory, a hub id, or the embedded demo model (`name` None or "demo");
     `dtype` "auto" computes in bfloat16 on GPU/TPU and float32 on the CPU."""
     import jax
 
     from bbsmall_jax.generation.plan import compute_dtype
 
     dtype = compute_dtype(dtype, jax.default_backend())
-    directory = DEMO_MODEL_DIR if name is None else resolve_directory(name)
+    directory = model_directory(name)
     if not os.path.isfile(os.path.join(directory, "vocab.json")):
         raise FileNotFoundError(f"{name or directory} has no tokenizer files (vocab.json, merges.txt)")
     model = BlenderbotSmallForConditionalGeneration.from_pretrained(directory, dtype=dtype)

@@ -1,0 +1,119 @@
+"""Scoring replies with a model: the log-probability of every reply token given its context, in jitted batches
+of bucketed shapes; each context is encoded once for all its candidate replies."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bbsmall_jax.nn.model import shift_tokens_right
+from bbsmall_jax.train.data import TokenizedExamples
+
+IGNORED = -100  # label padding, as in training
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplyScores:
+    """Per example and candidate reply: the summed token log-probability, the tokens, the argmax hits."""
+
+    log_prob: np.ndarray  # [N, C] float64, sum over the reply's tokens (its __end__ included)
+    tokens: np.ndarray  # [N, C] int64
+    correct: np.ndarray  # [N, C] int64 tokens whose most likely prediction is the reply's token
+
+    @property
+    def mean_log_prob(self) -> np.ndarray:
+        """[N, C] the mean token log-probability of each candidate."""
+        return self.log_prob / np.maximum(self.tokens, 1)
+
+
+def _score_batch(module, params, input_ids, attention_mask, labels):
+    """(summed log-prob, tokens, argmax hits), each [B, C], of the replies labels [B, C, T] to the contexts
+    input_ids [B, S]: the encoder runs on B rows and its output is repeated for the C candidates."""
+    config = module.config
+    batch, count, length = labels.shape
+    variables = {"params": params}
+    encoded = module.apply(variables, input_ids, attention_mask, method="encode").last_hidden_state  # [B, S, D]
+    states = jnp.repeat(encoded, count, axis=0)  # [B * C, S, D]
+    states_mask = jnp.repeat(attention_mask, count, axis=0)  # [B * C, S]
+    flat = labels.reshape(batch * count, length)  # [B * C, T]
+    decoder_input_ids = shift_tokens_right(flat, config.pad_token_id, config.decoder_start_token_id)
+    hidden = module.apply(variables, decoder_input_ids=decoder_input_ids, encoder_hidden_states=states,
+                          encoder_attention_mask=states_mask, method="decode").last_hidden_state
+    logits = module.apply(variables, hidden, method="logits")  # [B * C, T, V] float32
+    valid = flat != IGNORED
+    target = jnp.take_along_axis(logits, jnp.where(valid, flat, 0)[..., None], axis=-1)[..., 0]  # [B * C, T]
+    log_prob = jnp.where(valid, target - jax.nn.logsumexp(logits, axis=-1), 0.0)
+    correct = valid & (jnp.argmax(logits, axis=-1) == flat)
+    shape = (batch, count)
+    return log_prob.sum(-1).reshape(shape), valid.sum(-1).reshape(shape), correct.sum(-1).reshape(shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _scorer(module):
+    """`_score_batch` jitted for one module (kept, so later calls with the same shapes do not compile)."""
+    return jax.jit(functools.partial(_score_batch, module))
+
+
+def bucket_lengths(lengths: np.ndarray, cap: int) -> np.ndarray:
+    """The padded length of each length: half of `cap` or `cap` (two buckets per axis keep compilations few;
+    each one costs seconds, and the decoder rows of a hits@1 batch are nearly always as long as `cap`)."""
+    return np.where(lengths <= cap // 2, max(cap // 2, 1), cap)
+
+
+def _groups(data: TokenizedExamples, contexts: np.ndarray, candidates: np.ndarray, max_source: int,
+            max_target: int, per_batch: int) -> list[tuple[int, int, np.ndarray]]:
+    """[(source bucket, reply bucket, rows of `contexts`)] with at most `per_batch` rows each, in order within a
+    bucket; each row goes to the buckets of its context and of its longest candidate."""
+    source = bucket_lengths(data.source_lengths[contexts], max_source)
+    target = bucket_lengths(data.target_lengths[candidates].max(axis=1), max_target)
+    groups = []
+    for s, t in sorted(set(zip(source.tolist(), target.tolist()))):
+        rows = np.flatnonzero((source == s) & (target == t))
+        groups += [(s, t, rows[k:k + per_batch]) for k in range(0, len(rows), per_batch)]
+    return groups
+
+
+def _materialize(data: TokenizedExamples, contexts: np.ndarray, candidates: np.ndarray, rows: np.ndarray,
+                 per_batch: int, source_len: int, target_len: int, pad: int) -> tuple[np.ndarray, ...]:
+    """input_ids, attention_mask [per_batch, S] and labels [per_batch, C, T] of some rows; the batch rows past
+    them are filler (one pad token of context, no reply tokens)."""
+    input_ids = np.full((per_batch, source_len), pad, np.int32)
+    attention_mask = np.zeros((per_batch, source_len), np.int32)
+    attention_mask[:, 0] = 1
+    labels = np.full((per_batch, candidates.shape[1], target_len), IGNORED, np.int32)
+    for r, row in enumerate(rows):
+        source = data.source_ids(contexts[row])
+        input_ids[r, :len(source)] = source
+        attention_mask[r, :len(source)] = 1
+        for c, index in enumerate(candidates[row]):
+            target = data.target_ids(index)
+            labels[r, c, :len(target)] = target
+    return input_ids, attention_mask, labels
+
+
+def score_replies(model, data: TokenizedExamples, contexts: np.ndarray, candidates: np.ndarray,
+                  max_source_length: int, max_target_length: int, rows_per_batch: int = 160,
+                  progress: Optional[object] = None) -> ReplyScores:
+    """Score the replies of the examples `candidates[m]` ([M, C] indices into `data`) as replies to the
+    context of example `contexts[m]`, for each m. A batch holds rows_per_batch // C contexts (at least one),
+    padded to bucketed shapes so that a few programs compile. `progress` (a tqdm bar) advances per batch."""
+    score = _scorer(model.module)
+    count = candidates.shape[1]
+    per_batch = max(1, rows_per_batch // count)
+    out = [np.zeros(candidates.shape, dtype) for dtype in (np.float64, np.int64, np.int64)]
+    groups = _groups(data, contexts, candidates, max_source_length, max_target_length, per_batch)
+    if progress is not None:
+        progress.reset(total=len(groups))
+    pad = model.config.pad_token_id
+    for source_len, target_len, rows in groups:
+        arrays = _materialize(data, contexts, candidates, rows, per_batch, source_len, target_len, pad)
+        for target, values in zip(out, jax.device_get(score(model.params, *arrays))):
+            target[rows] = np.asarray(values)[:len(rows)]
+        if progress is not None:
+            progress.update(1)
+    return ReplyScores(*out)
