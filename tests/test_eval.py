@@ -67,7 +67,8 @@ def test_perplexity_and_hits_match_transformers(model_dir, chat_model):
     perplexity = math.exp(-np.concatenate([row[0] for row in scored]).mean())
     hits = np.mean(reference[:, 0] > reference[:, 1:].max(axis=1))
 
-    report = evaluate(model, tokenizer, examples, EvalSettings(SOURCE, TARGET, hits_examples=0, batch_size=4, max_generate=0))
+    settings = EvalSettings(SOURCE, TARGET, hits_examples=0, batch_size=4, max_generate=0)
+    report = evaluate(model, tokenizer, examples, settings)
     assert report.examples == 25 and report.tokens == sum(map(len, replies))
     assert report.perplexity == pytest.approx(perplexity, rel=1e-4)
     assert report.hits_candidates == 20 and report.hits_examples == 25

@@ -119,4 +119,5 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
         token_accuracy=float(scores.correct.sum()) / max(tokens, 1), hits_at_1=hits,
         hits_candidates=int(candidates.shape[1]), hits_examples=len(ranked) if hits is not None else 0,
         generated=len(replies), distinct_1=distinct_n(replies, 1), distinct_2=distinct_n(replies, 2),
-        mean_words=mean_words(replies), distinct_replies=distinct, top_reply_share=top, score_s=scored - began, generate_s=time.perf_counter() - scored)
+        mean_words=mean_words(replies), distinct_replies=distinct, top_reply_share=top, score_s=scored - began,
+        generate_s=time.perf_counter() - scored)
