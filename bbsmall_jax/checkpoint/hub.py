@@ -33,7 +33,7 @@ def resolve_directory(path_or_hub_id: str | os.PathLike, allow_patterns=HUB_PATT
     except Exception as err:  # huggingface_hub raises many types: offline, 404, gated, ...
         raise ModelNotFoundError(
             f"could not fetch {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-            "Without network access, download it once elsewhere (`huggingface-cli download "
+            "Without network access, download it once elsewhere (`hf download "
             f"{name}`) and copy the cache, or pass a local directory.") from err
 
 

@@ -47,8 +47,8 @@ def chitchat_conversations() -> list[list[str]]:
     try:
         import chitchat_dataset
     except ImportError:
-        raise DataError("the built-in 'chitchat' corpus needs the chitchat-dataset package: "
-                        "`pip install chitchat-dataset`") from None
+        raise DataError("the 'chitchat' corpus comes from the chitchat-dataset package, a dependency of "
+                        "bbsmall_jax missing here: reinstall bbsmall_jax or `pip install chitchat-dataset`") from None
     return [list(conversation) for conversation in chitchat_dataset.ConversationDataset()]
 
 
