@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bbsmall_jax import startup_cache
 from bbsmall_jax.nn import validation as check
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.checkpoint.names import flax_to_hf, hf_to_flax
@@ -52,7 +54,9 @@ class _PretrainedModel:
             if not os.path.isfile(config_path):
                 raise FileNotFoundError(f"{directory} has no config.json")
             config = BlenderbotSmallConfig.from_json_file(config_path)
-        expected = param_shapes(build_module(config, cls.head))
+        expected = startup_cache.remember(  # tracing the module's init takes most of a second
+            "param_shapes", (json.dumps(config.to_dict(), sort_keys=True, default=str), cls.head),
+            lambda: param_shapes(build_module(config, cls.head)))
         weights = find_weights_file(directory)
         state = load_state_dict(weights)
         try:

@@ -13,14 +13,8 @@ import numpy as np
 from bbsmall_jax.cli.models import DEMO_MODEL_DIR, model_directory  # noqa: F401 - DEMO_MODEL_DIR re-exported
 from bbsmall_jax.generation.config import GLOBAL_DEFAULTS, GenerationConfig
 from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
+from bbsmall_jax.startup_cache import cache_dir as compilation_cache_dir
 from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
-
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "bbsmall_jax", "xla")
-
-
-def compilation_cache_dir(directory: Optional[str] = None) -> str:
-    """Where compilations persist: `directory`, else `BBSMALL_CACHE_DIR`, else ~/.cache/bbsmall_jax/xla."""
-    return os.path.expanduser(directory or os.environ.get("BBSMALL_CACHE_DIR", DEFAULT_CACHE_DIR))
 
 
 def enable_compilation_cache(directory: Optional[str] = None) -> str:
@@ -30,7 +24,7 @@ def enable_compilation_cache(directory: Optional[str] = None) -> str:
     directory = compilation_cache_dir(directory)
     os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small programs too: a warm start compiles none
     return directory
 
 

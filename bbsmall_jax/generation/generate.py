@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Optional, Sequence
 
 import jax
 
+from bbsmall_jax import startup_cache
 from bbsmall_jax.generation import plan as plan_lib
 from bbsmall_jax.generation.config import UNSUPPORTED, GenerationConfig
 from bbsmall_jax.generation.prepare import neutral, prepare
@@ -43,6 +45,11 @@ class GenerationMixin:
         if plan not in programs:
             programs[plan] = compile_program(self.module, self.head != "decoder_only", plan)
         return programs[plan]
+
+    def _program_identity(self) -> tuple:
+        """What the generation programs are made from besides their static settings and argument shapes."""
+        config = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        return type(self).__name__, config, str(jax.numpy.dtype(self.dtype))
 
     def _decoding_weights(self, params, plan: plan_lib.DecodingPlan) -> tuple:
         """The plan's copies of the weights, kept for later calls with the same params and layout."""
@@ -105,7 +112,7 @@ class GenerationMixin:
             empty = jax.numpy.zeros((0, prepared.prompt_length), jax.numpy.int32)
             return GenerateOutput(sequences=empty) if prepared.return_dict else empty
         program, args, static = self._call(prepared, params, mesh)
-        return finish(program(*args, **static), prepared)
+        return finish(startup_cache.run_program(program, args, static, self._program_identity()), prepared)
 
     def lower_generate(self, input_ids=None, attention_mask=None, generation_config=None, *, prng_key=None,
                        params=None, encoder_hidden_states=None, encoder_attention_mask=None, devices=None, **kwargs):

@@ -62,6 +62,13 @@ def buffer_length(max_length: int, cap: int) -> int:
     return max(max_length, min(-(-max_length // MIN_BUCKET) * MIN_BUCKET, cap))
 
 
+def default_key():
+    """`jax.random.PRNGKey(0)`, without running a program under the default threefry keys (whose data is [0, 0])."""
+    if jax.config.jax_default_prng_impl == "threefry2x32" and not jax.config.jax_enable_custom_prng:
+        return np.zeros(2, np.uint32)
+    return jax.random.PRNGKey(0)
+
+
 def neutral(value, option: Optional[str] = None) -> bool:
     """Whether an unsupported option's value leaves generation unchanged: None, or the option's transformers
     default in `UNSUPPORTED` (True is not 1 and 0.0 is not False here); without the option's name only None."""
@@ -272,7 +279,7 @@ def prepare(config: BlenderbotSmallConfig, seq2seq: bool, cfg: GenerationConfig,
         prompt_length=np.int32(prompt_length), max_length=np.int32(max_length),
         length_denominators=search.length_denominators(cfg.length_penalty, length + 1),
         length_penalty=np.float32(cfg.length_penalty), valid=np.arange(batch_bucket) < batch,
-        rng=jax.random.PRNGKey(0) if prng_key is None else prng_key)
+        rng=default_key() if prng_key is None else prng_key)
     return Prepared(
         inputs=inputs, search=inputs_of_search, spec=_spec(cfg, eos, pad, config.vocab_size),
         layout=Layout(buffer_length=length, expand=expand, prompt_bucket=prompt_bucket),

@@ -106,20 +106,24 @@ def compile_program(module, seq2seq: bool, plan: DecodingPlan):
 
 
 def finish(out: dict, prepared: Prepared):
-    """Crop and un-bucket the program's outputs as transformers shapes them (on the device)."""
+    """Crop and un-bucket the program's outputs as transformers shapes them. The sequences are cropped on the
+    host (slicing device arrays by these data-dependent sizes would compile a small program per shape);
+    per-step scores, large, are sliced on the device."""
     spec, batch, prompt_length = prepared.spec, prepared.batch, prepared.prompt_length
-    steps = int(out["cur_len"]) - prompt_length
+    host = jax.device_get({name: value for name, value in out.items() if name != "step_scores"})
+    steps = int(host["cur_len"]) - prompt_length
     sequences_scores = None
     if spec.strategy == "beam":
         keep = prepared.rows_out // batch
-        lengths = out["lengths"][:batch, :keep]
-        sequences = out["sequences"][:batch, :keep].reshape(prepared.rows_out, -1)
-        sequences = sequences[:, :prompt_length + int(jnp.max(lengths))]
-        sequences_scores = out["scores"][:batch, :keep].reshape(-1)
+        lengths = host["lengths"][:batch, :keep]
+        sequences = host["sequences"][:batch, :keep].reshape(prepared.rows_out, -1)
+        sequences = sequences[:, :prompt_length + int(lengths.max())]
+        sequences_scores = jnp.asarray(host["scores"][:batch, :keep].reshape(-1))
         rows_searched = batch * spec.num_beams
     else:
-        sequences = out["sequences"][:prepared.rows_out, :prompt_length + steps]
+        sequences = host["sequences"][:prepared.rows_out, :prompt_length + steps]
         rows_searched = prepared.rows_out
+    sequences = jnp.asarray(sequences)
     if not prepared.return_dict:
         return sequences
     if not spec.output_scores:
