@@ -3,8 +3,11 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -42,6 +45,54 @@ def test_repl_two_turns_reset_quit(responder):
     assert lines[2] == "(conversation reset)"
     assert len(session.history) == 2 and session.history[0] == "hi again"
     assert "empty message ignored" in stderr.getvalue()
+
+
+class EchoResponder:
+    """Answers at once with the last turn; `hold` makes the first reply wait until it is set."""
+
+    def __init__(self, hold=None):
+        self.hold, self.started, self.calls = hold, threading.Event(), 0
+
+    def reply(self, contexts):
+        self.calls += 1
+        self.started.set()
+        if self.hold is not None and self.calls == 1:
+            self.hold.wait(10)
+        return [f"echo {contexts[0][-1]}"]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_repl_help_unknown_commands_and_ctrl_d():
+    session = ChatSession(EchoResponder())
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert run_repl(session, Terminal("/help\n/nope\n//slash\nhi\n"), stdout, stderr) == 0
+    out = stdout.getvalue()
+    assert all(command in out for command in ("/help", "/reset", "/quit"))
+    assert "unknown command /nope" in stderr.getvalue()
+    assert session.history == ["/slash", "echo /slash", "hi", "echo hi"]  # commands never reach the model
+    assert out.endswith("you> bot> echo hi\nyou> \n")  # end of input leaves the prompt's line
+
+
+def test_ctrl_c_cancels_the_reply_and_keeps_the_session():
+    hold = threading.Event()
+    session = ChatSession(EchoResponder(hold))
+
+    def interrupt():
+        session.responder.started.wait(10)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first reply is being made
+        time.sleep(0.2)
+        hold.set()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert run_repl(session, io.StringIO("first\nsecond\n"), stdout, stderr) == 0
+    assert "(reply cancelled)" in stderr.getvalue()
+    assert stdout.getvalue().splitlines() == ["bot> echo second"]
+    assert session.history == ["second", "echo second"]
 
 
 def test_history_is_truncated_from_the_left(responder):
@@ -149,6 +200,19 @@ def test_generate_command_end_to_end(model_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["replies"] == 2
 
 
+def test_demo_names_the_embedded_model(tmp_path, monkeypatch, capsys):
+    from bbsmall_jax.cli.models import model_directory
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert model_directory("demo") == model_directory(None) == DEMO_MODEL_DIR
+    assert model_directory("./demo") == "./demo"  # a directory named demo
+    assert cli.main(["convert", "demo", "copy", "--dtype", "bfloat16"]) == 0
+    with open(os.path.join(DEMO_MODEL_DIR, "config.json")) as original, open("copy/config.json") as copy:
+        assert json.load(original)["d_model"] == json.load(copy)["d_model"]
+    assert os.path.isfile("copy/vocab.json") and "wrote" in capsys.readouterr().out
+
+
 def test_convert_command_round_trip(model_dir, tmp_path):
     assert cli.main(["convert", model_dir, str(tmp_path / "converted")]) == 0
     a = bb.BlenderbotSmallForConditionalGeneration.from_pretrained(model_dir)
@@ -183,6 +247,62 @@ def test_turn_separator_has_one_name_and_reads_the_old_spelling(model_dir, capsy
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["chat", "--turn-separator", "tab"])
     assert "turn separator 'tab' is not one of newline, end_start" in capsys.readouterr().err
+
+
+# Each command line answers (help, a usage error, a missing file or model) without importing JAX.
+BEFORE_JAX = """
+import contextlib, io, json, sys, time
+from bbsmall_jax.cli.main import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    results.append([argv, code, err.getvalue(), time.perf_counter() - start, "jax" in sys.modules])
+print(json.dumps(results))
+"""
+
+
+def test_help_and_errors_answer_before_jax_is_imported(tmp_path):
+    commands = ["chat", "generate", "serve", "eval", "convert", "info"]
+    cases = [["--help"], *([name, "--help"] for name in commands),
+             ["generate", "--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "out.jsonl")],
+             ["eval", "--data", str(tmp_path / "missing.jsonl")],
+             ["chat", "--model", str(tmp_path / "no_model"), "--once", "hi"],
+             ["serve", "--model", str(tmp_path / "no_model")], ["serve", "--port", "99999"],
+             ["convert", str(tmp_path / "no_model"), str(tmp_path / "out")],
+             ["train", "--config", str(tmp_path / "missing.yaml"), "--output-dir", str(tmp_path / "run")],
+             ["chat", "--once", "hi", "--temperature", "0.5"], ["chat", "--no-such-flag"]]
+    result = subprocess.run([sys.executable, "-c", BEFORE_JAX, json.dumps(cases)], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    for argv, code, err, seconds, jax_loaded in json.loads(result.stdout.splitlines()[-1]):
+        assert not jax_loaded, argv
+        assert code == (0 if "--help" in argv else 1 if argv[0] == "convert" else 2), (argv, err)
+        if "--help" not in argv and argv[-1] != "--no-such-flag" and "--port" not in argv and "0.5" not in argv:
+            assert "missing" in err or "no_model" in err, (argv, err)  # names the file
+
+
+def test_every_flag_has_help():
+    import argparse
+
+    from bbsmall_jax.cli.train import build_parser as train_parser
+
+    def actions(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from actions(sub)
+            elif not isinstance(action, argparse._HelpAction):
+                yield action
+
+    missing = [a.option_strings or a.dest for p in (cli.build_parser(), train_parser()) for a in actions(p)
+               if not a.help]
+    assert not missing
 
 
 def test_unknown_flag_is_a_usage_error(capsys):

@@ -6,19 +6,16 @@ import argparse
 import os
 import shutil
 import sys
+from typing import TYPE_CHECKING
 
-import jax
-import numpy as np
+from bbsmall_jax.checkpoint.hub import ModelNotFoundError
+from bbsmall_jax.cli.models import NAMES_HELP, model_directory
 
-from bbsmall_jax.nn.config import BlenderbotSmallConfig
-from bbsmall_jax.checkpoint.hub import ModelNotFoundError, resolve_directory
-from bbsmall_jax.pretrained import BlenderbotSmallForCausalLM, BlenderbotSmallForConditionalGeneration, BlenderbotSmallModel
+if TYPE_CHECKING:
+    from bbsmall_jax.nn.config import BlenderbotSmallConfig
 
-_CLASSES = {
-    "BlenderbotSmallForConditionalGeneration": BlenderbotSmallForConditionalGeneration,
-    "BlenderbotSmallModel": BlenderbotSmallModel,
-    "BlenderbotSmallForCausalLM": BlenderbotSmallForCausalLM,
-}
+# The heads a checkpoint can hold, by transformers' class name (ours have the same names).
+HEADS = ("BlenderbotSmallForConditionalGeneration", "BlenderbotSmallModel", "BlenderbotSmallForCausalLM")
 # Files carried over unchanged next to the weights (tokenizer and generation defaults).
 _SIDE_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
                "generation_config.json")
@@ -26,15 +23,21 @@ _SIDE_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tok
 
 def model_class_for(config: BlenderbotSmallConfig):
     """The head a checkpoint was saved from, by its `architectures` entry (default: with LM head)."""
-    for name in config.extra.get("architectures") or []:
-        if name in _CLASSES:
-            return _CLASSES[name]
-    return BlenderbotSmallForConditionalGeneration
+    from bbsmall_jax import pretrained
+
+    name = next((name for name in config.extra.get("architectures") or [] if name in HEADS), HEADS[0])
+    return getattr(pretrained, name)
 
 
 def convert(source: str, output: str, dtype: str = "float32") -> str:
-    """Convert `source` (directory, hub id; safetensors, pytorch_model.bin or flax_model.msgpack) into `output`."""
-    directory = resolve_directory(source)
+    """Convert `source` (directory, hub id, or `demo`, the embedded model; safetensors, pytorch_model.bin or
+    flax_model.msgpack) into `output`."""
+    directory = model_directory(source)
+    import jax
+    import numpy as np
+
+    from bbsmall_jax.nn.config import BlenderbotSmallConfig
+
     config = BlenderbotSmallConfig.from_pretrained(directory)
     cls = model_class_for(config)
     model = cls.from_pretrained(directory, param_dtype=dtype)
@@ -51,17 +54,16 @@ def convert(source: str, output: str, dtype: str = "float32") -> str:
     return cls.__name__
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="convert_weights.py",
-        description="Convert a BlenderbotSmall checkpoint (HF directory or hub id: model.safetensors, "
-                    "pytorch_model.bin or flax_model.msgpack) into an HF-format directory with "
-                    "model.safetensors, loadable by bbsmall_jax and by transformers.")
-    parser.add_argument("source", help="HF model directory or hub id, e.g. facebook/blenderbot_small-90M")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """SOURCE, OUTPUT and --dtype (for convert_weights.py and `bbsmall convert`)."""
+    parser.add_argument("source", help=f"what to convert: {NAMES_HELP}")
     parser.add_argument("output", help="directory to write config.json + model.safetensors (+ tokenizer files)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="dtype of the written weights (default float32)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert as the parsed arguments say; 1 on an error (printed on one line)."""
     try:
         head = convert(args.source, args.output, args.dtype)
     except (ModelNotFoundError, FileNotFoundError, ValueError, ImportError) as err:
@@ -69,3 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {head} ({args.dtype}) to {args.output}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="convert_weights.py",
+        description="Convert a BlenderbotSmall checkpoint (HF directory or hub id: model.safetensors, "
+                    "pytorch_model.bin or flax_model.msgpack) into an HF-format directory with "
+                    "model.safetensors, loadable by bbsmall_jax and by transformers.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

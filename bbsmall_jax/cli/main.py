@@ -8,15 +8,17 @@ import os
 import sys
 from typing import Optional
 
+from bbsmall_jax import startup_cache
 from bbsmall_jax.cli import distributed
+from bbsmall_jax.cli.convert import add_arguments as add_convert_arguments
+from bbsmall_jax.cli.models import NAMES_HELP
+from bbsmall_jax.serve import flags as serve_flags
 
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, ImportError)
 
 
 def _add_model_choice(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="model directory (ours or transformers'), hub id such as facebook/blenderbot_small-90M, "
-                             "or demo, the embedded demo model (the default; a directory named demo is ./demo)")
+    parser.add_argument("--model", default=None, help=f"{NAMES_HELP}; default: demo")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
 
@@ -53,11 +55,11 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
     """The `generate` keyword arguments that the flags set (unset flags keep the model's defaults)."""
-    import jax
-
     kwargs = {name: getattr(args, name) for name in ("num_beams", "max_length", "min_length", "temperature",
                                                      "top_k", "top_p") if getattr(args, name) is not None}
     if args.sample:
+        import jax
+
         kwargs.update(do_sample=True, prng_key=jax.random.PRNGKey(args.seed))
         kwargs.setdefault("num_beams", 1)
     elif any(name in kwargs for name in ("temperature", "top_k", "top_p")):
@@ -66,22 +68,25 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _responder(args: argparse.Namespace):
-    from bbsmall_jax.cli.responder import Responder, enable_compilation_cache, load_chat_model
-
+    from bbsmall_jax.cli.models import model_directory
     from bbsmall_jax.records import SEPARATORS
 
-    kwargs = generation_kwargs(args)  # flag errors before the (slower) model load
+    directory = model_directory(args.model)  # a missing model and flag errors show before JAX loads
+    kwargs = generation_kwargs(args)
+    from bbsmall_jax.cli.responder import Responder, enable_compilation_cache, load_chat_model
+
     enable_compilation_cache()
-    model, tokenizer = load_chat_model(args.model, args.dtype)
+    model, tokenizer = load_chat_model(directory, args.dtype)
     return Responder(model, tokenizer, kwargs, args.max_context, SEPARATORS[args.turn_separator])
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from bbsmall_jax.cli.chat import ChatSession, run_repl
-
     if args.once is not None and not args.once.strip():
         raise ValueError("empty message: --once needs some text")
-    session = ChatSession(_responder(args))
+    responder = _responder(args)
+    from bbsmall_jax.cli.chat import ChatSession, run_repl
+
+    session = ChatSession(responder)
     if args.once is not None:
         print(session.send(args.once))
         return 0
@@ -114,33 +119,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bbsmall_jax.serve.server import check_flags, serve
+    from bbsmall_jax.cli.models import model_directory
 
-    check_flags(args)
-    generation_kwargs(args)  # flag errors before the (slower) model load
+    serve_flags.check_flags(args)
+    model_directory(args.model)  # a missing model and flag errors show before JAX loads
+    generation_kwargs(args)
+    from bbsmall_jax.serve.server import serve
+
     return serve(args, lambda: _responder(args))
-
-
-def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("serving")
-    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    group.add_argument("--model-name", help="the id clients pass as `model` (default: --model, or bbsmall-demo)")
-    group.add_argument("--max-batch", type=int, default=32, help="most conversations in one generate call")
-    group.add_argument("--max-wait-ms", type=float, default=10.0,
-                       help="longest a request waits for others to fill its batch (default 10)")
-    group.add_argument("--batch-buckets", metavar="SIZES",
-                       help="batch sizes compiled, e.g. 1,8,32; a batch is padded up to the next "
-                            "(default: powers of two up to --max-batch)")
-    group.add_argument("--warmup-lengths", default="16,32", metavar="TOKENS",
-                       help="context-length buckets compiled at start for every batch size, with the default "
-                            "settings, or none (default 16,32)")
-    group.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default 256)")
-    group.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    group.add_argument("--drain-timeout", type=float, default=30.0,
-                       help="seconds SIGTERM waits for in-flight requests (default 30)")
-    group.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
-    group.add_argument("--no-access-log", action="store_true", help="do not log each request")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -185,9 +171,9 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from bbsmall_jax.cli.convert import main as convert_main
+    from bbsmall_jax.cli.convert import run
 
-    return convert_main([args.source, args.output, "--dtype", args.dtype])
+    return run(args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -212,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(generate)
     generate.add_argument("--input", required=True, help='JSONL, one {"context": [...]} or {"text": ...} per line')
     generate.add_argument("--output", required=True, help='JSONL written in input order, "reply" added')
-    generate.add_argument("--batch-size", type=int, default=32)
+    generate.add_argument("--batch-size", type=int, default=32,
+                          help="conversations per generate call (default 32; padded to a power of two, and to a "
+                               "multiple of the devices)")
     generate.add_argument("--window", type=int, default=512,
                           help="input lines sorted by length and committed together (default 512): a kill "
                                "loses at most one window")
@@ -233,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "a web chat page")
     _add_model_flags(serve)
     _add_generation_flags(serve)
-    _add_serve_flags(serve)
+    serve_flags.add_flags(serve)
     serve.set_defaults(run=cmd_serve)
 
     evaluation = commands.add_parser("eval", help="perplexity, token accuracy, hits@1/20 and distinct-n of a model "
@@ -242,9 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.set_defaults(run=cmd_eval)
 
     convert = commands.add_parser("convert", help="convert a checkpoint (same as convert_weights.py)")
-    convert.add_argument("source")
-    convert.add_argument("output")
-    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_convert_arguments(convert)
     convert.set_defaults(run=cmd_convert)
 
     info = commands.add_parser("info", help="backend, devices, decoding path, CPU kernel, compile cache, versions")
@@ -280,7 +266,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        return args.run(args)
+        with startup_cache.enabled():  # compiled programs kept on disk for the next run (BBSMALL_CACHE_DIR)
+            return args.run(args)
     except KeyboardInterrupt:
         return 130
     except USAGE_ERRORS as err:

@@ -8,6 +8,8 @@ from typing import Optional
 from bbsmall_jax.checkpoint.hub import resolve_directory
 
 DEMO_NAME = "demo"  # the embedded model; a directory of that name is `./demo`
+NAMES_HELP = ("a model directory (ours or transformers'), a hub id such as facebook/blenderbot_small-90M, or demo, "
+              "the embedded demo model (a directory named demo is ./demo)")
 DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_model")
 
 

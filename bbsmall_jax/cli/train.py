@@ -24,16 +24,17 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                "(e.g. learning_rate=3e-4 model.dropout=0.0).")
     parser.add_argument("--config", required=True, help="training config YAML (see configs/)")
     parser.add_argument("--output-dir", required=True, help="checkpoints, metrics.jsonl and the final model go here")
-    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--max-steps", type=int, help="optimizer steps to train for (the config's max_steps)")
     parser.add_argument("--save-every", type=int, help="checkpoint every N steps")
-    parser.add_argument("--log-every", type=int)
-    parser.add_argument("--eval-every", type=int)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--log-every", type=int, help="write metrics.jsonl (and the progress bar's loss) every N steps")
+    parser.add_argument("--eval-every", type=int, help="evaluate on the validation split every N steps")
+    parser.add_argument("--seed", type=int, help="the seed of initialisation, data order, split and dropout")
     parser.add_argument("--init", help="pretrained model directory or hub id to start from")
     parser.add_argument("--data", help="'chitchat' or a JSONL file of dialogue examples")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     distributed.add_flags(parser)
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, model.FIELD=value for a model field")
     return parser
 
 

@@ -10,10 +10,12 @@ from typing import Callable
 
 import uvicorn
 
+from bbsmall_jax.cli.models import DEMO_NAME
 from bbsmall_jax.cli.responder import Responder
 from bbsmall_jax.generation.prepare import bucket_length
 from bbsmall_jax.serve.app import Service, create_app
 from bbsmall_jax.serve.batcher import Batcher, power_of_two_buckets
+from bbsmall_jax.serve.flags import parse_sizes
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.settings import Defaults
 
@@ -21,46 +23,11 @@ log = logging.getLogger("uvicorn.error")
 DEMO_MODEL_ID = "bbsmall-demo"
 
 
-def parse_sizes(text: str, flag: str, allow_none: bool = False) -> tuple[int, ...]:
-    """"1,2,8" -> (1, 2, 8); "none" -> () where allowed; anything else is an error naming the flag."""
-    if allow_none and text.strip().lower() in ("none", "0", ""):
-        return ()
-    try:
-        sizes = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated integers such as 1,2,4") from None
-    if not sizes or sizes[0] < 1:
-        raise ValueError(f"{flag} {text!r}: expected positive integers")
-    return sizes
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """Clear errors for the serving flags, before the model loads."""
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port}: expected 0-65535")
-    for name, minimum in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1024)):
-        if getattr(args, name) < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {minimum}")
-    if args.max_wait_ms < 0:
-        raise ValueError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
-    if args.drain_timeout <= 0:
-        raise ValueError(f"--drain-timeout {args.drain_timeout}: must be > 0")
-    if args.batch_buckets is not None:
-        buckets = parse_sizes(args.batch_buckets, "--batch-buckets")
-        odd = [b for b in buckets if b & (b - 1)]
-        if odd:
-            raise ValueError(f"--batch-buckets: {odd[0]} is not a power of two (generate pads batches to one)")
-        if buckets[-1] < args.max_batch:
-            raise ValueError(f"--batch-buckets {args.batch_buckets}: the largest ({buckets[-1]}) is below "
-                             f"--max-batch {args.max_batch}")
-    parse_sizes(args.warmup_lengths, "--warmup-lengths", allow_none=True)
-
-
 def model_id(args: argparse.Namespace) -> str:
-    """The name clients pass as `model`: --model-name, else the --model given, else bbsmall-demo."""
+    """The name clients pass as `model`: --model-name, else the --model given, else (or for demo) bbsmall-demo."""
     if args.model_name:
         return args.model_name
-    if args.model is None:
+    if args.model in (None, DEMO_NAME):
         return DEMO_MODEL_ID
     return os.path.basename(os.path.normpath(args.model)) if os.path.isdir(args.model) else args.model
 

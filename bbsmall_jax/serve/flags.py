@@ -1,0 +1,64 @@
+"""The flags of `bbsmall serve` and their checks (no JAX here: bad flags answer before the model loads)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The serving flags of `bbsmall serve` (the model and generation flags are the CLI's)."""
+    group = parser.add_argument_group("serving")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    group.add_argument("--model-name", help="the id clients pass as `model` (default: --model, or bbsmall-demo)")
+    group.add_argument("--max-batch", type=int, default=32, help="most conversations in one generate call")
+    group.add_argument("--max-wait-ms", type=float, default=10.0,
+                       help="longest a request waits for others to fill its batch (default 10)")
+    group.add_argument("--batch-buckets", metavar="SIZES",
+                       help="batch sizes compiled, e.g. 1,8,32; a batch is padded up to the next "
+                            "(default: powers of two up to --max-batch)")
+    group.add_argument("--warmup-lengths", default="16,32", metavar="TOKENS",
+                       help="context-length buckets compiled at start for every batch size, with the default "
+                            "settings, or none (default 16,32)")
+    group.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default 256)")
+    group.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    group.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds SIGTERM waits for in-flight requests (default 30)")
+    group.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
+                       help="the server's log level (default info)")
+    group.add_argument("--no-access-log", action="store_true", help="do not log each request")
+
+
+def parse_sizes(text: str, flag: str, allow_none: bool = False) -> tuple[int, ...]:
+    """"1,2,8" -> (1, 2, 8); "none" -> () where allowed; anything else is an error naming the flag."""
+    if allow_none and text.strip().lower() in ("none", "0", ""):
+        return ()
+    try:
+        sizes = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers such as 1,2,4") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"{flag} {text!r}: expected positive integers")
+    return sizes
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Clear errors for the serving flags, before the model loads."""
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: expected 0-65535")
+    for name, minimum in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1024)):
+        if getattr(args, name) < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {minimum}")
+    if args.max_wait_ms < 0:
+        raise ValueError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
+    if args.drain_timeout <= 0:
+        raise ValueError(f"--drain-timeout {args.drain_timeout}: must be > 0")
+    if args.batch_buckets is not None:
+        buckets = parse_sizes(args.batch_buckets, "--batch-buckets")
+        odd = [b for b in buckets if b & (b - 1)]
+        if odd:
+            raise ValueError(f"--batch-buckets: {odd[0]} is not a power of two (generate pads batches to one)")
+        if buckets[-1] < args.max_batch:
+            raise ValueError(f"--batch-buckets {args.batch_buckets}: the largest ({buckets[-1]}) is below "
+                             f"--max-batch {args.max_batch}")
+    parse_sizes(args.warmup_lengths, "--warmup-lengths", allow_none=True)
