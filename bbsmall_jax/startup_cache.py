@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 
 DEFAULT_DIR = os.path.join("~", ".cache", "bbsmall_jax", "xla")
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
+PROGRAM_CODE = ("nn", "generation")  # the subpackages generation programs and param shapes are made from
 _state: dict[str, Any] = {"directory": None, "loaded": {}}
 _compile_listeners: list[Callable[[], None]] = []
 _FRESH = {"xla_embed_ir_in_executable": False}  # XLA's default: changes no code, only JAX's in-memory cache key
@@ -58,21 +59,22 @@ def compile_listener(listener: Callable[[], None]) -> Iterator[None]:
 
 @functools.lru_cache(maxsize=None)
 def fingerprint() -> str:
-    """A hash of what compiled code depends on besides its inputs: this package's files, the JAX build and
-    flags, the backend's devices."""
+    """A hash of what compiled code depends on besides its inputs: the code programs are built from (the
+    model and generation subpackages, this file), the JAX build and flags, the backend's devices."""
     import importlib.metadata
 
     import jax
 
     digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(_PACKAGE)):
-        dirs.sort()
-        for name in sorted(files):
-            if name.endswith((".py", ".so", ".cc")):
-                path = os.path.join(root, name)
-                digest.update(os.path.relpath(path, _PACKAGE).encode() + b"\0")
-                with open(path, "rb") as f:
-                    digest.update(hashlib.sha256(f.read()).digest())
+    paths = [os.path.join(_PACKAGE, "startup_cache.py")]
+    for subpackage in PROGRAM_CODE:
+        for root, dirs, files in os.walk(os.path.join(_PACKAGE, subpackage)):
+            dirs.sort()
+            paths += [os.path.join(root, name) for name in sorted(files) if name.endswith((".py", ".so", ".cc"))]
+    for path in paths:
+        digest.update(os.path.relpath(path, _PACKAGE).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
     devices = jax.devices()
     environment = (jax.__version__, importlib.metadata.version("jaxlib"), jax.default_backend(),
                    tuple(d.device_kind for d in devices), os.environ.get("XLA_FLAGS", ""),
