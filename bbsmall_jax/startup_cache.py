@@ -2,8 +2,8 @@
 
 JAX's own persistent cache skips XLA's compilation, but every process still traces and lowers each program
 to find its cache key (seconds for a generation program). Here the key is computed without tracing, from the
-package's code, the JAX build and devices, the program's static settings and the shapes of its arguments, and
-the executable is serialized, so a second run only loads it. The cache is off unless a command turns it on
+model and generation code, the JAX build and devices, the program's static settings and the shapes of its
+arguments, and the executable is serialized, so a second run only loads it. The cache is off unless a command turns it on
 (`enabled`), since a test that counts compilations must see them happen.
 
 Loading an executable runs code from the cache directory: it is as trusted as the user's own files (JAX's
@@ -155,7 +155,11 @@ def run_program(program, args: tuple, static: dict, identity: Any):
             return outputs
         except Exception:  # noqa: BLE001 - an executable that loads but cannot run: compile it again
             pass
-    compiled = _state["loaded"][key] = _compile(program, args, static, key)
+    try:
+        compiled = _compile(program, args, static, key)
+    except Exception:  # noqa: BLE001 - a backend refusing the option, say: jit as usual (a real error recurs)
+        return program(*args, **static)
+    _state["loaded"][key] = compiled
     return compiled(*args)
 
 
