@@ -45,11 +45,19 @@ def main() -> None:
                 finite = np.isfinite(scores[0])
                 print(json.dumps(dict(
                     batch=batch, path=path, strategy=name, devices=jax.device_count(),
-                    sharded=len(spread.sequences.sharding.device_set),
+                    sharded=spread_over(model.lower_generate(ids * mask, attention_mask=mask, **kwargs)),
                     same_tokens=bool(np.array_equal(np.asarray(spread.sequences), np.asarray(alone.sequences))),
                     same_filtered=bool(np.array_equal(finite, np.isfinite(scores[1]))),
                     max_score_difference=float(np.abs(scores[0][finite] - scores[1][finite]).max(initial=0.0)))),
                     flush=True)
+
+
+def spread_over(lowered) -> int:
+    """The most devices any argument of a lowered generation program is laid out over."""
+    import jax
+
+    shardings = jax.tree_util.tree_leaves(lowered.compile().input_shardings)
+    return max(len(sharding.device_set) for sharding in shardings)
 
 
 if __name__ == "__main__":
