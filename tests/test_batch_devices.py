@@ -17,6 +17,19 @@ from bbsmall_jax.testing import loopback_coordinator
 LINES = ([json.dumps({"id": i, "context": [f"hi {i}", "what do you do on weekends? " * (i % 4 + 1)]})
           for i in range(40)])
 LINES[9], LINES[17] = "", "{not json"  # a blank line and a bad one, passed over the same way everywhere
+# Runs `bbsmall` with each commit of a window followed by a long pause, so that a test can kill the process
+# at a known point: after its first committed window, never after it has finished.
+HOLD_AFTER_COMMIT = """
+import sys, time
+from bbsmall_jax.cli import batch
+commit = batch._Output.commit
+def hold(self, *args):
+    commit(self, *args)
+    time.sleep(600)
+batch._Output.commit = hold
+from bbsmall_jax.cli.main import entry
+entry()
+"""
 FLAGS = ["--window", "6", "--batch-size", "4", "--num-beams", "2", "--max-length", "8", "--min-length", "0",
          "--quiet", "--summary-json"]
 
@@ -27,14 +40,15 @@ def job(model_dir, tmp_path):
     (tmp_path / "in.jsonl").write_text("\n".join(LINES) + "\n")
     env = dict(os.environ, BBSMALL_CACHE_DIR=str(tmp_path / "xla"), JAX_PLATFORMS="cpu")
 
-    def command(output, *flags):
-        return [sys.executable, "-m", "bbsmall_jax", "generate", "--model", model_dir, "--input",
+    def command(output, *flags, hold=False):
+        launcher = ["-c", HOLD_AFTER_COMMIT] if hold else ["-m", "bbsmall_jax"]
+        return [sys.executable, *launcher, "generate", "--model", model_dir, "--input",
                 str(tmp_path / "in.jsonl"), "--output", str(tmp_path / output), *FLAGS, *flags]
 
-    def run(output, *flags, extra_env=None, background=False):
+    def run(output, *flags, extra_env=None, background=False, hold=False):
         full_env = dict(env, **(extra_env or {}))
         if background:
-            return subprocess.Popen(command(output, *flags), env=full_env, stdout=subprocess.PIPE,
+            return subprocess.Popen(command(output, *flags, hold=hold), env=full_env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
         done = subprocess.run(command(output, *flags), env=full_env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -56,12 +70,12 @@ def test_eight_devices_write_the_one_device_bytes(job, tmp_path):
     assert [json.loads(line)["id"] for line in reference.splitlines()] == [i for i in range(40) if i not in (9, 17)]
 
 
-def _processes(run, output, *flags):
+def _processes(run, output, *flags, hold=False):
     coordinator = loopback_coordinator()
     if coordinator is None:
         pytest.skip("the host name does not resolve to a loopback address; CPU collectives would leave loopback")
     return [run(output, "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i), *flags,
-                background=True) for i in range(2)]
+                background=True, hold=hold) for i in range(2)]
 
 
 def _wait(processes, timeout=600):
@@ -78,12 +92,12 @@ def test_two_processes_write_the_one_process_bytes_also_after_a_kill(job, tmp_pa
     assert json.loads(out.strip().splitlines()[-1])["processes"] == 2
     assert not list(tmp_path.glob("two.jsonl.part-*"))
 
-    workers = _processes(run, "killed.jsonl")
+    workers = _processes(run, "killed.jsonl", hold=True)
     part = tmp_path / "killed.jsonl.part-00001-of-00002.progress.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (part.exists() and json.loads(part.read_text())["bytes"] > 0):
-        time.sleep(0.05)  # until process 1 has committed a window of its share
-    assert workers[1].poll() is None, "process 1 finished before it could be killed"
+        time.sleep(0.05)  # until process 1 has committed a window of its share (then it holds)
+    assert workers[1].poll() is None, workers[1].communicate()[1][-3000:]
     os.kill(workers[1].pid, signal.SIGKILL)
     os.kill(workers[0].pid, signal.SIGKILL)  # the job goes down with its process, as a scheduler restarts it
     for worker in workers:
