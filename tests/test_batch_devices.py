@@ -34,9 +34,11 @@ FLAGS = ["--window", "6", "--batch-size", "4", "--num-beams", "2", "--max-length
          "--quiet", "--summary-json"]
 
 
-@pytest.fixture
-def job(model_dir, tmp_path):
-    """(run(output, *flags, env=...) -> completed process, the one-device one-process reference bytes)."""
+@pytest.fixture(scope="module")
+def job(model_dir, tmp_path_factory):
+    """(run(output, *flags, env=...) -> completed process, the one-device one-process reference bytes, the
+    directory the outputs go to); one reference run and one compilation cache for the module."""
+    tmp_path = tmp_path_factory.mktemp("batch_devices")
     (tmp_path / "in.jsonl").write_text("\n".join(LINES) + "\n")
     env = dict(os.environ, BBSMALL_CACHE_DIR=str(tmp_path / "xla"), JAX_PLATFORMS="cpu")
 
@@ -55,15 +57,15 @@ def job(model_dir, tmp_path):
         return done
 
     run("reference.jsonl")
-    return run, (tmp_path / "reference.jsonl").read_bytes()
+    return run, (tmp_path / "reference.jsonl").read_bytes(), tmp_path
 
 
 def summary(done) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_eight_devices_write_the_one_device_bytes(job, tmp_path):
-    run, reference = job
+def test_eight_devices_write_the_one_device_bytes(job):
+    run, reference, tmp_path = job
     done = run("eight.jsonl", extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert (tmp_path / "eight.jsonl").read_bytes() == reference
     assert summary(done)["devices"] == 8 and summary(done)["replies"] == 38
@@ -85,8 +87,8 @@ def _wait(processes, timeout=600):
     return out
 
 
-def test_two_processes_write_the_one_process_bytes_also_after_a_kill(job, tmp_path):
-    run, reference = job
+def test_two_processes_write_the_one_process_bytes_also_after_a_kill(job):
+    run, reference, tmp_path = job
     out = _wait(_processes(run, "two.jsonl"))
     assert (tmp_path / "two.jsonl").read_bytes() == reference
     assert json.loads(out.strip().splitlines()[-1])["processes"] == 2

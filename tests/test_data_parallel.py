@@ -18,11 +18,11 @@ def run_sharded(*args: str) -> list[dict]:
 
 def test_eight_devices_give_the_one_device_output():
     """On the portable path, which accelerators run (test_batch_devices runs the CPU path on 8 devices)."""
-    rows = run_sharded("--batches", "3,8,21", "--paths", "portable", "--strategies", "greedy,beam,sample")
-    assert len(rows) == 9
+    rows = run_sharded("--batches", "3,21", "--paths", "portable", "--strategies", "greedy,beam,sample")
+    assert len(rows) == 6
     for row in rows:
         assert row["devices"] == 8, row
         assert row["same_tokens"] and row["same_filtered"], row
         # differently shaped matmuls round differently in the last bits; the tokens never differ
         assert row["max_score_difference"] < 1e-4, row
-    assert any(row["sharded"] == 8 for row in rows)  # the batch really was spread over the devices
+    assert any(row.get("sharded") == 8 for row in rows)  # the batch really was spread over the devices
