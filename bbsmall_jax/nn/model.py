@@ -166,9 +166,13 @@ class Decoder(_Stack):
         self_bias, cache_bias = self._self_attention_bias(length, attention_mask, cache)
 
         if cache is not None and cache.cross_key is not None:
-            cross_kv, encoder_mask = (cache.cross_key, cache.cross_value), cache.encoder_mask
+            cross_kv = [(cache.cross_key[i], cache.cross_value[i]) for i in range(len(self.layers))]
+            encoder_mask = cache.encoder_mask
         elif encoder_hidden_states is not None:
-            cross_kv, encoder_mask = self.project_cross_key_value(encoder_hidden_states), encoder_attention_mask
+            # Each layer's own projection, not stacked: the gradient of a stack read back by layer would be
+            # built from every layer's padded slice (XLA's CPU backend spent 12% of a train step on it).
+            cross_kv = [layer.project_cross_key_value(encoder_hidden_states) for layer in self.layers]
+            encoder_mask = encoder_attention_mask
         else:
             cross_kv, encoder_mask = None, None
         cross_bias = None
@@ -177,7 +181,7 @@ class Decoder(_Stack):
 
         all_hidden, all_self, all_cross, new_kv = [hidden], [], [], []
         for i, layer in enumerate(self.layers):
-            layer_cross = None if cross_kv is None else (cross_kv[0][i], cross_kv[1][i])
+            layer_cross = None if cross_kv is None else cross_kv[i]
             outputs = _run_layer_drop(
                 self, c.decoder_layerdrop if cache is None else 0.0, deterministic,
                 (hidden, jnp.zeros((), jnp.float32), None if cross_kv is None else jnp.zeros((), jnp.float32),
