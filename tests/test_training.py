@@ -19,10 +19,12 @@ from bbsmall_jax import BlenderbotSmallForConditionalGeneration
 from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.checkpoint.names import flax_to_hf
 from bbsmall_jax.train.config import ConfigError
-from bbsmall_jax.nn.model import build_module
+from bbsmall_jax.nn.model import build_module, cross_entropy_loss
 from bbsmall_jax.train.checkpoints import CheckpointStore
 from bbsmall_jax.train.loop import DivergedError, TrainingError, train
 from bbsmall_jax.train.sharding import make_mesh
+from bbsmall_jax.train.loss import lm_head_loss
+from bbsmall_jax.train.plan import TrainingPlan
 from bbsmall_jax.train.steps import (abstract_state, learning_rate_schedule, loss_sum, make_optimizer, make_train_step,
                                      zero_frozen)
 from bbsmall_jax.testing import loopback_coordinator
@@ -65,14 +67,16 @@ def _batches(cfg, datasets, count):
     return [batcher.materialize(p.bucket, p.rows) for p, _ in zip(batcher.plan(), range(count))]
 
 
-def test_gradients_match_pytorch(reference):
+@pytest.mark.parametrize("plan", [None, TrainingPlan(loss="plain", flat_dense=False)], ids=["default", "plain"])
+def test_gradients_match_pytorch(reference, plan):
+    """The default plan (on CPU: the fused loss, Dense layers over rows) and the model's own logits and layers."""
     hf, ours = reference
     cfg = tiny_config(label_smoothing=0.1)
     batch = _batches(cfg, synthetic_datasets(), 1)[0]
     assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()  # padding on both sides
 
     def mean_loss(params):
-        total, count = loss_sum(ours.module, params, batch, None, cfg.label_smoothing)
+        total, count = loss_sum(ours.module, params, batch, None, cfg.label_smoothing, plan)
         return total / count
 
     grads = flax_to_hf(jax.device_get(zero_frozen(jax.grad(mean_loss)(ours.params))), ours.config, "seq2seq_lm")
@@ -92,6 +96,33 @@ def test_gradients_match_pytorch(reference):
         worst, compared = max(worst, float(diff / np.abs(expected).max())), compared + 1
     print(f"max relative gradient difference over {compared} tensors: {worst:.2e}")
     assert worst <= 1e-4
+
+
+def test_fused_loss_equals_the_plain_one():
+    rng = np.random.default_rng(0)
+    hidden, table, bias = (jax.numpy.asarray(rng.normal(size=shape), "float32") for shape in ((37, 16), (101, 16), (101,)))
+    some = np.where(rng.random(37) < 0.6, rng.integers(0, 101, 37), -100)  # 5 chunks of 8, the last one partial
+    label_sets = jax.numpy.asarray(np.stack([some, np.full(37, -100)]), "int32")  # some labels; none
+
+    def plain(hidden, table, bias, labels, smoothing):
+        count = (labels != -100).sum()
+        return cross_entropy_loss(hidden @ table.T + bias, labels, smoothing) * count, count
+
+    def fused(hidden, table, bias, labels, smoothing):
+        return lm_head_loss(hidden, table, bias, labels, smoothing, chunk_rows=8)
+
+    def all_cases(loss):  # (sum, count) and the gradients of 3 x the sum, with and without label smoothing
+        def run(hidden, table, bias):
+            return [jax.value_and_grad(lambda h, t, b: (lambda v, n: (3.0 * v, n))(*loss(h, t, b, labels, smoothing)),
+                                       (0, 1, 2), has_aux=True)(hidden, table, bias)
+                    for labels in label_sets for smoothing in (0.0, 0.1)]
+        return jax.jit(run)(hidden, table, bias)
+
+    for ((want, want_count), want_grads), ((have, have_count), have_grads) in zip(all_cases(plain), all_cases(fused)):
+        np.testing.assert_allclose(have, want, rtol=1e-6)
+        assert int(have_count) == int(want_count)
+        for w, h in zip(want_grads, have_grads):
+            np.testing.assert_allclose(h, w, rtol=1e-5, atol=1e-6 * (1.0 + float(np.abs(w).max())))
 
 
 def test_loss_curve_matches_pytorch_adamw(reference, tmp_path):
@@ -251,14 +282,14 @@ def test_remat_and_bf16_compute(reference):
     expected_norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in hf.parameters())))
     state = {"params": ours.params, "step": jax.numpy.zeros((), "int32"), "rng": jax.random.PRNGKey(0)}
 
-    def one_step(dtype, remat):
+    def one_step(dtype, remat, accum=1):
         module = build_module(ours.config, "seq2seq_lm", jax.numpy.dtype(dtype))
         optimizer = make_optimizer(cfg)
         step = jax.jit(make_train_step(module, optimizer, learning_rate_schedule(cfg), remat=remat))
-        accum_batch = {k: v[None] for k, v in batch.items()}  # [accum=1, B, T]
+        accum_batch = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()}  # [accum, B / accum, T]
         return jax.device_get(step(dict(state, opt_state=optimizer.init(ours.params)), accum_batch))
 
-    remat_state, remat = one_step("float32", "full")
+    remat_state, remat = one_step("float32", "full", accum=2)  # and two micro-batches
     np.testing.assert_allclose([remat["loss"], remat["grad_norm"]], [expected_loss.item(), expected_norm], rtol=1e-5)
     bf16_state, bf16 = one_step("bfloat16", "dots")
     assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(bf16_state["params"]))  # f32 master params

@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from bbsmall_jax.nn.model import cross_entropy_loss, init_params, shift_tokens_right
 from bbsmall_jax.train.config import TrainConfig
-from bbsmall_jax.train.sharding import tree_shardings
+from bbsmall_jax.train.loss import lm_head_loss
+from bbsmall_jax.train.plan import TrainingPlan, default_plan
+from bbsmall_jax.train.sharding import DATA_AXIS, tree_shardings
 
 FROZEN_PARAMS = ("final_logits_bias",)  # a buffer in transformers: never trained
 DECAYED_LEAVES = ("kernel", "embedding")  # no weight decay on biases and LayerNorm scales (as HF's Trainer)
@@ -62,51 +64,103 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return adamw
 
 
-def loss_sum(module, params, batch: dict, dropout_rng: Optional[jax.Array], label_smoothing: float = 0.0):
-    """(sum of per-token losses, number of target tokens) of one batch; dropout on when a key is given."""
+def _decoder_hidden(model, input_ids, attention_mask, decoder_input_ids, deterministic):
+    """The decoder's last hidden state [B, T, D], before the LM head (a method for `module.apply`)."""
+    encoded = model.encode(input_ids, attention_mask, deterministic=deterministic)
+    return model.decode(decoder_input_ids, encoded.last_hidden_state, attention_mask,
+                        deterministic=deterministic).last_hidden_state
+
+
+def _features(module, params, batch: dict, dropout_rng: Optional[jax.Array], plan: TrainingPlan) -> jax.Array:
+    """The decoder's last hidden state of one batch; dropout on when a key is given."""
     config = module.config
-    labels = batch["labels"]  # [B, T], -100 on padding
-    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
-    out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                       decoder_input_ids=decoder_input_ids, deterministic=dropout_rng is None,
-                       rngs={} if dropout_rng is None else {"dropout": dropout_rng})
-    count = (labels != -100).sum()
-    return cross_entropy_loss(out.logits, labels, label_smoothing) * count, count
+    decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+    with plan.trace_context():
+        return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
+                            dropout_rng is None, rngs=rngs, method=_decoder_hidden)
+
+
+def _head_loss(module, params, hidden: jax.Array, labels: jax.Array, label_smoothing: float, plan: TrainingPlan,
+               mesh: Optional[Mesh]):
+    """(sum of per-token losses, number of target tokens) from the decoder's hidden state [B, T, D]."""
+    table, bias = params["shared"]["embedding"], params.get("final_logits_bias")
+    if bias is not None and "final_logits_bias" in FROZEN_PARAMS:
+        bias = jax.lax.stop_gradient(bias)  # a buffer: its gradient would only be zeroed
+    if plan.loss == "plain":
+        logits = module.apply({"params": params}, hidden, method="logits")  # [B, T, V] float32
+        count = (labels != -100).sum()
+        return cross_entropy_loss(logits, labels, label_smoothing) * count, count
+
+    def local(hidden, table, bias, labels):
+        return lm_head_loss(hidden, table, bias, labels, label_smoothing, plan.loss_chunk_rows, module.dtype)
+
+    if mesh is None or mesh.size == 1:
+        return local(hidden, table, bias, labels)
+
+    def sharded(hidden, table, bias, labels):  # each device's rows, then the sums over devices
+        # The weights as per-device values: the loss's own gradients are per device, and the transpose of
+        # this cast sums them over the devices.
+        table, bias = jax.lax.pcast((table, bias), DATA_AXIS, to="varying")
+        total, count = local(hidden, table, bias, labels)
+        return jax.lax.psum(total, DATA_AXIS), jax.lax.psum(count, DATA_AXIS)
+
+    return jax.shard_map(sharded, mesh=mesh, in_specs=(P(DATA_AXIS), P(), P(), P(DATA_AXIS)),
+                         out_specs=(P(), P()))(hidden, table, bias, labels)
+
+
+def loss_sum(module, params, batch: dict, dropout_rng: Optional[jax.Array], label_smoothing: float = 0.0,
+             plan: Optional[TrainingPlan] = None, mesh: Optional[Mesh] = None, remat: str = "none"):
+    """(sum of per-token losses, number of target tokens) of one batch; dropout on when a key is given.
+
+    `plan` chooses the loss path (the default backend's plan when None); with a `mesh` of several devices
+    the fused loss runs on each device's rows. `remat` applies to the encoder and decoder, not the head.
+    """
+    plan = plan or default_plan(module.dtype)
+    features = lambda p, b, r: _features(module, p, b, r, plan)
+    if remat != "none":
+        features = jax.checkpoint(features, policy=REMAT_POLICIES[remat])
+    hidden = features(params, batch, dropout_rng)
+    return _head_loss(module, params, hidden, batch["labels"], label_smoothing, plan, mesh)
 
 
 def make_train_step(module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    label_smoothing: float = 0.0, remat: str = "none") -> Callable:
+                    label_smoothing: float = 0.0, remat: str = "none", plan: Optional[TrainingPlan] = None,
+                    mesh: Optional[Mesh] = None) -> Callable:
     """`step(state, batch) -> (state, metrics)`; batch arrays are [accum, micro_batch, length].
 
     Gradients of the accumulation steps are summed and divided by the total number of target tokens,
     so the update equals that of one batch of all the examples.
     """
-    def micro_loss(params, micro_batch, rng):
-        return loss_sum(module, params, micro_batch, rng, label_smoothing)
+    plan = plan or default_plan(module.dtype)
 
-    if remat != "none":
-        micro_loss = jax.checkpoint(micro_loss, policy=REMAT_POLICIES[remat])
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    def micro_loss(params, micro_batch, rng, denom):
+        total, count = loss_sum(module, params, micro_batch, rng, label_smoothing, plan, mesh, remat)
+        return total / denom, (total, count)
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
 
     def step(state: State, batch: dict):
         params = state["params"]
         step_rng = jax.random.fold_in(state["rng"], state["step"])
+        # The number of target tokens is known from the labels before any gradient: each micro-batch's loss
+        # is divided by it, so the gradients come out as those of the mean (no pass over them to divide).
+        denom = jnp.maximum((batch["labels"] != -100).sum(), 1).astype(jnp.float32)
 
         def accumulate(carry, xs):
             grads, total, count = carry
             index, micro_batch = xs
-            (value, n), g = grad_fn(params, micro_batch, jax.random.fold_in(step_rng, index))
+            g, (value, n) = grad_fn(params, micro_batch, jax.random.fold_in(step_rng, index), denom)
             return (jax.tree_util.tree_map(jnp.add, grads, g), total + value, count + n), None
 
         if batch["labels"].shape[0] == 1:  # no accumulation: skip the loop and the zero-filled accumulator
-            (total, count), grads = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], batch), step_rng)
+            grads, (total, count) = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], batch), step_rng, denom)
         else:
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
             (grads, total, count), _ = jax.lax.scan(
                 accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
                 (jnp.arange(batch["labels"].shape[0]), batch))
-        denom = jnp.maximum(count, 1).astype(jnp.float32)
-        grads = zero_frozen(jax.tree_util.tree_map(lambda g: g / denom, grads))
+        grads = zero_frozen(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state,
                          step=state["step"] + 1)
@@ -117,9 +171,9 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
     return step
 
 
-def make_eval_step(module) -> Callable:
+def make_eval_step(module, plan: Optional[TrainingPlan] = None, mesh: Optional[Mesh] = None) -> Callable:
     """`eval_step(params, batch) -> (summed token NLL, token count)`, no dropout, no smoothing."""
-    return lambda params, batch: loss_sum(module, params, batch, None)
+    return lambda params, batch: loss_sum(module, params, batch, None, 0.0, plan, mesh)
 
 
 def abstract_state(module, optimizer, mesh: Mesh, fsdp: bool):
