@@ -23,6 +23,7 @@ from bbsmall_jax.nn.model import build_module, cross_entropy_loss
 from bbsmall_jax.train.checkpoints import CheckpointStore
 from bbsmall_jax.train.loop import DivergedError, TrainingError, train
 from bbsmall_jax.train.sharding import make_mesh
+from bbsmall_jax.train.flops import peak_flops, train_flops
 from bbsmall_jax.train.loss import lm_head_loss
 from bbsmall_jax.train.plan import TrainingPlan
 from bbsmall_jax.train.steps import (abstract_state, learning_rate_schedule, loss_sum, make_optimizer, make_train_step,
@@ -125,13 +126,27 @@ def test_fused_loss_equals_the_plain_one():
             np.testing.assert_allclose(h, w, rtol=1e-5, atol=1e-6 * (1.0 + float(np.abs(w).max())))
 
 
+def test_model_flops_and_peaks():
+    config = tiny_config().model_config()  # d_model 32, FFN 64, vocabulary 101, two layers a side
+    s, t, d, f, v = 16, 8, 32, 64, 101
+    encoder = 2 * (2 * s * (4 * d * d + 2 * d * f) + 2 * 2 * s * s * d)
+    decoder = 2 * (2 * t * (4 * d * d + 2 * d * d + 2 * d * f) + 2 * 2 * s * d * d + 2 * 2 * t * t * d
+                   + 2 * 2 * t * s * d)
+    assert train_flops(config, 3, s, t) == 3 * 3 * (encoder + decoder + 2 * t * d * v)
+    assert peak_flops("NVIDIA H100 80GB HBM3") == (989e12, "NVIDIA H100 80GB HBM3, dense bf16")
+    assert peak_flops("TPU v5 lite")[0] == 197e12 and peak_flops("TPU v5")[0] == 459e12
+    assert peak_flops("cpu")[0] is None and peak_flops("cpu", 1e12) == (1e12, "given")
+
+
 def test_loss_curve_matches_pytorch_adamw(reference, tmp_path):
     hf, ours = reference
     cfg = tiny_config(max_steps=20, warmup_steps=4, learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.5,
-                      grad_accum_steps=2, batch_size=8, eval_every=20, save_every=20)
+                      grad_accum_steps=2, batch_size=8, eval_every=20, save_every=20, peak_flops=1e12)
     datasets = synthetic_datasets()
     train(cfg, str(tmp_path), datasets, ours.config, host_params=jax.device_get(ours.params))
-    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    records = read_metrics(tmp_path)
+    assert all(0 < r["mfu"] < 1 for r in records)  # model FLOPs at the batch shapes over the given peak (1 TFLOP/s)
+    losses = [r["loss"] for r in records]
     expected = torch_reference_losses(copy.deepcopy(hf), _batches(cfg, datasets, 20), cfg)
     diff = np.abs(np.array(losses) - np.array(expected)).max()
     print(f"20 AdamW steps: losses {expected[0]:.4f} -> {expected[-1]:.4f}, max difference {diff:.2e}")

@@ -8,7 +8,7 @@ import pytest
 
 from bbsmall_jax.cli.train import EXIT_USAGE, main
 from bbsmall_jax.train.config import ConfigError, load_config, parse_override
-from bbsmall_jax.train.checkpoints import CheckpointStore
+from bbsmall_jax.train.checkpoints import CheckpointStore, check_compatible
 from bbsmall_jax.testing.training import read_metrics, use_compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ def test_shipped_configs_load():
     tiny = load_config(TINY)
     assert tiny.init is None and tiny.model_config().d_model == 64 and tiny.max_steps == 50
     real = load_config(os.path.join(ROOT, "configs", "blenderbot_small_90m.yaml"))
-    assert real.init == "facebook/blenderbot_small-90M" and real.dtype == "bfloat16"
+    assert real.init == "facebook/blenderbot_small-90M" and real.dtype == tiny.dtype == "auto"
 
 
 def test_overrides():
@@ -128,6 +128,14 @@ def test_output_dir_of_another_config(capsys, tmp_path):
     code, err = _run(capsys, "--config", TINY, "--output-dir", str(tmp_path))
     assert code == EXIT_USAGE
     assert "holds checkpoints of a different training config (learning_rate: 0.01 (checkpoint) vs 0.003 (now))" in err
+
+
+def test_dtype_auto_resumes_a_float32_run_on_the_cpu(tmp_path):
+    previous = load_config(TINY, {"dtype": "float32"})
+    saved = {"fingerprint": previous.fingerprint(), "config": previous.trajectory_dict()}
+    check_compatible(saved, load_config(TINY), str(tmp_path))  # auto is float32 here
+    with pytest.raises(ConfigError, match="dtype: 'float32' \\(checkpoint\\) vs 'bfloat16' \\(now\\)"):
+        check_compatible(saved, load_config(TINY, {"dtype": "bfloat16"}), str(tmp_path))
 
 
 def test_smoke_run_on_chitchat(capsys, tmp_path):

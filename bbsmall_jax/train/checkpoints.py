@@ -8,6 +8,7 @@ import os
 import shutil
 from typing import Callable, Optional
 
+import jax
 import orbax.checkpoint as ocp
 
 from bbsmall_jax.atomic import write_atomic
@@ -104,6 +105,15 @@ class CheckpointStore:
         self.manager.close()
 
 
+def _resolved(key: str, value):
+    """A trajectory field's value as the run uses it: `dtype: auto` is the backend's compute dtype."""
+    if key == "dtype" and value == "auto":
+        from bbsmall_jax.generation.plan import compute_dtype
+
+        return compute_dtype(value, jax.default_backend())
+    return value
+
+
 def check_compatible(saved: dict, cfg: TrainConfig, output_dir: str) -> None:
     """Raise naming the differing keys when a checkpoint was written under another config."""
     current = json.loads(json.dumps(cfg.trajectory_dict(), default=str))
@@ -112,7 +122,9 @@ def check_compatible(saved: dict, cfg: TrainConfig, output_dir: str) -> None:
         return
     keys = sorted(set(previous) | set(current))
     diffs = [f"{k}: {previous.get(k)!r} (checkpoint) vs {current.get(k)!r} (now)"
-             for k in keys if previous.get(k) != current.get(k)]
+             for k in keys if _resolved(k, previous.get(k)) != _resolved(k, current.get(k))]
+    if not diffs:  # e.g. dtype float32 then, auto now, on the CPU
+        return
     hint = ""
     if any(d.startswith("total_schedule_steps") for d in diffs) and not cfg.decay_steps:
         hint = (" The learning-rate schedule spans max_steps; to train longer without changing it, set "

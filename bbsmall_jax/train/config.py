@@ -17,11 +17,11 @@ from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.records import SEPARATORS
 
 SCHEDULES = ("linear", "cosine", "constant")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 REMAT = ("none", "dots", "full")
 # Fields that may change when a run resumes: they do not alter the trajectory of the params.
 RESUMABLE_FIELDS = ("max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every",
-                    "eval_batches", "progress", "prefetch")
+                    "eval_batches", "progress", "prefetch", "peak_flops")
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,7 @@ class TrainConfig:
     init: Optional[str] = None  # pretrained directory or hub id; None trains from scratch
     tokenizer: Optional[str] = None  # tokenizer directory; None: `init`'s, or one trained on the training texts
     tokenizer_train_texts: int = 50000  # how many training utterances a new vocabulary is learnt from
-    dtype: str = "float32"  # compute dtype; params stay float32
+    dtype: str = "auto"  # compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU); params stay float32
     remat: str = "none"  # none | dots (keep matmul outputs, recompute the rest) | full (recompute all)
     # data
     data: str = "chitchat"  # "chitchat" or a JSONL path
@@ -72,6 +72,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     progress: bool = True
     prefetch: int = 4  # batches prepared ahead in a background thread
+    peak_flops: float = 0.0  # one device's peak FLOP/s for the logged MFU; 0: from a table of accelerators
     # sharding
     fsdp: bool = False  # shard params and optimizer state over the data axis as well as the batch
 
@@ -91,7 +92,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("learning_rate", "weight_decay", "max_grad_norm", "adam_eps"):
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "adam_eps", "peak_flops"):
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a finite non-negative number, got {getattr(self, name)!r}")
         for name in ("valid_fraction", "label_smoothing", "adam_b1", "adam_b2"):

@@ -17,11 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bbsmall_jax.generation.plan import compute_dtype
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.nn.model import build_module
 from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.train.checkpoints import CheckpointStore, MetricsLog, check_compatible
 from bbsmall_jax.train.config import ConfigError, TrainConfig
+from bbsmall_jax.train.flops import peak_flops, train_flops
+from bbsmall_jax.train.plan import choose_plan
 from bbsmall_jax.train.preparation import Datasets, build_model_config, export, prepare_datasets
 from bbsmall_jax.train.sharding import DATA_AXIS, Feeder, barrier, gather_params, make_mesh, say
 from bbsmall_jax.train.steps import abstract_state, init_state, learning_rate_schedule, make_eval_step, make_optimizer, make_train_step
@@ -139,7 +142,9 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
         if is_main:
             cfg.save_yaml(os.path.join(output_dir, "train_config.yaml"))
 
-        module = build_module(model_config, "seq2seq_lm", jnp.dtype(cfg.dtype), jnp.float32)
+        dtype = jnp.dtype(compute_dtype(cfg.dtype, jax.default_backend()))
+        module = build_module(model_config, "seq2seq_lm", dtype, jnp.float32)
+        plan = choose_plan(jax.default_backend(), dtype)
         optimizer, schedule = make_optimizer(cfg), learning_rate_schedule(cfg)
         abstract = abstract_state(module, optimizer, mesh, cfg.fsdp)
         restored = _restore(store, abstract, cfg, output_dir, is_main) if resuming else None
@@ -160,13 +165,15 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
 
         state_shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract)
         replicated = NamedSharding(mesh, P())
-        train_step = jax.jit(make_train_step(module, optimizer, schedule, cfg.label_smoothing, cfg.remat),
+        options = dict(plan.compiler_options)
+        train_step = jax.jit(make_train_step(module, optimizer, schedule, cfg.label_smoothing, cfg.remat, plan, mesh),
                              in_shardings=(state_shardings, NamedSharding(mesh, P(None, DATA_AXIS))),
-                             out_shardings=(state_shardings, replicated), donate_argnums=0)
+                             out_shardings=(state_shardings, replicated), donate_argnums=0, compiler_options=options)
         all_finite = jax.jit(_all_finite, in_shardings=(state_shardings["params"],), out_shardings=replicated)
-        eval_step = jax.jit(make_eval_step(module), in_shardings=(state_shardings["params"],
-                                                                  NamedSharding(mesh, P(DATA_AXIS))),
-                            out_shardings=replicated)
+        eval_step = jax.jit(make_eval_step(module, plan, mesh), in_shardings=(state_shardings["params"],
+                                                                             NamedSharding(mesh, P(DATA_AXIS))),
+                            out_shardings=replicated, compiler_options=options)
+        peak, _ = peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
 
         pad = model_config.pad_token_id
         train_batches = data_lib.Batcher(datasets.train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, pad)
@@ -184,7 +191,7 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
                    dynamic_ncols=True, file=sys.stderr)
         pending: list[tuple[int, dict]] = []
         last_good = latest
-        window_tokens, window_start = 0, time.perf_counter()
+        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         eval_loss = None
         status = "completed"
         with _Stopper() as stopper:
@@ -195,6 +202,7 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
                 position = data_lib.Position(planned.position.epoch, planned.position.index + 1)
                 pending.append((step, metrics))
                 window_tokens += planned.tokens
+                window_flops += train_flops(model_config, cfg.batch_size, *planned.bucket)
                 bar.update(1)
                 stop = stopper.requested or (jax.process_count() > 1 and store.manager.reached_preemption(step))
                 do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
@@ -203,19 +211,24 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
                 if not (do_log or do_save):
                     continue
                 host, pending = jax.device_get(pending), []
+                now = time.perf_counter()  # the window's steps are done; evaluation is not counted in its speed
                 _raise_if_diverged(host, last_good, store.directory)
                 record = {k: float(v) for k, v in host[-1][1].items() if k != "target_tokens"}
                 if do_eval:
                     eval_loss = evaluate(eval_step, state["params"], valid_batches, cfg.eval_batches, to_eval_batch)
                     record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 700.0)))
-                now = time.perf_counter()
                 if do_log:
-                    tokens_per_sec = window_tokens / max(now - window_start, 1e-9)
+                    elapsed = max(now - window_start, 1e-9)
+                    tokens_per_sec = window_tokens / elapsed
+                    # Model FLOPs at the padded batch shapes over all devices' peak (train/flops.py).
+                    mfu = None if peak is None else window_flops / elapsed / (peak * mesh.size)
                     metrics_log.write({"step": step, **record, "tokens_per_sec": round(tokens_per_sec, 1),
+                                       **({} if mfu is None else {"mfu": float(f"{mfu:.4g}")}),
                                        "epoch": planned.position.epoch})
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
+                                    **({} if mfu is None else {"mfu": f"{mfu:.1%}"}),
                                     **({"eval": f"{eval_loss:.4f}"} if do_eval else {}))
-                    window_tokens, window_start = 0, time.perf_counter()
+                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                 if do_save and not bool(all_finite(state["params"])):
                     raise DivergedError(f"the params became NaN or infinite at step {step}; stopping. "
                                         + _kept_message(last_good, store.directory))
