@@ -3,8 +3,12 @@
 The model's layers know nothing of the backend; what differs between XLA's CPU and accelerator backends
 sits here, as generation's sits in `generation/plan.py`: how the LM head and the loss are computed, how
 Dense layers are traced, and compiler options. `BBSMALL_TRAIN_LOSS=fused|plain` forces the loss path
-(both are tested on CPU). Dropout keys stay threefry: on XLA's CPU backend a 90M-shape step was 3-5%
-slower with `rbg` or `unsafe_rbg` keys.
+(both are tested on CPU).
+
+Measured on the 90M shape on a 2-core AVX2 CPU and left out: dropout keys stay threefry (`rbg` and
+`unsafe_rbg` keys made a step 3-5% slower); XLA's CPU options stay at their defaults (Eigen matmuls
+instead of YNNPACK, which generation's CPU path prefers, made a step 25% slower; oneDNN matmuls, XNNPACK
+graph fusion and the FAST_RUNTIME preset were within 3%).
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ class TrainingPlan:
 
     loss: str = "fused"  # "fused": train/loss.py, chunked, logits only at labels; "plain": the model's [B, T, V]
     loss_chunk_rows: int = 128  # label rows per chunk of the fused loss
-    # Dense layers over [B, T, D] as one [B * T, D] matmul whose kernel gradient multiplies the input
-    # transposed in a pass of its own (`_matmul`): XLA's CPU backend otherwise contracts over two axes in
-    # place, through transposing copies fused into other loops or a slow path.
+    # Dense layers over [B, T, D] as one [B * T, D] matmul whose kernel gradient is a plain 2-D matmul over
+    # one operand transposed (`_matmul`): XLA's CPU backend otherwise contracts over two axes in place,
+    # through transposing copies fused into other loops or a slow path.
     flat_dense: bool = False
     compiler_options: tuple[tuple[str, str], ...] = ()
 
@@ -51,22 +55,24 @@ class TrainingPlan:
 
 @jax.custom_vjp
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """[N, I] x [I, O]; its kernel gradient multiplies x transposed, laid out as such, by the output gradient."""
+    """[N, I] x [I, O]; its kernel gradient is a plain matmul over the narrower of x and dy transposed."""
     return x @ w
 
 
 def _matmul_fwd(x, w):
-    # x is kept as computed here: otherwise XLA recomputes it (a GELU, say) inside the backward's transpose.
-    x = jax.lax.optimization_barrier(x)
     return x @ w, (x, w)
 
 
 def _matmul_bwd(residuals, dy):
     x, w = residuals
-    # Without the barrier XLA contracts x's rows in place: on its CPU backend a slow path, or a transposing
-    # copy fused into x's producer (a strided loop). Here the transpose is a pass of its own.
-    x_t = jax.lax.optimization_barrier(x.T)  # [I, N]
-    return dy @ w.T, x_t @ dy
+    # Contracting the rows of both x and dy in place is, on XLA's CPU backend, a slow path or a transposing
+    # copy; the copy is a strided loop into which XLA fuses their producers (a GELU, LayerNorm's backward),
+    # so it costs in proportion to the size transposed: the narrower of x [N, I] and dy [N, O] is.
+    if x.shape[1] <= dy.shape[1]:
+        d_w = jax.lax.optimization_barrier(x.T) @ dy  # [I, N] x [N, O]
+    else:
+        d_w = (jax.lax.optimization_barrier(dy.T) @ x).T  # ([O, N] x [N, I]).T
+    return dy @ w.T, d_w
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
