@@ -26,8 +26,8 @@ from bbsmall_jax.train.sharding import make_mesh
 from bbsmall_jax.train.flops import peak_flops, train_flops
 from bbsmall_jax.train.loss import lm_head_loss
 from bbsmall_jax.train.plan import TrainingPlan
-from bbsmall_jax.train.steps import (abstract_state, learning_rate_schedule, loss_sum, make_optimizer, make_train_step,
-                                     zero_frozen)
+from bbsmall_jax.train.steps import (abstract_state, learning_rate_schedule, loss_sum, make_eval_step, make_optimizer,
+                                     make_train_step, zero_frozen)
 from bbsmall_jax.testing import loopback_coordinator
 from bbsmall_jax.testing.reference_models import random_hf_model, save_hf_model, scale_reference_decoder_embeddings
 from bbsmall_jax.testing.training import (read_metrics, shared_job, subprocess_env, synthetic_datasets, tiny_config,
@@ -97,6 +97,32 @@ def test_gradients_match_pytorch(reference, plan):
         worst, compared = max(worst, float(diff / np.abs(expected).max())), compared + 1
     print(f"max relative gradient difference over {compared} tensors: {worst:.2e}")
     assert worst <= 1e-4
+
+
+def test_eval_step_and_its_context_gain_match_pytorch(tmp_path):
+    """The summed NLL of a batch, and under each row's neighbour's context, equal transformers'."""
+    hf = random_hf_model(seed=1, encoder_layers=1, decoder_layers=1, init_std=0.3)  # its context matters
+    save_hf_model(hf, tmp_path)
+    scale_reference_decoder_embeddings(hf)
+    ours = BlenderbotSmallForConditionalGeneration.from_pretrained(tmp_path)
+    batch = _batches(tiny_config(), synthetic_datasets(), 1)[0]
+    total, count, shuffled = jax.jit(make_eval_step(ours.module))(ours.params, batch)
+
+    def torch_nll_sum(input_ids, attention_mask):
+        tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in
+                   dict(input_ids=input_ids, attention_mask=attention_mask, labels=batch["labels"]).items()}
+        with torch.no_grad():
+            logits = hf.eval()(**tensors).logits
+        return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tensors["labels"].flatten(),
+                                                       reduction="sum"))
+
+    want = torch_nll_sum(batch["input_ids"], batch["attention_mask"])
+    want_shuffled = torch_nll_sum(np.roll(batch["input_ids"], -1, 0), np.roll(batch["attention_mask"], -1, 0))
+    print(f"eval NLL {float(total):.4f} (transformers {want:.4f}), under other contexts {float(shuffled):.4f} "
+          f"(transformers {want_shuffled:.4f})")
+    assert int(count) == int((batch["labels"] != -100).sum())
+    np.testing.assert_allclose([float(total), float(shuffled)], [want, want_shuffled], rtol=1e-5)
+    assert abs(want_shuffled - want) > 1e-2 * want  # the contexts differ, so the NLL does
 
 
 def test_fused_loss_equals_the_plain_one():

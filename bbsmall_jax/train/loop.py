@@ -101,12 +101,14 @@ def _restore(store: CheckpointStore, abstract, cfg: TrainConfig, output_dir: str
     return restored
 
 
-def evaluate(eval_step, params, batcher: data_lib.Batcher, max_batches: int, to_device) -> float:
-    """Mean token NLL over the validation batches (all, or the first `max_batches` of a fixed order)."""
+def evaluate(eval_step, params, batcher: data_lib.Batcher, max_batches: int, to_device) -> tuple[float, float]:
+    """(mean token NLL, context gain) over the validation batches (all, or the first `max_batches` of a fixed
+    order). The context gain is the mean NLL with each example's context swapped for another's, less the
+    true NLL: near 0 when the model ignores its context."""
     count = len(batcher) if not max_batches else min(max_batches, len(batcher))
     sums = [eval_step(params, to_device(p)) for p in itertools.islice(batcher.plan(), count)]
-    total, tokens = (float(sum(np.asarray(s[i], np.float64) for s in sums)) for i in (0, 1))
-    return total / max(tokens, 1.0)
+    total, tokens, shuffled = (float(sum(np.asarray(s[i], np.float64) for s in sums)) for i in (0, 1, 2))
+    return total / max(tokens, 1.0), (shuffled - total) / max(tokens, 1.0)
 
 
 def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None,
@@ -215,8 +217,10 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
                 _raise_if_diverged(host, last_good, store.directory)
                 record = {k: float(v) for k, v in host[-1][1].items() if k != "target_tokens"}
                 if do_eval:
-                    eval_loss = evaluate(eval_step, state["params"], valid_batches, cfg.eval_batches, to_eval_batch)
-                    record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 700.0)))
+                    eval_loss, context_gain = evaluate(eval_step, state["params"], valid_batches, cfg.eval_batches,
+                                                       to_eval_batch)
+                    record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 700.0)),
+                                  eval_context_gain=context_gain)
                 if do_log:
                     elapsed = max(now - window_start, 1e-9)
                     tokens_per_sec = window_tokens / elapsed

@@ -171,9 +171,21 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
     return step
 
 
+def with_contexts_of_the_next_row(batch: dict) -> dict:
+    """The batch with each row's source replaced by the next row's (the last gets the first's)."""
+    return dict(batch, input_ids=jnp.roll(batch["input_ids"], -1, axis=0),
+                attention_mask=jnp.roll(batch["attention_mask"], -1, axis=0))
+
+
 def make_eval_step(module, plan: Optional[TrainingPlan] = None, mesh: Optional[Mesh] = None) -> Callable:
-    """`eval_step(params, batch) -> (summed token NLL, token count)`, no dropout, no smoothing."""
-    return lambda params, batch: loss_sum(module, params, batch, None, 0.0, plan, mesh)
+    """`eval_step(params, batch) -> (summed token NLL, token count, summed NLL under other rows' contexts)`,
+    no dropout, no smoothing. The last tells how much the model uses its context (the context gain)."""
+    def eval_step(params, batch):
+        total, count = loss_sum(module, params, batch, None, 0.0, plan, mesh)
+        shuffled, _ = loss_sum(module, params, with_contexts_of_the_next_row(batch), None, 0.0, plan, mesh)
+        return total, count, shuffled
+
+    return eval_step
 
 
 def abstract_state(module, optimizer, mesh: Mesh, fsdp: bool):
