@@ -66,7 +66,8 @@ def summary(done) -> dict:
 
 def test_eight_devices_write_the_one_device_bytes(job):
     run, reference, tmp_path = job
-    done = run("eight.jsonl", extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    done = run("eight.jsonl", extra_env={"XLA_FLAGS": flags})
     assert (tmp_path / "eight.jsonl").read_bytes() == reference
     assert summary(done)["devices"] == 8 and summary(done)["replies"] == 38
     assert [json.loads(line)["id"] for line in reference.splitlines()] == [i for i in range(40) if i not in (9, 17)]
