@@ -20,7 +20,7 @@ LINES[9], LINES[17] = "", "{not json"  # a blank line and a bad one, passed over
 # Runs `bbsmall` with each commit of a window followed by a long pause, so that a test can kill the process
 # at a known point: after its first committed window, never after it has finished.
 HOLD_AFTER_COMMIT = """
-import sys, time
+import time
 from bbsmall_jax.cli import batch
 commit = batch._Output.commit
 def hold(self, *args):
