@@ -71,14 +71,25 @@ def _decoder_hidden(model, input_ids, attention_mask, decoder_input_ids, determi
                         deterministic=deterministic).last_hidden_state
 
 
-def _features(module, params, batch: dict, dropout_rng: Optional[jax.Array], plan: TrainingPlan) -> jax.Array:
-    """The decoder's last hidden state of one batch; dropout on when a key is given."""
+def _decoder_hidden_under_own_and_next_context(model, input_ids, attention_mask, decoder_input_ids, deterministic):
+    """The decoder's last hidden states [B, T, D] under each row's own source and under the next row's (the
+    last row gets the first's). The encoder runs once: rolling its output rolls the sources it encoded."""
+    encoded = model.encode(input_ids, attention_mask, deterministic=deterministic).last_hidden_state
+    own = model.decode(decoder_input_ids, encoded, attention_mask, deterministic=deterministic)
+    next_row = model.decode(decoder_input_ids, jnp.roll(encoded, -1, axis=0), jnp.roll(attention_mask, -1, axis=0),
+                            deterministic=deterministic)
+    return own.last_hidden_state, next_row.last_hidden_state
+
+
+def _features(module, params, batch: dict, dropout_rng: Optional[jax.Array], plan: TrainingPlan,
+              method=_decoder_hidden):
+    """The decoder's last hidden state of one batch (what `method` returns); dropout on when a key is given."""
     config = module.config
     decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     with plan.trace_context():
         return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
-                            dropout_rng is None, rngs=rngs, method=_decoder_hidden)
+                            dropout_rng is None, rngs=rngs, method=method)
 
 
 def _head_loss(module, params, hidden: jax.Array, labels: jax.Array, label_smoothing: float, plan: TrainingPlan,
@@ -171,18 +182,16 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
     return step
 
 
-def with_contexts_of_the_next_row(batch: dict) -> dict:
-    """The batch with each row's source replaced by the next row's (the last gets the first's)."""
-    return dict(batch, input_ids=jnp.roll(batch["input_ids"], -1, axis=0),
-                attention_mask=jnp.roll(batch["attention_mask"], -1, axis=0))
-
-
 def make_eval_step(module, plan: Optional[TrainingPlan] = None, mesh: Optional[Mesh] = None) -> Callable:
-    """`eval_step(params, batch) -> (summed token NLL, token count, summed NLL under other rows' contexts)`,
+    """`eval_step(params, batch) -> (summed token NLL, token count, summed NLL under the next row's context)`,
     no dropout, no smoothing. The last tells how much the model uses its context (the context gain)."""
+    plan = plan or default_plan(module.dtype)
+
     def eval_step(params, batch):
-        total, count = loss_sum(module, params, batch, None, 0.0, plan, mesh)
-        shuffled, _ = loss_sum(module, params, with_contexts_of_the_next_row(batch), None, 0.0, plan, mesh)
+        own, next_row = _features(module, params, batch, None, plan,
+                                  method=_decoder_hidden_under_own_and_next_context)
+        total, count = _head_loss(module, params, own, batch["labels"], 0.0, plan, mesh)
+        shuffled, _ = _head_loss(module, params, next_row, batch["labels"], 0.0, plan, mesh)
         return total, count, shuffled
 
     return eval_step
