@@ -165,7 +165,7 @@ class OurSide:
                        donate_argnums=0)
         self.batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}  # [accum=1, B, L]
         start = time.perf_counter()
-        self.compiled = step.lower(self.state, self.batch).compile(dict(self.plan.compiler_options))
+        self.compiled = step.lower(self.state, self.batch).compile()
         self.compile_s = time.perf_counter() - start
         self.losses: list[float] = []
 

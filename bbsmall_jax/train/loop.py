@@ -167,14 +167,13 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
 
         state_shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract)
         replicated = NamedSharding(mesh, P())
-        options = dict(plan.compiler_options)
         train_step = jax.jit(make_train_step(module, optimizer, schedule, cfg.label_smoothing, cfg.remat, plan, mesh),
                              in_shardings=(state_shardings, NamedSharding(mesh, P(None, DATA_AXIS))),
-                             out_shardings=(state_shardings, replicated), donate_argnums=0, compiler_options=options)
+                             out_shardings=(state_shardings, replicated), donate_argnums=0)
         all_finite = jax.jit(_all_finite, in_shardings=(state_shardings["params"],), out_shardings=replicated)
         eval_step = jax.jit(make_eval_step(module, plan, mesh), in_shardings=(state_shardings["params"],
                                                                              NamedSharding(mesh, P(DATA_AXIS))),
-                            out_shardings=replicated, compiler_options=options)
+                            out_shardings=replicated)
         peak, _ = peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
 
         pad = model_config.pad_token_id

@@ -1,8 +1,8 @@
 """The training plan: every backend-specific choice of the train step, made once per (backend, dtype).
 
 The model's layers know nothing of the backend; what differs between XLA's CPU and accelerator backends
-sits here, as generation's sits in `generation/plan.py`: how the LM head and the loss are computed, how
-Dense layers are traced, and compiler options. `BBSMALL_TRAIN_LOSS=fused|plain` forces the loss path
+sits here, as generation's sits in `generation/plan.py`: how the LM head and the loss are computed and how
+Dense layers are traced. `BBSMALL_TRAIN_LOSS=fused|plain` forces the loss path
 (both are tested on CPU).
 
 Measured on the 90M shape on a 2-core AVX2 CPU and left out: dropout keys stay threefry (`rbg` and
@@ -36,7 +36,6 @@ class TrainingPlan:
     # one operand transposed (`_matmul`): XLA's CPU backend otherwise contracts over two axes in place,
     # through transposing copies fused into other loops or a slow path.
     flat_dense: bool = False
-    compiler_options: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -48,9 +47,7 @@ class TrainingPlan:
 
     def describe(self) -> str:
         """One line for logs and benchmark reports."""
-        fields = dataclasses.asdict(self)
-        fields["compiler_options"] = dict(self.compiler_options) or "none"
-        return ", ".join(f"{k}={v}" for k, v in fields.items())
+        return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
 
 
 @jax.custom_vjp

@@ -143,8 +143,6 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
     Gradients of the accumulation steps are summed and divided by the total number of target tokens,
     so the update equals that of one batch of all the examples.
     """
-    plan = plan or default_plan(module.dtype)
-
     def micro_loss(params, micro_batch, rng, denom):
         total, count = loss_sum(module, params, micro_batch, rng, label_smoothing, plan, mesh, remat)
         return total / denom, (total, count)
