@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from bbsmall_jax.cli.train import EXIT_USAGE, main
 from bbsmall_jax.train.config import ConfigError, load_config, parse_override
 from bbsmall_jax.train.checkpoints import CheckpointStore, check_compatible
+from bbsmall_jax.train.output_lock import OutputInUseError, output_lock
 from bbsmall_jax.testing.training import read_metrics, use_compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,6 +131,27 @@ def test_output_dir_of_another_config(capsys, tmp_path):
     code, err = _run(capsys, "--config", TINY, "--output-dir", str(tmp_path))
     assert code == EXIT_USAGE
     assert "holds checkpoints of a different training config (learning_rate: 0.01 (checkpoint) vs 0.003 (now))" in err
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused(capsys, tmp_path):
+    with output_lock(str(tmp_path)):
+        code, err = _run(capsys, "--config", TINY, "--output-dir", str(tmp_path))
+    assert code == EXIT_USAGE and f"{tmp_path} is in use by another train.py run (process {os.getpid()})" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_killed_run_leaves_its_output_dir_free(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bbsmall_jax.train.output_lock import "
+                               "output_lock\nwith output_lock(sys.argv[1]):\n print('held', flush=True); time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(OutputInUseError, match=f"process {holder.pid}"):
+        with output_lock(str(tmp_path)):
+            pass
+    holder.kill()
+    holder.wait()
+    with output_lock(str(tmp_path)):
+        assert (tmp_path / ".train.lock").read_text() == f"{os.getpid()}\n"
 
 
 def test_dtype_auto_resumes_a_float32_run_on_the_cpu(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -24,6 +25,7 @@ from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.train.checkpoints import CheckpointStore, MetricsLog, check_compatible
 from bbsmall_jax.train.config import ConfigError, TrainConfig
 from bbsmall_jax.train.flops import peak_flops, train_flops
+from bbsmall_jax.train.output_lock import output_lock
 from bbsmall_jax.train.plan import choose_plan
 from bbsmall_jax.train.preparation import Datasets, build_model_config, export, prepare_datasets
 from bbsmall_jax.train.sharding import DATA_AXIS, Feeder, barrier, gather_params, make_mesh, say
@@ -116,12 +118,20 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
     """Train (or resume) into `output_dir`: checkpoints/, metrics.jsonl, tokenizer/, final/ (HF format).
 
     `datasets`, `model_config` and `host_params` let tests run on synthetic data and given weights;
-    by default they come from `cfg` (data, init or model, tokenizer).
+    by default they come from `cfg` (data, init or model, tokenizer). One run at a time holds `output_dir`
+    (train/output_lock.py); a second one raises OutputInUseError.
     """
+    os.makedirs(output_dir, exist_ok=True)
+    with output_lock(output_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train_locked(cfg, output_dir, datasets, model_config, host_params)
+
+
+def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets],
+                  model_config: Optional[BlenderbotSmallConfig], host_params: Optional[dict]) -> TrainResult:
+    """`train`'s body, run while the main process holds the output directory's lock."""
     from tqdm import tqdm
 
     is_main = jax.process_index() == 0
-    os.makedirs(output_dir, exist_ok=True)
     mesh = make_mesh()
     n_devices = mesh.shape[DATA_AXIS]
     micro = cfg.batch_size // cfg.grad_accum_steps
