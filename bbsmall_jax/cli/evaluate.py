@@ -11,7 +11,7 @@ from bbsmall_jax.cli.models import DEMO_NAME, model_directory
 
 # What `bbsmall eval` assumes when neither a flag nor the run's train_config.yaml says: configs/demo.yaml's
 # tokenization and held-out split (its seed is TrainConfig's default).
-DEFAULTS = {"max_source_length": 64, "max_target_length": 32, "separator": "newline", "add_end": False,
+DEFAULTS = {"max_source_length": 32, "max_target_length": 32, "separator": "newline", "add_end": False,
             "valid_fraction": 0.02, "seed": 0}
 FLAGS = {"max_source_length": "max_source_length", "max_target_length": "max_target_length",
          "separator": "turn_separator", "valid_fraction": "valid_fraction", "seed": "seed"}
