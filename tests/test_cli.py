@@ -229,7 +229,7 @@ def test_convert_command_round_trip(model_dir, tmp_path):
     (["generate", "--input", "/nonexistent.jsonl", "--output", "/tmp/x.jsonl"], "no such input file"),
     (["chat", "--once", "hi", "--temperature", "0.5"], "only apply with --sample"),
     (["chat", "--once", "hi", "--max-context", "0"], "context limit (--max-context, max_context_tokens) must be an "
-                                                     "integer in [1, 128], the model's positions; got 0"),
+                                                     "integer in [1, 32], the model's positions; got 0"),
     (["chat", "--once", "hi", "--max-context", "129"], "got 129"),
     (["generate", "--input", "in.jsonl", "--output", "out.jsonl", "--resume", "--overwrite"], "not both"),
     (["generate", "--input", "in.jsonl", "--output", "out.jsonl", "--window", "0"], "--window must be at least 1"),
