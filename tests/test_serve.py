@@ -4,6 +4,7 @@ request's 4xx, disconnects, a full queue, the SIGTERM drain, and the chat page i
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -144,6 +145,20 @@ def test_request_settings():
         settings(max_tokens=128)
 
 
+def test_max_tokens_below_the_models_min_length_lowers_it():
+    defaults = Defaults(do_sample=False, num_beams=4, temperature=1.0, top_p=1.0, max_length=32, max_positions=128,
+                        min_length=9)
+
+    def settings(**fields):
+        return defaults.for_request(parse_request(json.dumps(good(**fields)).encode()))[0]
+
+    assert settings().min_length is None and "min_length" not in settings().generate_kwargs()  # the model's 9
+    assert settings(max_tokens=8).min_length is None  # 9 positions, start token included: min_length fits
+    assert settings(max_tokens=3).generate_kwargs()["min_length"] == 4
+    assert settings(max_tokens=3, temperature=0.5).min_length == 4 and settings(max_tokens=1, top_p=0).min_length == 2
+    assert dataclasses.replace(defaults, max_length=6).default_settings().min_length == 6
+
+
 class StubResponder:
     """Stands in for the model: records each call's batch; the first call waits until released."""
 
@@ -274,6 +289,10 @@ def test_n_stop_and_max_tokens(server, alone):
     short = client.chat.completions.create(model=MODEL, messages=messages_of(turns), max_tokens=4)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 4
     assert short.choices[0].message.content == alone(turns, max_length=5).text
+    # Shorter than the demo model's min_length of 5 (start token included): max_tokens wins.
+    shorter = client.chat.completions.create(model=MODEL, messages=messages_of(turns), max_tokens=2)
+    assert shorter.choices[0].finish_reason == "length" and shorter.usage.completion_tokens == 2
+    assert shorter.choices[0].message.content == alone(turns, max_length=3, min_length=3).text
 
 
 def test_seeded_sampling_is_reproducible(server, alone):
