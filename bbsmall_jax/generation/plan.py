@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
-import warnings
 
 import jax
 import jax.numpy as jnp
 
 from bbsmall_jax.generation import cpu_kernel, cpu_path
+
+logger = logging.getLogger(__name__)
 
 PATHS = ("portable", "cpu")
 PATH_VARIABLE = "BBSMALL_DECODE_PATH"
@@ -104,11 +106,11 @@ def choose_plan(backend: str, dtype, rows: int, devices: int = 1) -> DecodingPla
 
 @functools.lru_cache(maxsize=None)
 def _kernel_usable() -> bool:
-    """Whether the CPU kernel runs here; says once why not."""
+    """Whether the CPU kernel runs here; logs once why not (most CPUs: an expected fallback, not a fault)."""
     reason = cpu_kernel.unavailable_reason()
     if reason is not None:
-        warnings.warn(f"bbsmall_jax: the CPU kernel is not used ({reason}); several-row decoding uses XLA's "
-                      "matmul (correct, slower for beam search and batches)", stacklevel=3)
+        logger.info("the CPU kernel is not used (%s); several-row decoding uses XLA's matmul (correct, slower "
+                    "for beam search and batches)", reason)
     return reason is None
 
 
