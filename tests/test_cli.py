@@ -77,20 +77,28 @@ def test_repl_help_unknown_commands_and_ctrl_d():
     assert out.endswith("you> bot> echo hi\nyou> \n")  # end of input leaves the prompt's line
 
 
-def test_ctrl_c_cancels_the_reply_and_keeps_the_session():
+@pytest.mark.parametrize("target", ["process", "other thread"])
+def test_ctrl_c_cancels_the_reply_and_keeps_the_session(target):
     hold = threading.Event()
     session = ChatSession(EchoResponder(hold))
 
     def interrupt():
         session.responder.started.wait(10)
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first reply is being made
-        time.sleep(0.2)
+        if target == "process":  # Ctrl-C while the first reply is being made
+            os.kill(os.getpid(), signal.SIGINT)
+        else:  # as the OS may deliver it: to a thread that is not the main one
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while "(reply cancelled)" not in stderr.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cancelled_while_busy.append("(reply cancelled)" in stderr.getvalue())  # not only once the reply ended
         hold.set()
 
-    threading.Thread(target=interrupt, daemon=True).start()
+    cancelled_while_busy = []
     stdout, stderr = io.StringIO(), io.StringIO()
+    threading.Thread(target=interrupt, daemon=True).start()
     assert run_repl(session, io.StringIO("first\nsecond\n"), stdout, stderr) == 0
-    assert "(reply cancelled)" in stderr.getvalue()
+    assert cancelled_while_busy == [True]
     assert stdout.getvalue().splitlines() == ["bot> echo second"]
     assert session.history == ["second", "echo second"]
 

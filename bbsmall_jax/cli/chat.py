@@ -136,13 +136,24 @@ def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
     return 0
 
 
+def _result(future: concurrent.futures.Future):
+    """`future`'s result, waited for in short steps: the OS may hand Ctrl-C to another thread, which leaves a
+    plain wait blocked until the reply ends, and the main thread only raises KeyboardInterrupt once it wakes."""
+    while True:
+        try:
+            return future.result(timeout=0.05)
+        except concurrent.futures.TimeoutError:
+            continue
+
+
 def _wait_for_reply(worker: _Worker, session: ChatSession, message: str, compiled: list,
                     stderr: TextIO) -> Optional[str]:
     """The reply to `message`, recorded in the history; None when Ctrl-C cancels it."""
     start = time.perf_counter()
     compiled.clear()
+    future = worker.submit(lambda: session.answer(message))
     try:
-        reply = worker.submit(lambda: session.answer(message)).result()
+        reply = _result(future)
     except KeyboardInterrupt:
         print("(reply cancelled)", file=stderr, flush=True)
         return None
