@@ -288,8 +288,8 @@ def test_n_stop_and_max_tokens(server, alone):
     assert stopped.choices[0].finish_reason == "stop"
     short = client.chat.completions.create(model=MODEL, messages=messages_of(turns), max_tokens=4)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 4
-    assert short.choices[0].message.content == alone(turns, max_length=5).text
-    # Shorter than the demo model's min_length of 5 (start token included): max_tokens wins.
+    assert short.choices[0].message.content == alone(turns, max_length=5, min_length=5).text
+    # Shorter than the demo model's min_length of 8 (start token included): max_tokens wins.
     shorter = client.chat.completions.create(model=MODEL, messages=messages_of(turns), max_tokens=2)
     assert shorter.choices[0].finish_reason == "length" and shorter.usage.completion_tokens == 2
     assert shorter.choices[0].message.content == alone(turns, max_length=3, min_length=3).text

@@ -16,7 +16,7 @@ from bbsmall_jax.cli.responder import DEMO_MODEL_DIR
 
 # Decoding defaults of the demo: the checkpoint's recipe (beam search, no repeated trigrams, length
 # penalty), with narrower beams and shorter replies so it answers quickly on a laptop CPU.
-DEMO_GENERATION = GenerationConfig(num_beams=4, min_length=5, max_length=32, length_penalty=0.65,
+DEMO_GENERATION = GenerationConfig(num_beams=4, min_length=8, max_length=32, length_penalty=0.65,
                                    no_repeat_ngram_size=3, forced_eos_token_id=2, early_stopping=True,
                                    bos_token_id=1, eos_token_id=2, pad_token_id=0, decoder_start_token_id=1)
 
