@@ -77,30 +77,43 @@ def test_repl_help_unknown_commands_and_ctrl_d():
     assert out.endswith("you> bot> echo hi\nyou> \n")  # end of input leaves the prompt's line
 
 
-@pytest.mark.parametrize("target", ["process", "other thread"])
-def test_ctrl_c_cancels_the_reply_and_keeps_the_session(target):
+def ctrl_c_during_a_reply(target: str) -> dict:
+    """Two messages; Ctrl-C (sent to the process, or to a thread other than the main one) while the first
+    reply is being made. What the session shows, and whether the cancel came while the reply still ran."""
     hold = threading.Event()
     session = ChatSession(EchoResponder(hold))
+    cancelled_while_busy = []
+    stdout, stderr = io.StringIO(), io.StringIO()
 
     def interrupt():
-        session.responder.started.wait(10)
-        if target == "process":  # Ctrl-C while the first reply is being made
+        session.responder.started.wait(30)
+        if target == "process":
             os.kill(os.getpid(), signal.SIGINT)
-        else:  # as the OS may deliver it: to a thread that is not the main one
+        else:  # as the OS may deliver it
             signal.pthread_kill(threading.get_ident(), signal.SIGINT)
         deadline = time.monotonic() + 20
         while "(reply cancelled)" not in stderr.getvalue() and time.monotonic() < deadline:
             time.sleep(0.01)
-        cancelled_while_busy.append("(reply cancelled)" in stderr.getvalue())  # not only once the reply ended
+        cancelled_while_busy.append("(reply cancelled)" in stderr.getvalue())
         hold.set()
 
-    cancelled_while_busy = []
-    stdout, stderr = io.StringIO(), io.StringIO()
     threading.Thread(target=interrupt, daemon=True).start()
-    assert run_repl(session, io.StringIO("first\nsecond\n"), stdout, stderr) == 0
-    assert cancelled_while_busy == [True]
-    assert stdout.getvalue().splitlines() == ["bot> echo second"]
-    assert session.history == ["second", "echo second"]
+    status = run_repl(session, io.StringIO("first\nsecond\n"), stdout, stderr)
+    return {"status": status, "cancelled_while_busy": cancelled_while_busy,
+            "stdout": stdout.getvalue().splitlines(), "history": session.history}
+
+
+@pytest.mark.parametrize("target", ["process", "other thread"])
+def test_ctrl_c_cancels_the_reply_and_keeps_the_session(target):
+    # In a fresh process: in the whole suite's process, after the batch tests, SIGINT stopped reaching the
+    # REPL (a process-wide state those tests leave; not yet pinned down).
+    script = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_cli; "
+              f"print(json.dumps(test_cli.ctrl_c_during_a_reply({target!r})))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.splitlines()[-1]) == {
+        "status": 0, "cancelled_while_busy": [True], "stdout": ["bot> echo second"],
+        "history": ["second", "echo second"]}
 
 
 def test_history_is_truncated_from_the_left(responder):
