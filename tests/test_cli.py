@@ -105,9 +105,10 @@ def ctrl_c_during_a_reply(target: str) -> dict:
 
 @pytest.mark.parametrize("target", ["process", "other thread"])
 def test_ctrl_c_cancels_the_reply_and_keeps_the_session(target):
-    # In a fresh process: in the whole suite's process, after the batch tests, SIGINT stopped reaching the
-    # REPL (a process-wide state those tests leave; not yet pinned down).
-    script = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_cli; "
+    # In a fresh process with Python's own SIGINT handler, as a terminal starts it: the suite's process may
+    # have SIGINT ignored (which a child inherits), and then no Ctrl-C ever arrives.
+    script = (f"import json, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              f"sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_cli; "
               f"print(json.dumps(test_cli.ctrl_c_during_a_reply({target!r})))")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
