@@ -5,6 +5,7 @@ request's 4xx, disconnects, a full queue, the SIGTERM drain, and the chat page i
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -125,11 +126,14 @@ def test_messages_become_persona_lines_and_turns():
                                  "pets?"]
 
 
+def settings_for(defaults, **fields):
+    """(Settings, copies) the server gives a request with `fields`."""
+    return defaults.for_request(parse_request(json.dumps(good(**fields)).encode()))
+
+
 def test_request_settings():
     defaults = Defaults(do_sample=False, num_beams=4, temperature=1.0, top_p=1.0, max_length=32, max_positions=128)
-
-    def settings(**fields):
-        return defaults.for_request(parse_request(json.dumps(good(**fields)).encode()))
+    settings = functools.partial(settings_for, defaults)
 
     assert settings() == (defaults.default_settings(), 1)
     assert settings() == (Settings(False, 4, None, None, 32, 1, None), 1)  # the server's beam search
@@ -150,7 +154,7 @@ def test_max_tokens_below_the_models_min_length_lowers_it():
                         min_length=9)
 
     def settings(**fields):
-        return defaults.for_request(parse_request(json.dumps(good(**fields)).encode()))[0]
+        return settings_for(defaults, **fields)[0]
 
     assert settings().min_length is None and "min_length" not in settings().generate_kwargs()  # the model's 9
     assert settings(max_tokens=8).min_length is None  # 9 positions, start token included: min_length fits
