@@ -5,6 +5,10 @@ Names are imported on first use, so `from bbsmall_jax import BlenderbotSmallToke
 
 import importlib
 
+from bbsmall_jax.platforms import skip_absent_tpu
+
+skip_absent_tpu()  # before any JAX backend starts: an installed libtpu stays silent without a TPU
+
 _EXPORTS = {
     "BlenderbotSmallConfig": ".nn.config",
     "BlenderbotSmallModel": ".pretrained",

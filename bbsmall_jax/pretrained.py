@@ -34,7 +34,9 @@ class _PretrainedModel:
         self.module = build_module(config, self.head, dtype, param_dtype)
         if params is None:
             params = init_params(self.module, jax.random.PRNGKey(seed))
-        self.params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, param_dtype), params)
+        # ShapeDtypeStructs make an abstract model: its programs can be lowered and compiled, not run.
+        self.params = jax.tree_util.tree_map(
+            lambda p: p if isinstance(p, jax.ShapeDtypeStruct) else jnp.asarray(p, param_dtype), params)
         self._forward = jax.jit(self._apply, static_argnames=("deterministic", "output_hidden_states",
                                                                "output_attentions", "logits_to_keep"))
 

@@ -7,7 +7,7 @@ import pytest
 
 from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForCausalLM, BlenderbotSmallForConditionalGeneration
 from bbsmall_jax.generation.plan import PORTABLE, choose_plan
-from bbsmall_jax.nn.cache import KVCache, read_layer
+from bbsmall_jax.nn.cache import KVCache
 from bbsmall_jax.testing import compilations
 from bbsmall_jax.testing.reference_models import TINY
 
@@ -19,11 +19,19 @@ def plan(request):
 
 
 def planned(plan, step):
-    """`step(tokens, cache)` jitted, traced in the plan's step context, on a cache written as the plan writes."""
+    """`step(tokens, cache)` jitted, traced in the plan's step context (on a cache from `plan_cache`)."""
     def run(tokens, cache):
         with plan.step_context(None):
-            return step(tokens, cache.replace(ordered_writes=plan.ordered_writes))
+            return step(tokens, cache)
     return jax.jit(run)
+
+
+def plan_cache(plan, cache: KVCache) -> KVCache:
+    """`cache` (empty so far) laid out, written and read as the plan's."""
+    rows, length = cache.rows, cache.max_length
+    empty = KVCache.empty(BlenderbotSmallConfig(**TINY), rows, length, cache.entries.dtype, plan.time_major_cache)
+    return cache.replace(entries=empty.entries, time_major=plan.time_major_cache,
+                         ordered_writes=plan.ordered_writes, **plan.cache_attention())
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,9 @@ def test_step_by_step_with_cache_equals_full_decoder(seq2seq, plan):
     full_logits = module.apply(variables, full, method="logits")
 
     cache = module.apply(variables, 2, 10, encoded, mask, method="init_cache")
-    assert cache.self_key.shape == (2, 2, 10, 4, 8)  # [layers, batch, max_len, heads, head_dim]
+    assert cache.entries.shape == (2, 2, 2, 10, 32)  # [keys/values, layers, batch, max_len, heads * head_dim]
+    cache = plan_cache(plan, cache)
+    assert cache.entries.shape == ((10, 4, 2, 32) if plan.time_major_cache else (2, 2, 2, 10, 32))
 
     def decode(tokens, cache):
         out = module.apply(variables, decoder_input_ids=tokens, cache=cache, method="decode")
@@ -94,16 +104,40 @@ def test_cached_attention_weights_match_the_full_decoder(seq2seq, plan):
             np.testing.assert_array_equal(weights[:, :, 0, t + 1:], 0.0)
 
 
-def test_reorder_gathers_self_attention_only():
+@pytest.mark.parametrize("time_major", [False, True])
+def test_reorder_gathers_self_attention_only(time_major):
     config = BlenderbotSmallConfig(**TINY)
-    cache = KVCache.empty(config, 3, 4)
-    values = jnp.arange(cache.self_key.size, dtype=jnp.float32).reshape(cache.self_key.shape)
+    cache = KVCache.empty(config, 3, 4, time_major=time_major)
+    values = jnp.arange(cache.entries.size, dtype=jnp.float32).reshape(cache.entries.shape)
     cross = jnp.ones((2, 3, 5, 4, 8))
-    cache = cache.replace(self_key=values, self_value=-values, cross_key=cross, cross_value=cross)
+    cache = cache.replace(entries=values, cross_key=cross, cross_value=cross)
     moved = cache.reorder(jnp.asarray([2, 2, 0]))
-    np.testing.assert_array_equal(moved.self_key[:, 1], values[:, 2])
-    np.testing.assert_array_equal(moved.self_value[:, 2], -values[:, 0])
+    for layer in range(2):
+        for got, expected in zip(moved.history(layer, 4), cache.history(layer, 4)):
+            np.testing.assert_array_equal(got, expected[jnp.asarray([2, 2, 0])])
     assert moved.cross_key is cache.cross_key
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_history_reads_what_was_written(time_major):
+    config = BlenderbotSmallConfig(**TINY)
+    rng = np.random.default_rng(4)
+    cache = KVCache.empty(config, 3, 6, time_major=time_major).tracking_origins()
+    written = [rng.normal(size=(2, 2, 3, 1, 4, 8)).astype(np.float32) for _ in range(4)]  # [K/V, L, B, 1, H, Dh]
+    rows = jnp.asarray([1, 1, 0])
+    for step, new in enumerate(written):
+        cache = cache.write(jnp.asarray(new[0]), jnp.asarray(new[1]), jnp.zeros(()))
+        if step == 1:
+            cache = cache.reorder(rows)
+    for layer in range(2):
+        keys, values = cache.history(layer, 4)  # [B, 4, D]
+        by_position = cache.history_by_position(layer)  # [K, B, D]
+        np.testing.assert_array_equal(by_position[0][:4], np.swapaxes(keys, 0, 1))
+        for row in range(3):
+            source = int(rows[row])
+            expected = [written[t][:, layer, source if t < 2 else row, 0].reshape(2, -1) for t in range(4)]
+            np.testing.assert_array_equal(keys[row], np.stack([e[0] for e in expected]))
+            np.testing.assert_array_equal(values[row], np.stack([e[1] for e in expected]))
 
 
 def test_reorder_through_origins_equals_moving_the_buffers(seq2seq, plan):
@@ -114,7 +148,7 @@ def test_reorder_through_origins_equals_moving_the_buffers(seq2seq, plan):
     encoded = jnp.asarray(rng.normal(size=(3, 4, 32)), jnp.float32)
     step = planned(plan, lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
                                                       method="decode"))
-    moved = module.apply(variables, 3, 12, encoded, method="init_cache")
+    moved = plan_cache(plan, module.apply(variables, 3, 12, encoded, method="init_cache"))
     tracked = moved.tracking_origins()
     for t in range(7):
         tokens = jnp.asarray(rng.integers(3, 101, (3, 1)), jnp.int32)
@@ -122,10 +156,10 @@ def test_reorder_through_origins_equals_moving_the_buffers(seq2seq, plan):
         np.testing.assert_array_equal(out_tracked.last_hidden_state, out_moved.last_hidden_state)
         rows = jnp.asarray(rng.integers(0, 3, 3), jnp.int32)
         moved, tracked = out_moved.cache.reorder(rows), out_tracked.cache.reorder(rows)
-        assert tracked.self_key is out_tracked.cache.self_key  # only the origins moved
+        assert tracked.entries is out_tracked.cache.entries  # only the origins moved
     for layer in range(2):
-        np.testing.assert_array_equal(read_layer(tracked.self_key, layer, 7, tracked.origins),
-                                      moved.self_key[layer, :, :7])
+        for got, expected in zip(tracked.history(layer, 7), moved.history(layer, 7)):
+            np.testing.assert_array_equal(got, expected)
     tokens = jnp.asarray(rng.integers(3, 101, (3, 2)), jnp.int32)  # two tokens: the full-buffer path
     np.testing.assert_allclose(step(tokens, tracked).last_hidden_state, step(tokens, moved).last_hidden_state,
                                atol=1e-6, rtol=1e-6)
@@ -138,7 +172,7 @@ def test_cross_entries_shared_by_groups_of_rows_equal_one_per_row(seq2seq, plan)
     encoded = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
     mask = jnp.asarray([[1] * 5, [1] * 3 + [0] * 2], jnp.int32)
     shared = module.apply(variables, 2, 8, encoded, mask, method="init_cache")
-    shared = KVCache.empty(seq2seq.config, 6, 8).replace(  # 3 rows per batch element
+    shared = plan_cache(plan, KVCache.empty(seq2seq.config, 6, 8)).replace(  # 3 rows per batch element
         cross_key=shared.cross_key, cross_value=shared.cross_value, encoder_mask=shared.encoder_mask)
     per_row = shared.replace(cross_key=jnp.repeat(shared.cross_key, 3, axis=1),
                              cross_value=jnp.repeat(shared.cross_value, 3, axis=1),

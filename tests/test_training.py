@@ -1,6 +1,7 @@
 """Training: gradients and loss curves against PyTorch, exact resume, divergence, devices and processes."""
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -19,13 +20,13 @@ from bbsmall_jax import BlenderbotSmallForConditionalGeneration
 from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.checkpoint.names import flax_to_hf
 from bbsmall_jax.train.config import ConfigError
-from bbsmall_jax.nn.model import build_module, cross_entropy_loss
+from bbsmall_jax.nn.model import build_module, cross_entropy_loss, init_params
 from bbsmall_jax.train.checkpoints import CheckpointStore
 from bbsmall_jax.train.loop import DivergedError, TrainingError, train
 from bbsmall_jax.train.sharding import make_mesh
 from bbsmall_jax.train.flops import peak_flops, train_flops
-from bbsmall_jax.train.loss import lm_head_loss
-from bbsmall_jax.train.plan import TrainingPlan
+from bbsmall_jax.train.loss import lm_head_loss, tile_count
+from bbsmall_jax.train.plan import TrainingPlan, choose_plan
 from bbsmall_jax.train.steps import (abstract_state, learning_rate_schedule, loss_sum, make_eval_step, make_optimizer,
                                      make_train_step, zero_frozen)
 from bbsmall_jax.testing import loopback_coordinator
@@ -68,16 +69,24 @@ def _batches(cfg, datasets, count):
     return [batcher.materialize(p.bucket, p.rows) for p, _ in zip(batcher.plan(), range(count))]
 
 
-@pytest.mark.parametrize("plan", [None, TrainingPlan(loss="plain", flat_dense=False)], ids=["default", "plain"])
+# The accelerators' plan (layers under lax.scan, the vocabulary-tiled loss, rbg dropout keys) run on the CPU in
+# float32, with tiles small enough that the tiny vocabulary of 101 is walked in 4 (the last one padded).
+ACCELERATOR_PLAN = dataclasses.replace(choose_plan("tpu"), loss_vocab_tile=30, scan_layers=True)
+
+
+@pytest.mark.parametrize("plan", [None, TrainingPlan(loss="plain", flat_dense=False), ACCELERATOR_PLAN],
+                         ids=["default", "plain", "accelerator"])
 def test_gradients_match_pytorch(reference, plan):
-    """The default plan (on CPU: the fused loss, Dense layers over rows) and the model's own logits and layers."""
+    """The default plan (on CPU: the fused loss, Dense layers over rows), the model's own logits and layers, and
+    the plan GPU and TPU get."""
     hf, ours = reference
     cfg = tiny_config(label_smoothing=0.1)
     batch = _batches(cfg, synthetic_datasets(), 1)[0]
     assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()  # padding on both sides
+    module = ours.module if plan is None else build_module(ours.config, "seq2seq_lm", **plan.module_options())
 
     def mean_loss(params):
-        total, count = loss_sum(ours.module, params, batch, None, cfg.label_smoothing, plan)
+        total, count = loss_sum(module, params, batch, None, cfg.label_smoothing, plan)
         return total / count
 
     grads = flax_to_hf(jax.device_get(zero_frozen(jax.grad(mean_loss)(ours.params))), ours.config, "seq2seq_lm")
@@ -125,6 +134,21 @@ def test_eval_step_and_its_context_gain_match_pytorch(tmp_path):
     assert abs(want_shuffled - want) > 1e-2 * want  # the contexts differ, so the NLL does
 
 
+def test_scanned_layers_equal_the_layer_loop():
+    """`scan_layers` (the accelerators' plan) computes what the Python loop over layers does, gradients too."""
+    config = tiny_config(model={"encoder_layers": 3, "decoder_layers": 3, "d_model": 32}).model_config()
+    batch = _batches(tiny_config(), synthetic_datasets(), 1)[0]
+    looped, scanned = (build_module(config, "seq2seq_lm", scan_layers=scan) for scan in (False, True))
+    params = init_params(looped, jax.random.PRNGKey(0))
+    grad = lambda module: jax.jit(jax.value_and_grad(lambda p: loss_sum(module, p, batch, None)[0]))(params)
+    (want, want_grads), (have, have_grads) = grad(looped), grad(scanned)
+    np.testing.assert_allclose(have, want, rtol=1e-6)
+    for w, h in zip(jax.tree_util.tree_leaves(want_grads), jax.tree_util.tree_leaves(have_grads)):
+        np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-6 * (1.0 + float(np.abs(w).max())))
+    with_dropout = jax.jit(lambda p, key: loss_sum(scanned, p, batch, key)[0])(params, jax.random.PRNGKey(1))
+    assert np.isfinite(with_dropout) and with_dropout != have  # dropout keys reach every scanned layer
+
+
 def test_fused_loss_equals_the_plain_one():
     rng = np.random.default_rng(0)
     hidden, table, bias = (jax.numpy.asarray(rng.normal(size=shape), "float32") for shape in ((37, 16), (101, 16), (101,)))
@@ -135,8 +159,11 @@ def test_fused_loss_equals_the_plain_one():
         count = (labels != -100).sum()
         return cross_entropy_loss(hidden @ table.T + bias, labels, smoothing) * count, count
 
-    def fused(hidden, table, bias, labels, smoothing):
-        return lm_head_loss(hidden, table, bias, labels, smoothing, chunk_rows=8)
+    def fused(hidden, table, bias, labels, smoothing, vocab_tile=0):
+        return lm_head_loss(hidden, table, bias, labels, smoothing, chunk_rows=8, vocab_tile=vocab_tile)
+
+    def tiled(hidden, table, bias, labels, smoothing):  # 101 is prime: 4 tiles of 26 columns, the last padded
+        return fused(hidden, table, bias, labels, smoothing, vocab_tile=30)
 
     def all_cases(loss):  # (sum, count) and the gradients of 3 x the sum, with and without label smoothing
         def run(hidden, table, bias):
@@ -145,11 +172,14 @@ def test_fused_loss_equals_the_plain_one():
                     for labels in label_sets for smoothing in (0.0, 0.1)]
         return jax.jit(run)(hidden, table, bias)
 
-    for ((want, want_count), want_grads), ((have, have_count), have_grads) in zip(all_cases(plain), all_cases(fused)):
-        np.testing.assert_allclose(have, want, rtol=1e-6)
-        assert int(have_count) == int(want_count)
-        for w, h in zip(want_grads, have_grads):
-            np.testing.assert_allclose(h, w, rtol=1e-5, atol=1e-6 * (1.0 + float(np.abs(w).max())))
+    assert tile_count(101, 30) == 4 and tile_count(54944, 2048) == 32  # 32 divides 54,944: tiles of 1,717
+    want_cases = all_cases(plain)
+    for candidate in (fused, tiled):
+        for ((want, want_count), want_grads), ((have, have_count), have_grads) in zip(want_cases, all_cases(candidate)):
+            np.testing.assert_allclose(have, want, rtol=1e-6)
+            assert int(have_count) == int(want_count)
+            for w, h in zip(want_grads, have_grads):
+                np.testing.assert_allclose(h, w, rtol=1e-5, atol=1e-6 * (1.0 + float(np.abs(w).max())))
 
 
 def test_model_flops_and_peaks():

@@ -1,4 +1,4 @@
-"""The `bbsmall` command: chat, generate (batch inference), serve, eval, convert, train, info, bench."""
+"""The `bbsmall` command: chat, generate (batch inference), serve, eval, convert, compile, train, info, bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Optional
 
 from bbsmall_jax import startup_cache
 from bbsmall_jax.cli import distributed
+from bbsmall_jax.cli.compile import add_arguments as add_compile_arguments
 from bbsmall_jax.cli.convert import add_arguments as add_convert_arguments
 from bbsmall_jax.cli.models import NAMES_HELP
 from bbsmall_jax.serve import flags as serve_flags
@@ -176,6 +177,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from bbsmall_jax.cli import compile as compile_cli
+
+    return compile_cli.run(args)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from bbsmall_jax.cli.info import main as info_main
 
@@ -232,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="convert a checkpoint (same as convert_weights.py)")
     add_convert_arguments(convert)
     convert.set_defaults(run=cmd_convert)
+
+    compile_parser = commands.add_parser(
+        "compile", help="compile train or generate for a TPU topology on any machine: memory, FLOPs, HBM "
+                        "traffic, roofline, collectives (compiler estimates)")
+    add_compile_arguments(compile_parser, _add_generation_flags)
+    compile_parser.set_defaults(run=cmd_compile)
 
     info = commands.add_parser("info", help="backend, devices, decoding path, CPU kernel, compile cache, versions")
     info.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",

@@ -8,6 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from bbsmall_jax.cli import distributed
+from bbsmall_jax.cli.compile import TOPOLOGY_HELP
 
 # flag -> config key; each flag overrides the YAML value
 FLAG_KEYS = {"max_steps": "max_steps", "save_every": "save_every", "log_every": "log_every",
@@ -23,7 +24,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         epilog="Overrides: key=value for any config key, model.FIELD=value for a model field "
                "(e.g. learning_rate=3e-4 model.dropout=0.0).")
     parser.add_argument("--config", required=True, help="training config YAML (see configs/)")
-    parser.add_argument("--output-dir", required=True, help="checkpoints, metrics.jsonl and the final model go here")
+    parser.add_argument("--output-dir", help="checkpoints, metrics.jsonl and the final model go here (required "
+                                             "unless --compile-only)")
     parser.add_argument("--max-steps", type=int, help="optimizer steps to train for (the config's max_steps)")
     parser.add_argument("--save-every", type=int, help="checkpoint every N steps")
     parser.add_argument("--log-every", type=int, help="write metrics.jsonl (and the progress bar's loss) every N steps")
@@ -33,6 +35,13 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     parser.add_argument("--data", help="'chitchat' or a JSONL file of dialogue examples")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     distributed.add_flags(parser)
+    group = parser.add_argument_group("compile only (no data, no output directory; see `bbsmall compile`)")
+    group.add_argument("--compile-only", action="store_true",
+                       help="compile the train step for --topology and report on it instead of training")
+    group.add_argument("--topology", metavar="T", help=TOPOLOGY_HELP)
+    group.add_argument("--devices", type=int, metavar="N", help="the first N devices of the topology (default all)")
+    group.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    group.add_argument("--dump", metavar="DIR", help="write the optimized HLO as DIR/train.hlo.txt")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, model.FIELD=value for a model field")
     return parser
@@ -60,8 +69,14 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "train.py") -> int:
     from bbsmall_jax.checkpoint.hub import ModelNotFoundError
     from bbsmall_jax.train.config import ConfigError
 
+    if args.compile_only != (args.topology is not None):
+        parser.error("--compile-only and --topology go together")
+    if not args.compile_only and args.output_dir is None:
+        parser.error("the following arguments are required: --output-dir")
     try:
         cfg = parse_config(args)
+        if args.compile_only:
+            return _compile_only(cfg, args, prog)
         if cfg.data != "chitchat" and not os.path.isfile(cfg.data):
             raise DataError(f"cannot read data file {cfg.data}: no such file")
     except (ConfigError, DataError) as err:
@@ -80,6 +95,16 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "train.py") -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK if result.status == "completed" else EXIT_STOPPED
+
+
+def _compile_only(cfg, args: argparse.Namespace, prog: str) -> int:
+    from bbsmall_jax.cli.compile import run_train_config
+
+    try:
+        return run_train_config(cfg, args)
+    except (ValueError, OSError) as err:  # a bad topology, an unreadable init, a batch the devices do not divide
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bbsmall_jax.generation import cpu_kernel
-from bbsmall_jax.nn.cache import KVCache, read_layer
+from bbsmall_jax.nn.cache import KVCache
 from bbsmall_jax.nn.layers import Attention
 
 Array = jax.Array
@@ -87,27 +87,29 @@ def attend_cached_one(attention: Attention, query: Array, key: Array, value: Arr
     growing windows that holds every cached entry, so early steps read a fraction of the buffer.
 
     The positions left out are masked (weight exactly 0), so the result is the same as over the whole
-    buffer. The stacked buffers go into the branches whole and are read there (sliced, or gathered
-    through the cache's `origins`): slicing them outside would make XLA copy this layer's part.
+    buffer. The stacked buffer goes into the branches whole and is read there (sliced, or gathered
+    through the cache's `origins`): slicing it outside would make XLA copy this layer's part.
     """
     size = cache.max_length
     step = -(-size // CACHE_WINDOWS)
     widths = sorted({min(size, step * i) for i in range(1, CACHE_WINDOWS + 1)})
 
     def branch(width: int):
-        def run(cache_key, cache_value, origins, cache_bias):
+        def run(entries, origins, cache_bias):
+            history = cache.replace(entries=entries, origins=origins).history(layer, width)
+            # [B, width, H * Dh] -> [B, width, H, Dh]
+            cache_key, cache_value = (x.reshape(x.shape[:2] + query.shape[2:]) for x in history)
             out, weights = one_token_attention(
-                query, [read_layer(cache_key, layer, width, origins), key],
-                [read_layer(cache_value, layer, width, origins), value],
-                [cache_bias[..., :width], bias], attention.head_dim ** -0.5)
+                query, [cache_key, key], [cache_value, value], [cache_bias[..., :width], bias],
+                attention.head_dim ** -0.5)
             # weights [B, width + 1, H] -> [B, size + 1, H]: the cached positions left out have weight 0
             left_out = jnp.zeros((weights.shape[0], size - width, weights.shape[2]), weights.dtype)
             return out, jnp.concatenate([weights[:, :width], left_out, weights[:, width:]], axis=1)
         return run
 
     which = jnp.minimum(jnp.sum(cache.index > jnp.asarray(widths)), len(widths) - 1)
-    out, weights = _finish(attention, *jax.lax.switch(which, [branch(w) for w in widths], cache.self_key,
-                                                     cache.self_value, cache.origins, cache_bias))
+    out, weights = _finish(attention, *jax.lax.switch(which, [branch(w) for w in widths], cache.entries,
+                                                     cache.origins, cache_bias))
     return out, Attention.place_new_weights(weights, size, cache.index)
 
 

@@ -7,13 +7,15 @@ import json
 from typing import Optional, Sequence
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from bbsmall_jax import startup_cache
 from bbsmall_jax.generation import plan as plan_lib
 from bbsmall_jax.generation.config import UNSUPPORTED, GenerationConfig
 from bbsmall_jax.generation.prepare import neutral, prepare
 from bbsmall_jax.generation.program import GenerateOutput, compile_program, finish
-from bbsmall_jax.generation.sharding import data_mesh, device_count, place_inputs, replicated
+from bbsmall_jax.generation.sharding import DATA_AXIS, data_mesh, device_count, input_shardings, place_inputs, replicated
 
 Array = jax.Array
 
@@ -34,10 +36,10 @@ class GenerationMixin:
     def generation_config(self, value: GenerationConfig) -> None:
         self._generation_config = value
 
-    def decoding_plan(self, rows: int, devices: int = 1) -> plan_lib.DecodingPlan:
-        """The decoding plan for `rows` rows (batch bucket times beams or samples) over `devices` devices of the
-        default backend."""
-        return plan_lib.default_plan(self.dtype, rows, devices)
+    def decoding_plan(self, rows: int, devices: int = 1, backend: Optional[str] = None) -> plan_lib.DecodingPlan:
+        """The decoding plan for `rows` rows (batch bucket times beams or samples) over `devices` devices of
+        `backend` (default: JAX's default backend)."""
+        return plan_lib.choose_plan(backend or jax.default_backend(), self.dtype, rows, devices)
 
     def _program(self, plan: plan_lib.DecodingPlan):
         """The jitted program of one plan, kept."""
@@ -115,12 +117,22 @@ class GenerationMixin:
         return finish(startup_cache.run_program(program, args, static, self._program_identity()), prepared)
 
     def lower_generate(self, input_ids=None, attention_mask=None, generation_config=None, *, prng_key=None,
-                       params=None, encoder_hidden_states=None, encoder_attention_mask=None, devices=None, **kwargs):
-        """The `jax.stages.Lowered` program `generate` would run for these arguments (to inspect its HLO)."""
-        mesh = data_mesh(devices)
+                       params=None, encoder_hidden_states=None, encoder_attention_mask=None, devices=None,
+                       **kwargs):
+        """The `jax.stages.Lowered` program `generate` would run for these arguments (to inspect its HLO).
+
+        `devices` may also be devices this process cannot run on (a TPU topology's, see `bbsmall_jax.aot`):
+        the program is then lowered for their platform over abstract arguments laid out as `generate` lays
+        them out, and `params` may be `jax.ShapeDtypeStruct`s.
+        """
+        devices = list(jax.local_devices() if devices is None else devices)
+        elsewhere = devices[0].platform != jax.default_backend()
+        mesh = _mesh(devices) if elsewhere else data_mesh(devices)
         prepared = self._prepare(input_ids, attention_mask, generation_config, prng_key, encoder_hidden_states,
                                  encoder_attention_mask, kwargs, device_count(mesh))
-        program, args, static = self._call(prepared, params, mesh)
+        backend = devices[0].platform if elsewhere else None
+        program, args, static = self._call(prepared, params, mesh, backend, abstract_on=devices[0] if elsewhere
+                                           else None)
         return program.lower(*args, **static)
 
     def _prepare(self, input_ids, attention_mask, generation_config, prng_key, encoder_hidden_states,
@@ -129,11 +141,34 @@ class GenerationMixin:
         return prepare(self.config, self.head != "decoder_only", cfg, default_max_length, input_ids, attention_mask,
                        encoder_hidden_states, encoder_attention_mask, prng_key, batch_multiple)
 
-    def _call(self, prepared, params, mesh) -> tuple:
-        """(jitted program, positional arguments, static arguments) of a prepared call."""
-        plan = self.decoding_plan(prepared.rows, device_count(mesh))
+    def _call(self, prepared, params, mesh, backend: Optional[str] = None,
+              abstract_on: Optional[jax.Device] = None) -> tuple:
+        """(jitted program, positional arguments, static arguments) of a prepared call on `backend`'s plan; with
+        `abstract_on` (the first device, one the process cannot address) the arguments are ShapeDtypeStructs."""
+        plan = self.decoding_plan(prepared.rows, device_count(mesh), backend)
         params = self.params if params is None else params
-        inputs, search_inputs = place_inputs(prepared, mesh)
-        args = (*self._placed_weights(params, plan, mesh), inputs, search_inputs)
+        if abstract_on is None:
+            inputs, search_inputs = place_inputs(prepared, mesh)
+            weights = self._placed_weights(params, plan, mesh)
+        else:
+            inputs, search_inputs = _abstract((prepared.inputs, prepared.search), mesh, abstract_on,
+                                              None if mesh is None else input_shardings(prepared, mesh))
+            weights = _abstract((params, plan.decoding_weights(params)), mesh, abstract_on)
+        args = (*weights, inputs, search_inputs)
         return self._program(plan), args, dict(spec=dataclasses.replace(prepared.spec, plan=plan),
                                                layout=prepared.layout, mesh=mesh)
+
+
+def _mesh(devices: Sequence[jax.Device]):
+    """The data mesh `generate` would make of these devices (None for one), wherever they are."""
+    return None if len(devices) == 1 else Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def _abstract(tree, mesh, device: jax.Device, shardings=None):
+    """ShapeDtypeStructs of `tree`'s arrays, laid out by `shardings` (default: replicated over the mesh, or on
+    `device` without one)."""
+    if shardings is None:
+        everywhere = SingleDeviceSharding(device) if mesh is None else NamedSharding(mesh, P())
+        shardings = jax.tree_util.tree_map(lambda _: everywhere, tree)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                                  tree, shardings)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +45,23 @@ class ProcessorInputs:
     encoder_length: Array  # [] int32, how many leading encoder ids count
 
 
-def _ban(scores: Array, token_ids: Array) -> Array:
-    """Set scores[n, token_ids[n, j]] to -inf; ids >= vocab are skipped. token_ids [N, J]."""
+TokenMask = Callable[[Array, int], Array]  # (token ids [N, J], vocab size) -> [N, V] bool
+
+
+def compared_token_mask(token_ids: Array, vocab: int) -> Array:
+    """[N, V] bool, True at every id of token_ids [N, J] (ids >= vocab mark nothing): each id compared with
+    the vocabulary's iota, reduced over J. Elementwise, so XLA fuses it into the pass over the scores that
+    uses it, where a scatter would be a pass of its own (and a sort of its indices on TPU)."""
+    tokens = jax.lax.broadcasted_iota(token_ids.dtype, (1, 1, vocab), 2)
+    return jnp.any(token_ids[:, :, None] == tokens, axis=1)  # [N, J, V] -> [N, V]
+
+
+def _ban(scores: Array, token_ids: Array, token_mask: Optional[TokenMask]) -> Array:
+    """Set scores[n, token_ids[n, j]] to -inf; ids >= vocab are skipped. token_ids [N, J].
+
+    By scatter, or through `token_mask` (a decoding plan's choice) when given."""
+    if token_mask is not None:
+        return jnp.where(token_mask(token_ids, scores.shape[-1]), NEG_INF, scores)
     rows = jnp.arange(scores.shape[0])[:, None]
     return scores.at[rows, token_ids].set(NEG_INF, mode="drop")
 
@@ -65,28 +80,32 @@ def _windows(tokens: Array, n: int) -> Array:
 
 
 def repetition_penalty(scores: Array, sequences: Array, cur_len: Array, penalty: Array,
-                       prompt_ignore: Array) -> Array:
+                       prompt_ignore: Array, token_mask: Optional[TokenMask] = None) -> Array:
     """Divide positive (multiply negative) scores of tokens already in the sequence by `penalty`."""
     vocab = scores.shape[-1]
     positions = jnp.arange(sequences.shape[1])[None, :]
     seen = (positions < cur_len) & (positions >= prompt_ignore[:, None])
     ids = jnp.where(seen, sequences, vocab)  # [N, T]
-    mask = jnp.zeros(scores.shape, bool).at[jnp.arange(scores.shape[0])[:, None], ids].set(True, mode="drop")
+    if token_mask is not None:
+        mask = token_mask(ids, vocab)
+    else:
+        mask = jnp.zeros(scores.shape, bool).at[jnp.arange(scores.shape[0])[:, None], ids].set(True, mode="drop")
     return jnp.where(mask, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
-def no_repeat_ngram(scores: Array, sequences: Array, cur_len: Array, n: int) -> Array:
+def no_repeat_ngram(scores: Array, sequences: Array, cur_len: Array, n: int,
+                    token_mask: Optional[TokenMask] = None) -> Array:
     """Ban every token that would complete an n-gram already in `sequences[:, :cur_len]`."""
     vocab = scores.shape[-1]
     windows = _windows(sequences, n)  # [N, W, n]
     prefix = _last_tokens(sequences, cur_len, n - 1)  # [N, n-1]
     valid = jnp.arange(windows.shape[1])[None, :] <= cur_len - n  # the window lies inside the sequence
     matches = jnp.all(windows[:, :, :-1] == prefix[:, None, :], axis=-1) & valid & (cur_len >= n)
-    return _ban(scores, jnp.where(matches, windows[:, :, -1], vocab))
+    return _ban(scores, jnp.where(matches, windows[:, :, -1], vocab), token_mask)
 
 
 def encoder_no_repeat_ngram(scores: Array, sequences: Array, cur_len: Array, n: int, encoder_ids: Array,
-                            encoder_length: Array) -> Array:
+                            encoder_length: Array, token_mask: Optional[TokenMask] = None) -> Array:
     """Ban every token that would complete an n-gram of the encoder input (rows grouped per batch element)."""
     vocab, rows = scores.shape[-1], scores.shape[0]
     windows = _windows(encoder_ids, n)  # [B, W, n]
@@ -94,7 +113,7 @@ def encoder_no_repeat_ngram(scores: Array, sequences: Array, cur_len: Array, n: 
     prefix = _last_tokens(sequences, cur_len, n - 1)  # [N, n-1]
     valid = jnp.arange(windows.shape[1])[None, :] <= encoder_length - n
     matches = jnp.all(windows[:, :, :-1] == prefix[:, None, :], axis=-1) & valid & (cur_len >= n - 1)
-    return _ban(scores, jnp.where(matches, windows[:, :, -1], vocab))
+    return _ban(scores, jnp.where(matches, windows[:, :, -1], vocab), token_mask)
 
 
 def bad_words(scores: Array, sequences: Array, cur_len: Array, words: tuple[tuple[int, ...], ...]) -> Array:
@@ -140,19 +159,21 @@ def top_p(scores: Array, p: Array, min_tokens_to_keep: int) -> Array:
 
 
 def process(scores: Array, sequences: Array, cur_len: Array, spec: ProcessorSpec, inputs: ProcessorInputs,
-            warp: bool) -> Array:
+            warp: bool, token_mask: Optional[TokenMask] = None) -> Array:
     """All enabled processors in transformers' order; the sampling warpers last when `warp`.
 
     scores [N, V] float32 (logits for greedy/sampling, log-probabilities for beam search);
-    sequences [N, T] the tokens so far, of which the first `cur_len` are real.
+    sequences [N, T] the tokens so far, of which the first `cur_len` are real; `token_mask`: how the
+    penalty and the n-gram bans mark their tokens (a decoding plan's choice; None: by scatter).
     """
     if spec.repetition_penalty:
-        scores = repetition_penalty(scores, sequences, cur_len, inputs.repetition_penalty, inputs.prompt_ignore)
+        scores = repetition_penalty(scores, sequences, cur_len, inputs.repetition_penalty, inputs.prompt_ignore,
+                                    token_mask)
     if spec.no_repeat_ngram_size:
-        scores = no_repeat_ngram(scores, sequences, cur_len, spec.no_repeat_ngram_size)
+        scores = no_repeat_ngram(scores, sequences, cur_len, spec.no_repeat_ngram_size, token_mask)
     if spec.encoder_no_repeat_ngram_size:
         scores = encoder_no_repeat_ngram(scores, sequences, cur_len, spec.encoder_no_repeat_ngram_size,
-                                         inputs.encoder_ids, inputs.encoder_length)
+                                         inputs.encoder_ids, inputs.encoder_length, token_mask)
     if spec.bad_words_ids:
         scores = bad_words(scores, sequences, cur_len, spec.bad_words_ids)
     if spec.eos_token_ids:

@@ -1,10 +1,11 @@
 """The decoding plan: every backend-specific choice of a generation program, made once per (backend, dtype, rows).
 
-Two paths. `portable`, the default on GPU and TPU, is what XLA's accelerator backends are built for: the
-model's own einsum attention over the whole cache buffer with a mask, one matmul for the tied LM head,
-`lax.top_k`, `jnp.argmax`, plain `dynamic_update_slice` cache writes, beam reorders that gather the cache,
-no custom calls. `cpu`, the default on the CPU backend, applies `cpu_path`. `BBSMALL_DECODE_PATH` forces
-one, so both run (and are tested) anywhere.
+Two paths. `portable`, the default on GPU and TPU, is what XLA's accelerator backends are built for: a
+position-major cache written in place by `dynamic_update_slice`, one-token attention over the whole buffer
+with a mask, reading it lane-dense (`lane_dense`), beam reorders that move each row's origins, not the
+cache, one matmul for the tied LM head, `lax.top_k` (per beam, then over the beams), `jnp.argmax`, token
+bans by comparison with the vocabulary's iota, no custom calls. `cpu`, the default on the CPU backend,
+applies `cpu_path`. `BBSMALL_DECODE_PATH` forces one, so both run (and are tested) anywhere.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import dataclasses
 import functools
 import logging
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from bbsmall_jax.generation import cpu_kernel, cpu_path
+from bbsmall_jax.generation import cpu_kernel, cpu_path, lane_dense
+from bbsmall_jax.generation import logits_processors as lp
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +36,17 @@ class DecodingPlan:
     """The backend-specific choices of one generation program (static under jit)."""
 
     path: str  # "portable" or "cpu"
-    attention: str = "einsum"  # one-token attention over the cache: "einsum" (the model's) or "windowed"
+    # one-token attention over the cache: "lane_dense" (`lane_dense`), "einsum" (the model's) or "windowed"
+    attention: str = "lane_dense"
     lm_head: str = "tied"  # "tied" (over the embedding), "transposed" ([D, V] copy) or "packed" (CPU kernel)
     top_k: str = "lax"  # beam search's top 2K: "lax" or "blockwise"
+    # over all beams of a batch element: "per_beam" (each beam's best first: no [B, K * V] relayout) or "flat"
+    beam_top_k: str = "per_beam"
     argmax: str = "argmax"  # greedy search's pick: "argmax" or "max_min" (a max and a min of indices)
+    # how the repetition penalty and n-gram bans mark tokens: "compare" (with the vocabulary's iota) or "scatter"
+    token_marks: str = "compare"
     ordered_writes: bool = False  # cache writes depend on the step's output (in place on XLA's CPU backend)
+    time_major_cache: bool = False  # the cache's layout, position-major (see `KVCache`)
     track_origins: bool = False  # beam search reorders each row's origins, not the cache buffers
     cpu_kernel: bool = False  # decoder Dense layers through the packed-weights CPU kernel
     compiler_options: tuple[tuple[str, str], ...] = ()
@@ -53,6 +62,16 @@ class DecodingPlan:
         if self.argmax == "max_min":
             return cpu_path.first_argmax(scores)
         return jnp.argmax(scores, axis=-1)
+
+    def token_mask(self) -> Optional[lp.TokenMask]:
+        """The logits processors' token marking (`logits_processors.process`); None: by scatter."""
+        return lp.compared_token_mask if self.token_marks == "compare" else None
+
+    def cache_attention(self) -> dict:
+        """The one-token attention the cache carries (`KVCache.self_attention`, `cross_attention`)."""
+        if self.attention != "lane_dense":
+            return {}
+        return dict(self_attention=lane_dense.attend_cached, cross_attention=lane_dense.attend)
 
     def step_context(self, packed):
         """The context a decoding step is traced in: the CPU path's interceptors, or nothing."""
@@ -77,7 +96,7 @@ class DecodingPlan:
         return ", ".join(f"{k}={v}" for k, v in fields.items())
 
 
-PORTABLE = DecodingPlan("portable")
+PORTABLE = DecodingPlan("portable", track_origins=True, time_major_cache=True)
 
 
 def requested_path(backend: str) -> str:
@@ -100,7 +119,7 @@ def choose_plan(backend: str, dtype, rows: int, devices: int = 1) -> DecodingPla
               and _kernel_usable())
     return DecodingPlan(
         "cpu", attention="windowed", lm_head="packed" if kernel else ("transposed" if several else "tied"),
-        top_k="blockwise", argmax="max_min", ordered_writes=True, track_origins=True, cpu_kernel=kernel,
+        top_k="blockwise", beam_top_k="flat", token_marks="scatter", argmax="max_min", ordered_writes=True, track_origins=True, cpu_kernel=kernel,
         compiler_options=cpu_path.COMPILER_OPTIONS if backend == "cpu" else ())
 
 

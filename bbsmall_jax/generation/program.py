@@ -32,9 +32,9 @@ def _initial_cache(module, variables: dict, seq2seq: bool, batch: dict, rows: in
                    plan: DecodingPlan, mesh) -> KVCache:
     """The empty self-attention cache for `rows` rows, with cross-attention keys/values projected once per
     batch element and kept once: the `expand` rows (beams or samples) of a batch element share them."""
-    cache = KVCache.empty(module.config, rows, layout.buffer_length, module.dtype)
-    cache = cache.replace(self_key=constrain_rows(cache.self_key, mesh, 1),  # [L, rows, T, H, Dh]
-                          self_value=constrain_rows(cache.self_value, mesh, 1), ordered_writes=plan.ordered_writes)
+    cache = KVCache.empty(module.config, rows, layout.buffer_length, module.dtype, plan.time_major_cache)
+    cache = cache.replace(entries=constrain_rows(cache.entries, mesh, 2),  # rows are axis 2 in both layouts
+                          ordered_writes=plan.ordered_writes, **plan.cache_attention())
     if seq2seq:
         encoded = module.apply(variables, batch["input_ids"], batch["attention_mask"], method="encode")
         states, states_mask = encoded.last_hidden_state, batch["attention_mask"]

@@ -37,7 +37,7 @@ class SearchSpec:
     do_sample: bool = False  # with "beam": beam sampling
     early_stopping: Any = False  # True, False or "never"
     output_scores: bool = False
-    plan: DecodingPlan = PORTABLE  # the backend's top-k and argmax (see `plan.py`)
+    plan: DecodingPlan = PORTABLE  # the backend's top-k, argmax and token masks (see `plan.py`)
 
     @property
     def beams_to_keep(self) -> int:
@@ -108,7 +108,7 @@ def sampling_body(state: SamplingState, step_fn: StepFn, spec: SearchSpec, input
     cur = state.cur_len
     logits, cache = step_fn(_last_token(state.sequences, cur), state.cache)
     scores = lp.process(logits.astype(jnp.float32), state.sequences, cur, spec.processors, inputs.processors,
-                        warp=spec.do_sample)
+                        warp=spec.do_sample, token_mask=spec.plan.token_mask())
     if spec.do_sample:
         tokens = jax.random.categorical(_step_rng(inputs.rng, cur), scores, axis=-1)
     else:
@@ -179,6 +179,17 @@ def _gather(x: Array, indices: Array) -> Array:
     return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def _per_beam_top_k(scores: Array, count: int, plan: DecodingPlan) -> tuple[Array, Array]:
+    """`select_top_k` over scores [B, K, V] seen as [B, K * V], without that reshape: each beam's `count`
+    best, then the best of those. The same entries and order, ties included: each beam's are listed by
+    score with ties to the lower token, beam after beam, so equal scores stay in flat-index order."""
+    batch, k, vocab = scores.shape
+    values, tokens = plan.select_top_k(scores.reshape(batch * k, vocab), count)  # [B * K, count]
+    flat_ids = tokens.reshape(batch, k, count) + (jnp.arange(k) * vocab)[None, :, None]
+    values, picked = plan.select_top_k(values.reshape(batch, k * count), count)
+    return values, jnp.take_along_axis(flat_ids.reshape(batch, k * count), picked, axis=1)
+
+
 def _top_k_continuations(log_probs: Array, running_scores: Array, count: int, spec: SearchSpec,
                          rng: Array) -> tuple[Array, Array]:
     """The `count` best (beam, token) continuations of every batch element: scores and flat ids [B, count].
@@ -187,14 +198,19 @@ def _top_k_continuations(log_probs: Array, running_scores: Array, count: int, sp
     sorted by score as transformers does.
     """
     batch, k, vocab = log_probs.shape
-    flat = (log_probs + running_scores[:, :, None]).reshape(batch, k * vocab)  # [B, K * V]
+    scores = log_probs + running_scores[:, :, None]  # [B, K, V]
+    ranked = scores  # Gumbel noise drawn for [B, K, V] equals the [B, K * V] draw reshaped
     if spec.do_sample:
-        gumbel = jax.random.gumbel(rng, flat.shape, jnp.float32)
-        _, ids = spec.plan.select_top_k(flat + gumbel, count)
-        picked = jnp.take_along_axis(flat, ids, axis=1)
-        order = jnp.argsort(-picked, axis=1, stable=True)
-        return jnp.take_along_axis(picked, order, axis=1), jnp.take_along_axis(ids, order, axis=1)
-    return spec.plan.select_top_k(flat, count)
+        ranked = scores + jax.random.gumbel(rng, scores.shape, jnp.float32)
+    if spec.plan.beam_top_k == "per_beam":
+        values, ids = _per_beam_top_k(ranked, count, spec.plan)
+    else:
+        values, ids = spec.plan.select_top_k(ranked.reshape(batch, k * vocab), count)
+    if not spec.do_sample:
+        return values, ids
+    picked = scores[jnp.arange(batch)[:, None], ids // vocab, ids % vocab]  # [B, count]
+    order = jnp.argsort(-picked, axis=1, stable=True)
+    return jnp.take_along_axis(picked, order, axis=1), jnp.take_along_axis(ids, order, axis=1)
 
 
 def beam_body(state: BeamState, step_fn: StepFn, reorder_fn: ReorderFn, spec: SearchSpec,
@@ -205,7 +221,8 @@ def beam_body(state: BeamState, step_fn: StepFn, reorder_fn: ReorderFn, spec: Se
     flat_sequences = state.running_sequences.reshape(batch * k, length)  # [N, T]
     logits, cache = step_fn(_last_token(flat_sequences, cur), state.cache)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    log_probs = lp.process(log_probs, flat_sequences, cur, spec.processors, inputs.processors, warp=spec.do_sample)
+    log_probs = lp.process(log_probs, flat_sequences, cur, spec.processors, inputs.processors, warp=spec.do_sample,
+                           token_mask=spec.plan.token_mask())
     vocab = log_probs.shape[-1]
     step_scores = state.step_scores
     if step_scores is not None:

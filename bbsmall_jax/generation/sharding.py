@@ -56,14 +56,19 @@ def replicated(tree, mesh: Optional[Mesh]):
     return jax.tree_util.tree_map(place, tree)
 
 
+def input_shardings(prepared: Prepared, mesh: Mesh) -> tuple[dict, object]:
+    """Where `generate` puts the prepared inputs and search inputs on the mesh: batch arrays by rows, the rest
+    replicated (pytrees of shardings shaped like `prepared.inputs` and `prepared.search`)."""
+    by_rows, everywhere = rows(mesh), NamedSharding(mesh, P())
+    inputs = jax.tree_util.tree_map(lambda _: by_rows, prepared.inputs)
+    search = jax.tree_util.tree_map(lambda _: everywhere, prepared.search)
+    search = search.replace(valid=by_rows, processors=search.processors.replace(prompt_ignore=by_rows,
+                                                                                encoder_ids=by_rows))
+    return inputs, search
+
+
 def place_inputs(prepared: Prepared, mesh: Optional[Mesh]) -> tuple[dict, object]:
-    """The prepared inputs and search inputs on the mesh: batch arrays by rows, the rest replicated."""
+    """The prepared inputs and search inputs on the mesh (`input_shardings`)."""
     if mesh is None:
         return prepared.inputs, prepared.search
-    inputs = jax.device_put(prepared.inputs, rows(mesh))
-    search = replicated(prepared.search, mesh)
-    by_rows = lambda x: jax.device_put(x, rows(mesh))
-    search = search.replace(valid=by_rows(prepared.search.valid), processors=search.processors.replace(
-        prompt_ignore=by_rows(prepared.search.processors.prompt_ignore),
-        encoder_ids=by_rows(prepared.search.processors.encoder_ids)))
-    return inputs, search
+    return jax.device_put((prepared.inputs, prepared.search), input_shardings(prepared, mesh))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from bbsmall_jax.nn.cache import KVCache, read_layer
+from bbsmall_jax.nn.cache import KVCache
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 
 Array = jax.Array
@@ -31,6 +32,29 @@ ACTIVATION_FUNCTIONS = {
 def mask_to_bias(allowed: Array) -> Array:
     """Boolean "may attend" mask -> additive float32 bias (0 or the most negative float32)."""
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax_as(scores: Array, dtype: Dtype) -> Array:
+    """softmax(scores) over the last axis of float32 scores, returned in `dtype`.
+
+    Its backward pass keeps only that `dtype` result (autodiff of a float32 softmax followed by a cast
+    would keep the float32 probabilities for the backward pass: twice the bytes in bfloat16 training).
+    """
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def _softmax_as_fwd(scores, dtype):
+    probs = softmax_as(scores, dtype)
+    return probs, probs
+
+
+def _softmax_as_bwd(dtype, probs, grad):
+    probs, grad = probs.astype(jnp.float32), grad.astype(jnp.float32)
+    return (probs * (grad - (grad * probs).sum(axis=-1, keepdims=True)),)
+
+
+softmax_as.defvjp(_softmax_as_fwd, _softmax_as_bwd)
 
 
 def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -102,9 +126,9 @@ class Attention(nn.Module):
         if bias is not None:
             bias = _by_group(bias, groups) if bias.shape[0] == rows else bias[:, None]
             scores = scores + bias
-        weights = jax.nn.softmax(scores, axis=-1)
-        dropped = self.attn_dropout(weights, deterministic=deterministic)
-        out = jnp.einsum("grhts,gshd->grthd", dropped.astype(self.dtype), value.astype(self.dtype))
+        weights = jax.nn.softmax(scores, axis=-1)  # float32: what output_attentions returns
+        dropped = self.attn_dropout(softmax_as(scores, self.dtype), deterministic=deterministic)
+        out = jnp.einsum("grhts,gshd->grthd", dropped, value.astype(self.dtype))
         unflat = lambda x: x.reshape((rows,) + x.shape[2:])  # [G, B / G, ...] -> [B, ...]
         return self.project_out(unflat(out)), unflat(weights)
 
@@ -112,16 +136,17 @@ class Attention(nn.Module):
                       bias: Array, layer: int, deterministic: bool) -> tuple[Array, Array]:
         """Attention over the cache as it was before this step plus the new tokens' own keys/values.
 
-        query/key/value [B, T, H, Dh] of the T new tokens; `cache` holds every layer's buffers
-        [L, B, K, H, Dh], this layer's at `layer` (only read: the decoder writes the new entries after all
-        layers); cache_bias [B or 1, 1, 1, K] allows the cached keys before `cache.index`; bias
-        [B or 1, 1, T, T] the new tokens among themselves. One softmax over both parts. Returns the output
-        [B, T, D] and the float32 weights [B, H, T, K] laid out as if the new keys were written at
-        `cache.index`.
+        query/key/value [B, T, H, Dh] of the T new tokens; `cache` holds every layer's entries, this layer's
+        at `layer` (only read: the decoder writes the new entries after all layers; one token reads them
+        through the cache's `self_attention` when set); cache_bias [B or 1, 1, 1, K] allows the cached keys
+        before `cache.index`; bias [B or 1, 1, T, T] the new tokens among themselves. One softmax over both
+        parts. Returns the output [B, T, D] and the float32 weights [B, H, T, K] laid out as if the new keys
+        were written at `cache.index`.
         """
+        if cache.self_attention is not None and query.shape[1] == 1 and deterministic:  # the decoding plan's
+            return cache.self_attention(self, query, key, value, cache, cache_bias, bias, layer)
         size = cache.max_length
-        cache_key = read_layer(cache.self_key, layer, size, cache.origins)  # [B, K, H, Dh]
-        cache_value = read_layer(cache.self_value, layer, size, cache.origins)
+        cache_key, cache_value = (self._split_heads(x) for x in cache.history(layer, size))  # [B, K, H, Dh]
         old = self._scores("bthd,bkhd->bhtk", query, cache_key) + cache_bias
         new = self._scores("bthd,bshd->bhts", query, key) + bias
         weights = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)  # [B, H, T, K + T]
@@ -188,7 +213,7 @@ class DecoderLayer(nn.Module):
     """Post-LN block: causal self-attention, cross-attention (when there is an encoder), feed-forward.
 
     With a cache, the new tokens attend over the cached keys/values and their own; the decoder writes
-    every layer's new keys/values into the `[L, B, max_len, H, Dh]` buffers once, after all layers.
+    every layer's new keys/values into the cache once, after all layers.
     """
 
     config: BlenderbotSmallConfig
@@ -209,6 +234,12 @@ class DecoderLayer(nn.Module):
     def project_cross_key_value(self, encoder_hidden: Array) -> tuple[Array, Array]:
         """Cross-attention keys and values of the encoder output, [B, S, H, Dh] each."""
         return self.encoder_attn.project_key_value(encoder_hidden)
+
+    def over_sequence(self, hidden: Array, self_bias: Array, encoder_hidden: Optional[Array],
+                      cross_bias: Optional[Array], deterministic: bool) -> Array:
+        """A whole sequence without a cache, cross-attention keys/values projected here: the new hidden state."""
+        cross = None if encoder_hidden is None else self.project_cross_key_value(encoder_hidden)
+        return self(hidden, self_bias, cross, cross_bias, deterministic)[0]
 
     def __call__(self, hidden: Array, self_bias: Array, cross_key_value: Optional[tuple[Array, Array]],
                  cross_bias: Optional[Array], deterministic: bool, cache: Optional[KVCache] = None,
@@ -231,8 +262,12 @@ class DecoderLayer(nn.Module):
         cross_weights = None
         if cross_key_value is not None:
             cross_query = self.encoder_attn.project_query(hidden)
-            attended, cross_weights = self.encoder_attn.attend(
-                cross_query, *cross_key_value, cross_bias, deterministic)
+            if cache is not None and cache.cross_attention is not None and hidden.shape[1] == 1 and deterministic:
+                attended, cross_weights = cache.cross_attention(self.encoder_attn, cross_query, *cross_key_value,
+                                                                cross_bias)  # the decoding plan's
+            else:
+                attended, cross_weights = self.encoder_attn.attend(
+                    cross_query, *cross_key_value, cross_bias, deterministic)
             hidden = self.encoder_attn_layer_norm(hidden + self.dropout(attended, deterministic=deterministic))
 
         ffn = self.ffn(hidden, deterministic)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
+from jax.sharding import PartitionSpec as P
 
 from bbsmall_jax.nn.cache import KVCache
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
@@ -50,6 +52,57 @@ def _run_layer_drop(module: nn.Module, rate: float, deterministic: bool, skip_va
     return jax.tree_util.tree_map(lambda skipped, ran: jnp.where(drop, skipped, ran), skip_value, result)
 
 
+SCANNED_LEAVES = ("kernel", "embedding")  # leaves a scan stacks in the compute dtype (they are cast to it anyway)
+
+
+def _scan_layers(module: nn.Module, layers: list, hidden: Array, deterministic: bool, apply_layer) -> Array:
+    """`hidden` through `layers` (bound, identical in shape) under `lax.scan`: one layer is traced and compiled.
+
+    The layers keep their own params (`layers_0`, `layers_1`, ... as checkpoints name them); the scan runs
+    over a stack of them made per call, matrices in the compute dtype. `apply_layer(params, hidden, rngs)`
+    runs one layer; each gets its own dropout key. Each layer is recomputed in the backward pass, so only
+    its input is kept (one [L, B, T, D] stack) rather than a stack of every intermediate. Under a 1-D mesh
+    (the data mesh of training) the stack is gathered whole once and the rows stay sharded over the mesh.
+    """
+    def stack(path, *leaves):  # [L, ...]
+        cast = str(getattr(path[-1], "key", "")) in SCANNED_LEAVES
+        return jnp.stack([leaf.astype(module.dtype) if cast else leaf for leaf in leaves])
+
+    stacked = _replicated(jax.tree_util.tree_map_with_path(stack, *[layer.variables["params"] for layer in layers]))
+    key = None if deterministic else module.make_rng("dropout")
+
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def body(hidden, xs):
+        index, params = xs
+        rngs = {} if key is None else {"dropout": jax.random.fold_in(key, index)}
+        return _rows_sharded(apply_layer(params, _rows_sharded(hidden), rngs)), None
+
+    hidden, _ = jax.lax.scan(body, hidden, (jnp.arange(len(layers)), stacked))
+    return hidden
+
+
+def _data_mesh_axis() -> Optional[str]:
+    """The axis of the 1-D mesh the program is traced under (`jax.sharding.use_abstract_mesh`), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.axis_names[0] if not mesh.empty and len(mesh.axis_names) == 1 else None
+
+
+def _replicated(tree):
+    axis = _data_mesh_axis()
+    return tree if axis is None else jax.lax.with_sharding_constraint(tree, P())
+
+
+def _rows_sharded(x: Array) -> Array:
+    axis = _data_mesh_axis()
+    return x if axis is None else jax.lax.with_sharding_constraint(x, P(axis))
+
+
+def _scannable(module: nn.Module, layerdrop: float, deterministic: bool, *outputs: bool) -> bool:
+    """Whether a stack runs its layers under `lax.scan`: asked for, and nothing per layer is needed."""
+    return (module.scan_layers and not module.is_initializing() and not any(outputs)
+            and (deterministic or layerdrop == 0.0))
+
+
 def _embedding_init(config: BlenderbotSmallConfig):
     """normal(init_std) with the padding row zeroed, as transformers initialises embeddings."""
     def init(key, shape, dtype=jnp.float32):
@@ -67,6 +120,7 @@ class _Stack(nn.Module):
     embed_tokens: nn.Embed
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False  # full-sequence passes without per-layer outputs run the layers under lax.scan
 
     def _setup_embeddings(self):
         c = self.config
@@ -98,6 +152,11 @@ class Encoder(_Stack):
             attention_mask = jnp.ones((batch, length), bool)
         bias = mask_to_bias(attention_mask.astype(bool))[:, None, None, :]  # [B, 1, 1, S]
 
+        if _scannable(self, self.config.encoder_layerdrop, deterministic, output_hidden_states, output_attentions):
+            layer = EncoderLayer(self.config, self.dtype, self.param_dtype, parent=None)
+            hidden = _scan_layers(self, self.layers, hidden, deterministic, lambda params, h, rngs: layer.apply(
+                {"params": params}, h, bias, deterministic, rngs=rngs)[0])
+            return EncoderOutput(last_hidden_state=hidden)
         all_hidden, all_weights = [hidden], []
         for layer in self.layers:
             hidden, weights = _run_layer_drop(
@@ -178,6 +237,13 @@ class Decoder(_Stack):
         cross_bias = None
         if cross_kv is not None and encoder_mask is not None:
             cross_bias = mask_to_bias(encoder_mask.astype(bool))[:, None, None, :]  # [B, 1, 1, S]
+        if cache is None and _scannable(self, c.decoder_layerdrop, deterministic, output_hidden_states,
+                                        output_attentions):
+            layer = DecoderLayer(c, 0, self.dtype, self.param_dtype, parent=None)
+            hidden = _scan_layers(self, self.layers, hidden, deterministic, lambda params, h, rngs: layer.apply(
+                {"params": params}, h, self_bias, encoder_hidden_states, cross_bias, deterministic, rngs=rngs,
+                method="over_sequence"))
+            return DecoderOutput(last_hidden_state=hidden)
 
         all_hidden, all_self, all_cross, new_kv = [hidden], [], [], []
         for i, layer in enumerate(self.layers):
@@ -209,6 +275,7 @@ class _Base(nn.Module):
     config: BlenderbotSmallConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False  # see `_Stack`
 
     def _make_shared(self):
         c = self.config
@@ -241,8 +308,8 @@ class BlenderbotSmallSeq2Seq(_Base):
 
     def setup(self):
         self.shared = self._make_shared()
-        self.encoder = Encoder(self.config, self.shared, self.dtype, self.param_dtype)
-        self.decoder = Decoder(self.config, self.shared, self.dtype, self.param_dtype)
+        self.encoder = Encoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers)
+        self.decoder = Decoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers)
         if self.lm_head:
             self.final_logits_bias = self.param(
                 "final_logits_bias", nn.initializers.zeros, (self.config.vocab_size,), self.param_dtype)
@@ -296,7 +363,7 @@ class BlenderbotSmallDecoderOnly(_Base):
 
     def setup(self):
         self.shared = self._make_shared()
-        self.decoder = Decoder(self.config, self.shared, self.dtype, self.param_dtype)
+        self.decoder = Decoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers)
 
     def decode(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,
                encoder_attention_mask=None, inputs_embeds=None, cache=None, deterministic=True,
@@ -325,13 +392,14 @@ class BlenderbotSmallDecoderOnly(_Base):
 
 
 def build_module(config: BlenderbotSmallConfig, head: Head, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32) -> nn.Module:
-    """The Flax module of one head."""
+                 param_dtype: Dtype = jnp.float32, scan_layers: bool = False) -> nn.Module:
+    """The Flax module of one head; `scan_layers` runs full-sequence passes under `lax.scan` (a training plan's
+    choice: the params stay per layer)."""
     if head == "decoder_only":
-        return BlenderbotSmallDecoderOnly(config, dtype, param_dtype)
+        return BlenderbotSmallDecoderOnly(config, dtype, param_dtype, scan_layers)
     if head not in ("seq2seq", "seq2seq_lm"):
         raise ValueError(f"unknown head {head!r}")
-    return BlenderbotSmallSeq2Seq(config, dtype, param_dtype, lm_head=head == "seq2seq_lm")
+    return BlenderbotSmallSeq2Seq(config, dtype, param_dtype, scan_layers, lm_head=head == "seq2seq_lm")
 
 
 def init_params(module: nn.Module, rng: jax.Array) -> dict:

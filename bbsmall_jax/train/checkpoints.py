@@ -12,7 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from bbsmall_jax.atomic import write_atomic
-from bbsmall_jax.train.config import ConfigError, TrainConfig
+from bbsmall_jax.train.config import RESUMABLE_FIELDS, ConfigError, TrainConfig
 from bbsmall_jax.train.steps import State
 
 
@@ -120,7 +120,7 @@ def check_compatible(saved: dict, cfg: TrainConfig, output_dir: str) -> None:
     previous = saved.get("config", {})
     if saved.get("fingerprint") == cfg.fingerprint() and previous == current:
         return
-    keys = sorted(set(previous) | set(current))
+    keys = sorted((set(previous) | set(current)) - set(RESUMABLE_FIELDS))  # older checkpoints recorded some
     diffs = [f"{k}: {previous.get(k)!r} (checkpoint) vs {current.get(k)!r} (now)"
              for k in keys if _resolved(k, previous.get(k)) != _resolved(k, current.get(k))]
     if not diffs:  # e.g. dtype float32 then, auto now, on the CPU

@@ -21,7 +21,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 REMAT = ("none", "dots", "full")
 # Fields that may change when a run resumes: they do not alter the trajectory of the params.
 RESUMABLE_FIELDS = ("max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every",
-                    "eval_batches", "progress", "prefetch", "peak_flops")
+                    "eval_batches", "progress", "prefetch", "peak_flops", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -74,7 +74,9 @@ class TrainConfig:
     prefetch: int = 4  # batches prepared ahead in a background thread
     peak_flops: float = 0.0  # one device's peak FLOP/s for the logged MFU; 0: from a table of accelerators
     # sharding
-    fsdp: bool = False  # shard params and optimizer state over the data axis as well as the batch
+    # shard params and optimizer state over the data axis as well as the batch: true, false, or auto (on
+    # GPU and TPU with several devices; leaves too small to be worth a collective stay replicated)
+    fsdp: Any = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "buckets", tuple(tuple(b) for b in self.buckets))
@@ -100,9 +102,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not _is_number(self.end_learning_rate_ratio) or not 0 <= self.end_learning_rate_ratio <= 1:
             raise ConfigError(f"end_learning_rate_ratio must be in [0, 1], got {self.end_learning_rate_ratio!r}")
-        for name in ("progress", "fsdp", "add_end"):
+        for name in ("progress", "add_end"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not (isinstance(self.fsdp, bool) or self.fsdp == "auto"):
+            raise ConfigError(f"fsdp must be true, false or auto, got {self.fsdp!r}")
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum_steps "
                               f"({self.grad_accum_steps})")
@@ -131,6 +135,12 @@ class TrainConfig:
         s, t = self.max_source_length, self.max_target_length
         shapes = {(max(s // 4, 1), max(t // 4, 1)), (max(s // 2, 1), max(t // 2, 1)), (s, t)}
         return tuple(sorted(shapes))
+
+    def uses_fsdp(self, backend: str, devices: int) -> bool:
+        """Whether params and optimizer state are sharded: `fsdp`, with auto resolved for `backend`."""
+        if self.fsdp == "auto":
+            return backend != "cpu" and devices > 1
+        return self.fsdp
 
     @property
     def total_schedule_steps(self) -> int:

@@ -14,22 +14,18 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bbsmall_jax.generation.plan import compute_dtype
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
-from bbsmall_jax.nn.model import build_module
 from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.train.checkpoints import CheckpointStore, MetricsLog, check_compatible
 from bbsmall_jax.train.config import ConfigError, TrainConfig
 from bbsmall_jax.train.flops import peak_flops, train_flops
 from bbsmall_jax.train.output_lock import output_lock
-from bbsmall_jax.train.plan import choose_plan
 from bbsmall_jax.train.preparation import Datasets, build_model_config, export, prepare_datasets
-from bbsmall_jax.train.sharding import DATA_AXIS, Feeder, barrier, gather_params, make_mesh, say
-from bbsmall_jax.train.steps import abstract_state, init_state, learning_rate_schedule, make_eval_step, make_optimizer, make_train_step
+from bbsmall_jax.train.sharding import Feeder, barrier, gather_params, make_mesh, say
+from bbsmall_jax.train.program import build_program, check_batch
+from bbsmall_jax.train.steps import init_state
 
 
 class TrainingError(RuntimeError):
@@ -69,10 +65,6 @@ class _Stopper:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def _kept_message(last_good: Optional[int], directory: str) -> str:
@@ -133,11 +125,7 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
 
     is_main = jax.process_index() == 0
     mesh = make_mesh()
-    n_devices = mesh.shape[DATA_AXIS]
-    micro = cfg.batch_size // cfg.grad_accum_steps
-    if micro % n_devices:
-        raise ConfigError(f"batch_size / grad_accum_steps = {micro} examples per micro-batch must be divisible "
-                          f"by the {n_devices} devices")
+    micro = check_batch(cfg, mesh.size)
     store = CheckpointStore(os.path.join(output_dir, "checkpoints"), cfg.keep_checkpoints)
     batches = None
     try:
@@ -154,11 +142,8 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
         if is_main:
             cfg.save_yaml(os.path.join(output_dir, "train_config.yaml"))
 
-        dtype = jnp.dtype(compute_dtype(cfg.dtype, jax.default_backend()))
-        module = build_module(model_config, "seq2seq_lm", dtype, jnp.float32)
-        plan = choose_plan(jax.default_backend(), dtype)
-        optimizer, schedule = make_optimizer(cfg), learning_rate_schedule(cfg)
-        abstract = abstract_state(module, optimizer, mesh, cfg.fsdp)
+        program = build_program(cfg, model_config, mesh, jax.default_backend())
+        optimizer, abstract = program.optimizer, program.abstract
         restored = _restore(store, abstract, cfg, output_dir, is_main) if resuming else None
         if restored is not None:
             latest, state, meta = restored
@@ -171,19 +156,11 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
 
                 host_params = jax.device_get(
                     BlenderbotSmallForConditionalGeneration.from_pretrained(cfg.init, config=model_config).params)
-            state = init_state(module, optimizer, abstract, cfg.seed, host_params)
+            state = init_state(program.module, optimizer, abstract, cfg.seed, host_params)
             position = data_lib.Position()
         step = latest or 0
 
-        state_shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract)
-        replicated = NamedSharding(mesh, P())
-        train_step = jax.jit(make_train_step(module, optimizer, schedule, cfg.label_smoothing, cfg.remat, plan, mesh),
-                             in_shardings=(state_shardings, NamedSharding(mesh, P(None, DATA_AXIS))),
-                             out_shardings=(state_shardings, replicated), donate_argnums=0)
-        all_finite = jax.jit(_all_finite, in_shardings=(state_shardings["params"],), out_shardings=replicated)
-        eval_step = jax.jit(make_eval_step(module, plan, mesh), in_shardings=(state_shardings["params"],
-                                                                             NamedSharding(mesh, P(DATA_AXIS))),
-                            out_shardings=replicated)
+        train_step, eval_step, all_finite = program.train_step, program.eval_step, program.all_finite
         peak, _ = peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
 
         pad = model_config.pad_token_id

@@ -1,8 +1,9 @@
 """The training plan: every backend-specific choice of the train step, made once per (backend, dtype).
 
 The model's layers know nothing of the backend; what differs between XLA's CPU and accelerator backends
-sits here, as generation's sits in `generation/plan.py`: how the LM head and the loss are computed and how
-Dense layers are traced. `BBSMALL_TRAIN_LOSS=fused|plain` forces the loss path
+sits here, as generation's sits in `generation/plan.py`: how the LM head and the loss are computed, how
+Dense layers are traced, whether layers run under `lax.scan`, which RNG dropout draws from, and how the tied
+embedding is laid out. `BBSMALL_TRAIN_LOSS=fused|plain` forces the loss path
 (both are tested on CPU).
 
 Measured on the 90M shape on a 2-core AVX2 CPU and left out: dropout keys stay threefry (`rbg` and
@@ -23,6 +24,7 @@ from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
 LOSSES = ("fused", "plain")
+DROPOUT_RNGS = ("threefry", "rbg")
 LOSS_VARIABLE = "BBSMALL_TRAIN_LOSS"
 
 
@@ -31,7 +33,11 @@ class TrainingPlan:
     """The backend-specific choices of one train step (static under jit)."""
 
     loss: str = "fused"  # "fused": train/loss.py, chunked, logits only at labels; "plain": the model's [B, T, V]
-    loss_chunk_rows: int = 128  # label rows per chunk of the fused loss
+    loss_chunk_rows: int = 128  # label rows per chunk of the fused loss; 0: every row in one chunk, unsorted
+    loss_vocab_tile: int = 0  # > 0: the fused loss walks the vocabulary in tiles of about this many columns
+    scan_layers: bool = False  # the encoder's and the decoder's layers run under `lax.scan` (compile time)
+    dropout_rng: str = "threefry"  # the dropout keys' implementation: "threefry" or "rbg" (TPU's RNG)
+    gather_embedding: bool = False  # over several devices, the tied embedding is cast and gathered once per step
     # Dense layers over [B, T, D] as one [B * T, D] matmul whose kernel gradient is a plain 2-D matmul over
     # one operand transposed (`_matmul`): XLA's CPU backend otherwise contracts over two axes in place,
     # through transposing copies fused into other loops or a slow path.
@@ -40,6 +46,18 @@ class TrainingPlan:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.dropout_rng not in DROPOUT_RNGS:
+            raise ValueError(f"dropout_rng must be one of {', '.join(DROPOUT_RNGS)}, got {self.dropout_rng!r}")
+
+    def module_options(self) -> dict:
+        """What `build_module` is given besides the config and dtypes."""
+        return {"scan_layers": self.scan_layers}
+
+    def dropout_key(self, key: jax.Array) -> jax.Array:
+        """The step's dropout key (threefry raw key data [2]) in this plan's implementation."""
+        if self.dropout_rng == "threefry":
+            return key
+        return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=self.dropout_rng)
 
     def trace_context(self) -> contextlib.AbstractContextManager:
         """The context the model is applied in while a train or eval step is traced."""
@@ -99,11 +117,20 @@ def choose_plan(backend: str, dtype=jnp.float32) -> TrainingPlan:
     """The plan for training in compute `dtype` on `backend` ("cpu", "gpu", "tpu").
 
     On the CPU, chunks of 128 label rows were measured fastest (the LM head and loss of the 90M shape,
-    forward and backward, 1.3-1.5x faster than the plain loss; 64 or 256 rows 1.2x). Accelerators get 1024-row chunks ([1024, V] float32 logits, 225 MB at
-    V = 54,944) and XLA's own Dense layers; those choices are not measured yet.
+    forward and backward, 1.3-1.5x faster than the plain loss; 64 or 256 rows 1.2x). GPU and TPU get what
+    the TPU compiler's estimates chose (`bbsmall compile train`, README "Before you get a TPU"; not measured
+    on a chip): every row in one chunk, walked in static vocabulary tiles of about 4,096 columns (logits
+    never whole; a chunk with nothing sized at run time, which the SPMD partitioner lays out over the
+    devices), the tied embedding gathered once per step, layers under `lax.scan` (the 90M step compiles
+    about 3x faster for TPU), and on TPU the hardware RNG for dropout (threefry's bits are integer vector
+    work there). At the 90M shape on v5e:2x2 these took the yardstick HBM estimate of a step of 16 rows
+    per chip from 5.1 GB (FSDP) to 3.0 GB.
     """
     cpu = backend == "cpu"
-    return TrainingPlan(loss=requested_loss(), loss_chunk_rows=128 if cpu else 1024, flat_dense=cpu)
+    return TrainingPlan(loss=requested_loss(), loss_chunk_rows=128 if cpu else 0,
+                        loss_vocab_tile=0 if cpu else 4096, scan_layers=not cpu,
+                        dropout_rng="rbg" if backend == "tpu" else "threefry", gather_embedding=not cpu,
+                        flat_dense=cpu)
 
 
 def default_plan(dtype=jnp.float32) -> TrainingPlan:

@@ -26,6 +26,12 @@ class Datasets:
     tokenizer: Any = None
 
 
+def model_config_of(cfg: TrainConfig) -> BlenderbotSmallConfig:
+    """`init`'s config.json (a local directory, or a hub id from the cache or the hub) or the defaults, with
+    `cfg.model` applied."""
+    return cfg.model_config(None if cfg.init is None else BlenderbotSmallConfig.from_pretrained(cfg.init))
+
+
 def build_model_config(cfg: TrainConfig, output_dir: str, resuming: bool) -> BlenderbotSmallConfig:
     """The model config: `init`'s config.json (or the defaults) with `cfg.model` applied.
 
@@ -34,10 +40,7 @@ def build_model_config(cfg: TrainConfig, output_dir: str, resuming: bool) -> Ble
     path = os.path.join(output_dir, "model_config.json")
     if resuming and os.path.isfile(path):
         return BlenderbotSmallConfig.from_json_file(path)
-    if cfg.init is None:
-        config = cfg.model_config()
-    else:
-        config = cfg.model_config(BlenderbotSmallConfig.from_pretrained(cfg.init))
+    config = model_config_of(cfg)
     if jax.process_index() == 0:
         write_atomic(path, json.dumps(config.to_dict(), indent=2, sort_keys=True))
     return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import jax
@@ -19,11 +20,18 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.array(devices), (DATA_AXIS,))
 
 
+MIN_SHARDED_ELEMENTS = 4096  # FSDP keeps smaller leaves (biases, LayerNorm scales) replicated
+
+
 def leaf_spec(shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> P:
-    """Replicated, or (FSDP) sharded over the data axis along the largest dimension it divides."""
+    """Replicated, or (FSDP) sharded over the data axis along the largest dimension it divides.
+
+    Under FSDP a leaf of fewer than MIN_SHARDED_ELEMENTS stays replicated: gathering it would cost a
+    collective's latency for a few kilobytes, and its optimizer update is as small.
+    """
     n = mesh.shape[DATA_AXIS]
     dims = [i for i, d in enumerate(shape) if d % n == 0 and d >= n]
-    if not fsdp or n == 1 or not dims:
+    if not fsdp or n == 1 or not dims or math.prod(shape) < MIN_SHARDED_ELEMENTS:
         return P()
     axis = max(dims, key=lambda i: shape[i])
     return P(*[DATA_AXIS if i == axis else None for i in range(len(shape))])

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bbsmall_jax.nn.model import cross_entropy_loss, init_params, shift_tokens_right
 from bbsmall_jax.train.config import TrainConfig
 from bbsmall_jax.train.loss import lm_head_loss
 from bbsmall_jax.train.plan import TrainingPlan, default_plan
-from bbsmall_jax.train.sharding import DATA_AXIS, tree_shardings
+from bbsmall_jax.train.sharding import DATA_AXIS, leaf_spec, tree_shardings
 
 FROZEN_PARAMS = ("final_logits_bias",)  # a buffer in transformers: never trained
 DECAYED_LEAVES = ("kernel", "embedding")  # no weight decay on biases and LayerNorm scales (as HF's Trainer)
@@ -82,12 +84,15 @@ def _decoder_hidden_under_own_and_next_context(model, input_ids, attention_mask,
 
 
 def _features(module, params, batch: dict, dropout_rng: Optional[jax.Array], plan: TrainingPlan,
-              method=_decoder_hidden):
-    """The decoder's last hidden state of one batch (what `method` returns); dropout on when a key is given."""
+              method=_decoder_hidden, mesh: Optional[Mesh] = None):
+    """The decoder's last hidden state of one batch (what `method` returns); dropout on when a key is given.
+    Traced under `mesh`, which layers under `lax.scan` lay their rows out over."""
     config = module.config
     decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
-    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-    with plan.trace_context():
+    rngs = {} if dropout_rng is None else {"dropout": plan.dropout_key(dropout_rng)}
+    under_mesh = (jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None and mesh.size > 1
+                  else contextlib.nullcontext())
+    with plan.trace_context(), under_mesh:
         return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
                             dropout_rng is None, rngs=rngs, method=method)
 
@@ -104,9 +109,10 @@ def _head_loss(module, params, hidden: jax.Array, labels: jax.Array, label_smoot
         return cross_entropy_loss(logits, labels, label_smoothing) * count, count
 
     def local(hidden, table, bias, labels):
-        return lm_head_loss(hidden, table, bias, labels, label_smoothing, plan.loss_chunk_rows, module.dtype)
+        return lm_head_loss(hidden, table, bias, labels, label_smoothing, plan.loss_chunk_rows, module.dtype,
+                            plan.loss_vocab_tile)
 
-    if mesh is None or mesh.size == 1:
+    if mesh is None or mesh.size == 1 or not plan.loss_chunk_rows:  # no chunks: nothing sized per device
         return local(hidden, table, bias, labels)
 
     def sharded(hidden, table, bias, labels):  # each device's rows, then the sums over devices
@@ -120,15 +126,46 @@ def _head_loss(module, params, hidden: jax.Array, labels: jax.Array, label_smoot
                          out_specs=(P(), P()))(hidden, table, bias, labels)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gathered(x: jax.Array, whole: NamedSharding, stored: NamedSharding) -> jax.Array:
+    """x laid out `whole`; its gradient laid out as x is `stored` (one reduction of the devices' partial sums)."""
+    return jax.lax.with_sharding_constraint(x, whole)
+
+
+def _gathered_fwd(x, whole, stored):
+    return _gathered(x, whole, stored), None
+
+
+def _gathered_bwd(whole, stored, _, grad):
+    return (jax.lax.with_sharding_constraint(grad, stored),)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
+def _with_gathered_embedding(params: dict, dtype, mesh: Mesh, fsdp: bool) -> dict:
+    """The params with the tied embedding in the compute dtype, whole on every device: its three uses (two
+    lookups and the LM head) read one copy, gathered once, and their gradients are summed on each device
+    before one reduction over the devices (a reduce-scatter under FSDP)."""
+    table = params["shared"]["embedding"]
+    stored = NamedSharding(mesh, leaf_spec(table.shape, mesh, fsdp))
+    gathered = _gathered(table.astype(dtype), NamedSharding(mesh, P()), stored)
+    return dict(params, shared=dict(params["shared"], embedding=gathered))
+
+
 def loss_sum(module, params, batch: dict, dropout_rng: Optional[jax.Array], label_smoothing: float = 0.0,
-             plan: Optional[TrainingPlan] = None, mesh: Optional[Mesh] = None, remat: str = "none"):
+             plan: Optional[TrainingPlan] = None, mesh: Optional[Mesh] = None, remat: str = "none",
+             fsdp: bool = False):
     """(sum of per-token losses, number of target tokens) of one batch; dropout on when a key is given.
 
     `plan` chooses the loss path (the default backend's plan when None); with a `mesh` of several devices
-    the fused loss runs on each device's rows. `remat` applies to the encoder and decoder, not the head.
+    the fused loss runs on each device's rows, and `fsdp` says how the params are laid out over it. `remat`
+    applies to the encoder and decoder, not the head.
     """
     plan = plan or default_plan(module.dtype)
-    features = lambda p, b, r: _features(module, p, b, r, plan)
+    if mesh is not None and mesh.size > 1 and plan.gather_embedding:
+        params = _with_gathered_embedding(params, module.dtype, mesh, fsdp)
+    features = lambda p, b, r: _features(module, p, b, r, plan, mesh=mesh)
     if remat != "none":
         features = jax.checkpoint(features, policy=REMAT_POLICIES[remat])
     hidden = features(params, batch, dropout_rng)
@@ -137,14 +174,14 @@ def loss_sum(module, params, batch: dict, dropout_rng: Optional[jax.Array], labe
 
 def make_train_step(module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     label_smoothing: float = 0.0, remat: str = "none", plan: Optional[TrainingPlan] = None,
-                    mesh: Optional[Mesh] = None) -> Callable:
+                    mesh: Optional[Mesh] = None, fsdp: bool = False) -> Callable:
     """`step(state, batch) -> (state, metrics)`; batch arrays are [accum, micro_batch, length].
 
     Gradients of the accumulation steps are summed and divided by the total number of target tokens,
     so the update equals that of one batch of all the examples.
     """
     def micro_loss(params, micro_batch, rng, denom):
-        total, count = loss_sum(module, params, micro_batch, rng, label_smoothing, plan, mesh, remat)
+        total, count = loss_sum(module, params, micro_batch, rng, label_smoothing, plan, mesh, remat, fsdp)
         return total / denom, (total, count)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -187,7 +224,7 @@ def make_eval_step(module, plan: Optional[TrainingPlan] = None, mesh: Optional[M
 
     def eval_step(params, batch):
         own, next_row = _features(module, params, batch, None, plan,
-                                  method=_decoder_hidden_under_own_and_next_context)
+                                  method=_decoder_hidden_under_own_and_next_context, mesh=mesh)
         total, count = _head_loss(module, params, own, batch["labels"], 0.0, plan, mesh)
         shuffled, _ = _head_loss(module, params, next_row, batch["labels"], 0.0, plan, mesh)
         return total, count, shuffled

@@ -1,0 +1,1 @@
+"""Ahead-of-time compilation for accelerator topologies this machine does not have: programs, reports."""
