@@ -111,6 +111,12 @@ def test_compile_errors_name_what_to_fix(capsys):
     assert "libtpu does not know topology 'v5e:3x3'" in capsys.readouterr().err
     assert cli_main.main(["compile", "train", "--topology", "v5e:2x2"]) == 2
     assert "compile train needs --config" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # flags it does not know are not taken for overrides
+        cli_main.main(["compile", "train", "--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "--nope"])
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
+    assert cli_main.main(["compile", "train", "--config", "configs/tiny.yaml", "--topology", "v5e:2x2",
+                          "batch_size=6"]) == 2  # an override after the flags reaches the config
+    assert "must be divisible by the 4 devices" in capsys.readouterr().err
     assert train_cli.main(["--config", "configs/tiny.yaml", "--compile-only", "--topology", "v5e:2x2",
                            "batch_size=6"]) == 2
     assert "must be divisible by the 4 devices" in capsys.readouterr().err

@@ -162,8 +162,11 @@ def test_fused_loss_equals_the_plain_one():
     def fused(hidden, table, bias, labels, smoothing, vocab_tile=0):
         return lm_head_loss(hidden, table, bias, labels, smoothing, chunk_rows=8, vocab_tile=vocab_tile)
 
-    def tiled(hidden, table, bias, labels, smoothing):  # 101 is prime: 4 tiles of 26 columns, the last padded
+    def tiled(hidden, table, bias, labels, smoothing):  # 101 is prime: 4 tiles of 26 columns, the last short
         return fused(hidden, table, bias, labels, smoothing, vocab_tile=30)
+
+    def every_row(hidden, table, bias, labels, smoothing):  # the accelerators' loss: one chunk, unsorted
+        return lm_head_loss(hidden, table, bias, labels, smoothing, chunk_rows=0, vocab_tile=30)
 
     def all_cases(loss):  # (sum, count) and the gradients of 3 x the sum, with and without label smoothing
         def run(hidden, table, bias):
@@ -174,7 +177,10 @@ def test_fused_loss_equals_the_plain_one():
 
     assert tile_count(101, 30) == 4 and tile_count(54944, 2048) == 32  # 32 divides 54,944: tiles of 1,717
     want_cases = all_cases(plain)
-    for candidate in (fused, tiled):
+    for candidate in (fused, tiled, every_row):
+        for labels in label_sets:  # the loss alone (evaluation), without the forward pass that also differentiates
+            np.testing.assert_allclose(jax.jit(candidate, static_argnums=4)(hidden, table, bias, labels, 0.1)[0],
+                                       plain(hidden, table, bias, labels, 0.1)[0], rtol=1e-6, atol=1e-5)
         for ((want, want_count), want_grads), ((have, have_count), have_grads) in zip(want_cases, all_cases(candidate)):
             np.testing.assert_allclose(have, want, rtol=1e-6)
             assert int(have_count) == int(want_count)

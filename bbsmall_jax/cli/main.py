@@ -276,7 +276,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.argv = [script, *argv[1:]]
         runpy.run_path(script, run_name="__main__")
         return 0
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `compile train`'s key=value overrides may follow its flags (argparse takes positionals once)
+        if args.command != "compile" or any(item.startswith("-") or "=" not in item for item in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *unknown]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         with startup_cache.enabled():  # compiled programs kept on disk for the next run (BBSMALL_CACHE_DIR)

@@ -72,14 +72,14 @@ def attend_cached(attention: Attention, query: Array, key: Array, value: Array, 
     """`Attention.attend_cached` for one new token, deterministic."""
     rows, _, heads, head_dim = query.shape
     dtype, blocks = attention.dtype, head_blocks(heads, head_dim)
-    keys, values = (x.astype(dtype) for x in cache.history(layer, cache.max_length))  # [B, K, D]
+    keys, values = (x.astype(dtype) for x in cache.history_by_position(layer))  # [K, B, D]
     spread = spread_query(query, blocks, dtype)  # [B, H, D]
-    old = jnp.einsum("bhd,bkd->bhk", spread, keys, preferred_element_type=jnp.float32) * head_dim ** -0.5
+    old = jnp.einsum("bhd,kbd->bhk", spread, keys, preferred_element_type=jnp.float32) * head_dim ** -0.5
     old = old + cache_bias[:, 0]  # [B or 1, 1, K]
     new = attention._scores("bthd,bshd->bhts", query, key)[:, :, 0] + bias[:, 0]  # [B, H, 1]
     weights = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)  # [B, H, K + 1]
     cast = weights.astype(dtype)
-    full = jnp.einsum("bhk,bkd->bhd", cast[..., :-1], values, preferred_element_type=jnp.float32)  # [B, H, D]
+    full = jnp.einsum("bhk,kbd->bhd", cast[..., :-1], values, preferred_element_type=jnp.float32)  # [B, H, D]
     out = by_head(full, blocks).astype(dtype).reshape(query.shape)
     out = out + jnp.einsum("bh,bshd->bshd", cast[..., -1], value.astype(dtype))
     return attention.project_out(out), Attention.place_new_weights(weights[:, :, None], cache.max_length,

@@ -13,10 +13,10 @@ memory, and without the recomputation that a checkpointed chunk loop would need.
 (evaluation) only the loss is computed.
 
 With `vocab_tile` (accelerators), a chunk's logits are not made whole either: the vocabulary is walked in
-tiles of about that many columns (static slices, unrolled), twice. The first pass keeps a running log-sum-exp per row, the second
-recomputes each tile's logits and turns them into that tile's gradients. A [C, tile] float32 tile is small
-enough for the TPU compiler to keep on chip, so [C, V] logits never reach HBM; the price is one more
-[C, D] x [D, V] matmul per chunk (four instead of three).
+tiles of about that many columns (static slices, unrolled), twice. The first pass keeps a running
+log-sum-exp per row, the second recomputes each tile's logits and turns them into that tile's gradients.
+[C, V] logits never reach HBM whole; the price is one more [C, D] x [D, V] matmul per chunk (four instead
+of three). With `chunk_rows` 0 every row is one chunk, labelled or not, so nothing is sized at run time.
 """
 
 from __future__ import annotations
@@ -159,21 +159,24 @@ def _every_row(hidden: Array, labels: Array) -> tuple[Array, Array, Array, Array
     return hidden, jnp.where(valid, labels, 0), valid, valid.sum(dtype=jnp.int32)
 
 
+def _tiled_chunk_loss(h, y, live, table, bias, label_smoothing, tiles, compute_dtype) -> Array:
+    """A chunk's summed loss [], its logits made one vocabulary tile at a time (table in the compute dtype)."""
+    table_tiles, bias_tiles, width = _tiles(table, bias, tiles)
+    return _tiled_loss(h.astype(compute_dtype), y, live, table_tiles, bias_tiles, width, table.shape[0],
+                       label_smoothing)[0]
+
+
 def _loss_only(hidden, table, bias, labels, label_smoothing, chunk_rows, tiles, compute_dtype):
+    table = table.astype(compute_dtype)
     if not chunk_rows:
         h, y, live, count = _every_row(hidden, labels)
-        table_tiles, bias_tiles, width = _tiles(table.astype(compute_dtype), bias, tiles)
-        return _tiled_loss(h.astype(compute_dtype), y, live, table_tiles, bias_tiles, width, table.shape[0],
-                           label_smoothing)[0], count
+        return _tiled_chunk_loss(h, y, live, table, bias, label_smoothing, tiles, compute_dtype), count
     sorted_hidden, sorted_labels, _, count, chunks = _prepare(hidden, labels, chunk_rows)
-    table = table.astype(compute_dtype)
 
     def chunk_loss(i):
         if tiles:
             h, y, live = _chunk_rows(sorted_hidden, sorted_labels, count, i, chunk_rows)
-            table_tiles, bias_tiles, width = _tiles(table, bias, tiles)
-            return _tiled_loss(h.astype(compute_dtype), y, live, table_tiles, bias_tiles, width, table.shape[0],
-                               label_smoothing)[0]
+            return _tiled_chunk_loss(h, y, live, table, bias, label_smoothing, tiles, compute_dtype)
         _, y, logits, live = _chunk(sorted_hidden, sorted_labels, count, i, chunk_rows, table, bias)
         loss, _ = _target_terms(logits, y, label_smoothing)
         return jnp.where(live, loss, 0.0).sum()
