@@ -1,6 +1,7 @@
 """`bbsmall compile` / `train.py --compile-only`: the real programs compiled for TPU topologies on the CPU."""
 
 import json
+import re
 
 import pytest
 
@@ -90,7 +91,11 @@ def test_train_py_compile_only_on_two_hosts(tmp_path, capsys):
     assert report["hosts"] == 2 and report["devices"] == 8 and report["program"] == "train"
     assert "FSDP" in report["description"]  # the TPU default with several chips
     assert report["estimates"] == "compiler estimates, not measurements"
-    assert (tmp_path / "train.hlo.txt").read_text().startswith("HloModule")
+    hlo = (tmp_path / "train.hlo.txt").read_text()
+    assert hlo.startswith("HloModule")
+    # Dropout's bits: each device draws those of its own 2 rows (16 over 8 devices), not the whole batch's.
+    rows = re.findall(r"= u32\[(\d+),[\d,]*\]\{[^}]*\} rng-bit-generator", hlo)
+    assert rows and set(rows) == {"2"}
 
 
 @pytest.mark.parametrize("flags", [["--num-beams", "1"], ["--num-beams", "4"], ["--sample", "--top-k", "5"]],

@@ -23,6 +23,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
+# rbg's bits partitioned like the arrays they mask: each device draws its own rows' bits (otherwise every
+# device draws the whole batch's and keeps its slice). MaxText sets the same for its rbg keys.
+TPU_RNG_OPTIONS = (("xla_tpu_spmd_rng_bit_generator_unsafe", "true"),)
 LOSSES = ("fused", "plain")
 DROPOUT_RNGS = ("threefry", "rbg")
 LOSS_VARIABLE = "BBSMALL_TRAIN_LOSS"
@@ -38,6 +41,7 @@ class TrainingPlan:
     scan_layers: bool = False  # the encoder's and the decoder's layers run under `lax.scan` (compile time)
     dropout_rng: str = "threefry"  # the dropout keys' implementation: "threefry" or "rbg" (TPU's RNG)
     gather_embedding: bool = False  # over several devices, the tied embedding is cast and gathered once per step
+    compiler_options: tuple[tuple[str, str], ...] = ()  # XLA options the train and eval steps compile with
     # Dense layers over [B, T, D] as one [B * T, D] matmul whose kernel gradient is a plain 2-D matmul over
     # one operand transposed (`_matmul`): XLA's CPU backend otherwise contracts over two axes in place,
     # through transposing copies fused into other loops or a slow path.
@@ -65,7 +69,9 @@ class TrainingPlan:
 
     def describe(self) -> str:
         """One line for logs and benchmark reports."""
-        return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+        fields = dataclasses.asdict(self)
+        fields["compiler_options"] = dict(self.compiler_options) or "none"
+        return ", ".join(f"{k}={v}" for k, v in fields.items())
 
 
 @jax.custom_vjp
@@ -130,7 +136,7 @@ def choose_plan(backend: str, dtype=jnp.float32) -> TrainingPlan:
     return TrainingPlan(loss=requested_loss(), loss_chunk_rows=128 if cpu else 0,
                         loss_vocab_tile=0 if cpu else 4096, scan_layers=not cpu,
                         dropout_rng="rbg" if backend == "tpu" else "threefry", gather_embedding=not cpu,
-                        flat_dense=cpu)
+                        flat_dense=cpu, compiler_options=TPU_RNG_OPTIONS if backend == "tpu" else ())
 
 
 def default_plan(dtype=jnp.float32) -> TrainingPlan:

@@ -7,6 +7,7 @@ so the two can never drift apart.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -74,12 +75,13 @@ def build_program(cfg: TrainConfig, model_config: BlenderbotSmallConfig, mesh: M
     abstract = abstract_state(module, optimizer, mesh, fsdp)
     state_shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract)
     replicated = NamedSharding(mesh, P())
-    train_step = jax.jit(make_train_step(module, optimizer, schedule, cfg.label_smoothing, cfg.remat, plan, mesh,
+    jit = functools.partial(jax.jit, compiler_options=dict(plan.compiler_options) or None)
+    train_step = jit(make_train_step(module, optimizer, schedule, cfg.label_smoothing, cfg.remat, plan, mesh,
                                          fsdp),
                          in_shardings=(state_shardings, NamedSharding(mesh, P(None, DATA_AXIS))),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(module, plan, mesh),
+    eval_step = jit(make_eval_step(module, plan, mesh),
                         in_shardings=(state_shardings["params"], NamedSharding(mesh, P(DATA_AXIS))),
                         out_shardings=replicated)
-    all_finite = jax.jit(_all_finite, in_shardings=(state_shardings["params"],), out_shardings=replicated)
+    all_finite = jit(_all_finite, in_shardings=(state_shardings["params"],), out_shardings=replicated)
     return TrainProgram(module, plan, optimizer, schedule, abstract, fsdp, train_step, eval_step, all_finite)
