@@ -10,6 +10,7 @@ from transformers.generation import logits_process as hf
 from bbsmall_jax.generation import cpu_path
 from bbsmall_jax.generation import search as decoding
 from bbsmall_jax.generation import logits_processors as lp
+from bbsmall_jax.generation.plan import PORTABLE
 PAD, START, EOS, A, B, C = 0, 1, 2, 3, 4, 5
 VOCAB = 6
 NEG_INF = -np.inf
@@ -142,26 +143,61 @@ def random_case():
     return ids, scores
 
 
-def test_processors_match_transformers(random_case):
+@pytest.mark.parametrize("token_mask", [None, lp.compared_token_mask], ids=["scatter", "compare"])
+def test_processors_match_transformers(random_case, token_mask):
     ids, scores = random_case
     cur = ids.shape[1]
     padded = np.concatenate([ids, np.zeros((4, 5), np.int32)], axis=1)  # our buffers run past cur_len
     for n in (1, 2, 3):
-        np.testing.assert_array_equal(lp.no_repeat_ngram(jnp.asarray(scores), padded, jnp.int32(cur), n),
+        np.testing.assert_array_equal(lp.no_repeat_ngram(jnp.asarray(scores), padded, jnp.int32(cur), n, token_mask),
                                       hf_apply(hf.NoRepeatNGramLogitsProcessor(n), ids, scores))
     encoder = np.random.default_rng(1).integers(0, 8, (2, 7)).astype(np.int32)
     for n in (1, 2, 3):
-        ours = lp.encoder_no_repeat_ngram(jnp.asarray(scores), padded, jnp.int32(cur), n, encoder, jnp.int32(7))
+        ours = lp.encoder_no_repeat_ngram(jnp.asarray(scores), padded, jnp.int32(cur), n, encoder, jnp.int32(7),
+                                          token_mask)
         ref = hf_apply(hf.EncoderNoRepeatNGramLogitsProcessor(n, torch.tensor(encoder, dtype=torch.long)), ids,
                        scores)
         np.testing.assert_array_equal(ours, ref)
     ours = lp.repetition_penalty(jnp.asarray(scores), padded, jnp.int32(cur), jnp.float32(1.5),
-                                 jnp.zeros(4, jnp.int32))
+                                 jnp.zeros(4, jnp.int32), token_mask)
     np.testing.assert_allclose(ours, hf_apply(hf.RepetitionPenaltyLogitsProcessor(1.5), ids, scores), rtol=1e-6)
     words = ((7,), (ids[0, -1], 3), (1, 2, 5))
     ours = lp.bad_words(jnp.asarray(scores), padded, jnp.int32(cur), words)
     ref = hf_apply(hf.NoBadWordsLogitsProcessor([list(map(int, w)) for w in words]), ids, scores)
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_compared_token_mask_bans_what_the_scatter_bans():
+    """The portable plan's scatter-free n-gram ban and penalty marks equal the scatter's on random data."""
+    rng = np.random.default_rng(2)
+    vocab = 50
+    sequences = jnp.asarray(rng.integers(0, 6, (8, 40)), jnp.int32)  # few tokens: many repeated n-grams
+    scores = jnp.asarray(rng.normal(size=(8, vocab)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, vocab + 3, (8, 17)), jnp.int32)  # ids >= vocab mark nothing
+    scattered = jnp.zeros((8, vocab), bool).at[jnp.arange(8)[:, None], ids].set(True, mode="drop")
+    np.testing.assert_array_equal(lp.compared_token_mask(ids, vocab), scattered)
+    for n in (1, 2, 3, 4):
+        for cur in (0, 1, n, 23, 40):
+            ours = lp.no_repeat_ngram(scores, sequences, jnp.int32(cur), n, lp.compared_token_mask)
+            np.testing.assert_array_equal(ours, lp.no_repeat_ngram(scores, sequences, jnp.int32(cur), n))
+    ours = lp.repetition_penalty(scores, sequences, jnp.int32(30), jnp.float32(1.3), jnp.arange(8, dtype=jnp.int32),
+                                 lp.compared_token_mask)
+    np.testing.assert_array_equal(ours, lp.repetition_penalty(scores, sequences, jnp.int32(30), jnp.float32(1.3),
+                                                              jnp.arange(8, dtype=jnp.int32)))
+
+
+@pytest.mark.parametrize("levels", [None, 3])  # 3 levels: ties everywhere, broken by the flat index
+def test_per_beam_top_k_equals_the_flat_top_k(levels):
+    rng = np.random.default_rng(8)
+    shape = (3, 4, 70)  # [B, K, V]
+    scores = rng.normal(size=shape) if levels is None else rng.integers(0, levels, shape).astype(float)
+    scores[:, :, ::5] = -np.inf
+    scores[1, 2:] = -np.inf  # whole beams out
+    scores = jnp.asarray(scores, jnp.float32)
+    values, ids = decoding._per_beam_top_k(scores, 8, PORTABLE)
+    expected_values, expected_ids = jax.lax.top_k(scores.reshape(3, -1), 8)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(ids, expected_ids)
 
 
 def test_top_k_and_top_p_restrict_the_support_like_transformers(random_case):

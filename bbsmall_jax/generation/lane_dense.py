@@ -67,20 +67,34 @@ def attend(attention: Attention, query: Array, key: Array, value: Array,
     return attention.project_out(out.reshape(query.shape)), weights.reshape(rows, heads, 1, length)
 
 
+def per_head_sums(products: Array, blocks: Array) -> Array:
+    """[..., H * Dh] float32 -> [..., H], each head's columns summed (at float32 precision)."""
+    return jnp.einsum("...d,hd->...h", products, blocks.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def spread_heads(weights: Array, blocks: Array) -> Array:
+    """[..., H] -> [..., H * Dh], each head's weight over its columns (exact: one term per column)."""
+    return jnp.einsum("...h,hd->...d", weights, blocks.astype(weights.dtype))
+
+
 def attend_cached(attention: Attention, query: Array, key: Array, value: Array, cache: KVCache,
                   cache_bias: Array, bias: Array, layer: int) -> tuple[Array, Array]:
-    """`Attention.attend_cached` for one new token, deterministic."""
+    """`Attention.attend_cached` for one new token, deterministic.
+
+    Elementwise over the history as `KVCache.history_by_position` gathers it, [K, B, D]: a batched matmul
+    per row would want it row-major, and XLA then takes minutes to compile beam search's step.
+    """
     rows, _, heads, head_dim = query.shape
     dtype, blocks = attention.dtype, head_blocks(heads, head_dim)
-    keys, values = (x.astype(dtype) for x in cache.history_by_position(layer))  # [K, B, D]
+    keys, values = cache.history_by_position(layer)  # [K, B, D]
     spread = spread_query(query, blocks, dtype)  # [B, H, D]
-    old = jnp.einsum("bhd,kbd->bhk", spread, keys, preferred_element_type=jnp.float32) * head_dim ** -0.5
-    old = old + cache_bias[:, 0]  # [B or 1, 1, K]
-    new = attention._scores("bthd,bshd->bhts", query, key)[:, :, 0] + bias[:, 0]  # [B, H, 1]
-    weights = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)  # [B, H, K + 1]
+    old = jnp.einsum("kbd,bhd->kbh", keys.astype(dtype), spread, preferred_element_type=jnp.float32) * head_dim ** -0.5
+    old = old + jnp.transpose(cache_bias[:, 0], (2, 0, 1))  # [B or 1, 1, K] -> [K, B or 1, 1]
+    new = attention._scores("bthd,bshd->bhts", query, key)[:, :, 0, 0] + bias[:, 0, 0]  # [B, H]
+    weights = jax.nn.softmax(jnp.concatenate([old, new[None]], axis=0), axis=0)  # [K + 1, B, H]
     cast = weights.astype(dtype)
-    full = jnp.einsum("bhk,kbd->bhd", cast[..., :-1], values, preferred_element_type=jnp.float32)  # [B, H, D]
-    out = by_head(full, blocks).astype(dtype).reshape(query.shape)
-    out = out + jnp.einsum("bh,bshd->bshd", cast[..., -1], value.astype(dtype))
-    return attention.project_out(out), Attention.place_new_weights(weights[:, :, None], cache.max_length,
-                                                                   cache.index)
+    mixed = jnp.einsum("kbd,kbd->bd", spread_heads(cast[:-1], blocks), values.astype(dtype),
+                       preferred_element_type=jnp.float32)  # [B, D]
+    out = mixed.astype(dtype).reshape(query.shape) + jnp.einsum("bh,bshd->bshd", cast[-1], value.astype(dtype))
+    placed = jnp.transpose(weights, (1, 2, 0))[:, :, None]  # [B, H, 1, K + 1]
+    return attention.project_out(out), Attention.place_new_weights(placed, cache.max_length, cache.index)

@@ -119,8 +119,8 @@ def choose_plan(backend: str, dtype, rows: int, devices: int = 1) -> DecodingPla
               and _kernel_usable())
     return DecodingPlan(
         "cpu", attention="windowed", lm_head="packed" if kernel else ("transposed" if several else "tied"),
-        top_k="blockwise", beam_top_k="flat", token_marks="scatter", argmax="max_min", ordered_writes=True, track_origins=True, cpu_kernel=kernel,
-        compiler_options=cpu_path.COMPILER_OPTIONS if backend == "cpu" else ())
+        top_k="blockwise", beam_top_k="flat", argmax="max_min", token_marks="scatter", ordered_writes=True,
+        track_origins=True, cpu_kernel=kernel, compiler_options=cpu_path.COMPILER_OPTIONS if backend == "cpu" else ())
 
 
 @functools.lru_cache(maxsize=None)
