@@ -16,7 +16,10 @@ from bbsmall_jax.generation.config import UNSUPPORTED, GenerationConfig
 from bbsmall_jax.nn import validation as check
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 
-MIN_BUCKET = 16  # smallest source/prompt length bucket; the decoding buffer grows in steps of this
+MIN_BUCKET = 16  # smallest source/prompt length bucket
+# the decoding buffer grows in steps of this: every decoding step reads the whole self-attention cache, so its
+# padding costs on every step (33 positions: 40, not 48), and a cache position is a leading axis, never a tile's
+BUFFER_STEP = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +61,8 @@ def bucket_length(length: int, cap: int) -> int:
 
 
 def buffer_length(max_length: int, cap: int) -> int:
-    """The decoding buffer: `max_length` rounded up to a multiple of MIN_BUCKET, at most `cap`."""
-    return max(max_length, min(-(-max_length // MIN_BUCKET) * MIN_BUCKET, cap))
+    """The decoding buffer: `max_length` rounded up to a multiple of BUFFER_STEP, at most `cap`."""
+    return max(max_length, min(-(-max_length // BUFFER_STEP) * BUFFER_STEP, cap))
 
 
 def default_key():
@@ -219,7 +222,7 @@ def prepare(config: BlenderbotSmallConfig, seq2seq: bool, cfg: GenerationConfig,
             input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
             prng_key=None, batch_multiple: int = 1) -> Prepared:
     """Check a call and lay out its inputs, bucketed: the batch to a power of two (and a multiple of
-    `batch_multiple`), the source/prompt to its length bucket, the decoding buffer to a multiple of MIN_BUCKET.
+    `batch_multiple`), the source/prompt to its length bucket, the decoding buffer to a multiple of BUFFER_STEP.
     `cfg` is resolved (`with_defaults`)."""
     validate(cfg, config.vocab_size)
     max_positions = config.max_position_embeddings
