@@ -8,9 +8,9 @@ block-diagonal rows (row h holds head h's Dh entries, zeros elsewhere), so score
 the output is the diagonal blocks of weights . values (head h's columns of row h). The zeros add exactly
 nothing.
 
-Self-attention reads the cache's history of each row (`KVCache.history`: through its origins in beam
-search, a gather XLA fuses into the read); cross-attention reads the entries each batch element's rows
-share.
+Self-attention reads the cache's history position by position (`KVCache.history_by_position`: through
+its origins in beam search, a gather XLA fuses into the read); cross-attention reads the entries each batch
+element's rows share.
 """
 
 from __future__ import annotations
@@ -65,11 +65,6 @@ def attend(attention: Attention, query: Array, key: Array, value: Array,
     full = jnp.einsum("gqs,gsd->gqd", grouped, merge(value), preferred_element_type=jnp.float32)
     out = by_head(full.reshape(rows, heads, -1), blocks).astype(dtype)  # [B, D]
     return attention.project_out(out.reshape(query.shape)), weights.reshape(rows, heads, 1, length)
-
-
-def per_head_sums(products: Array, blocks: Array) -> Array:
-    """[..., H * Dh] float32 -> [..., H], each head's columns summed (at float32 precision)."""
-    return jnp.einsum("...d,hd->...h", products, blocks.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
 def spread_heads(weights: Array, blocks: Array) -> Array:

@@ -76,12 +76,11 @@ def build_program(cfg: TrainConfig, model_config: BlenderbotSmallConfig, mesh: M
     state_shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract)
     replicated = NamedSharding(mesh, P())
     jit = functools.partial(jax.jit, compiler_options=dict(plan.compiler_options) or None)
-    train_step = jit(make_train_step(module, optimizer, schedule, cfg.label_smoothing, cfg.remat, plan, mesh,
-                                         fsdp),
-                         in_shardings=(state_shardings, NamedSharding(mesh, P(None, DATA_AXIS))),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+    train_step = jit(make_train_step(module, optimizer, schedule, cfg.label_smoothing, cfg.remat, plan, mesh, fsdp),
+                     in_shardings=(state_shardings, NamedSharding(mesh, P(None, DATA_AXIS))),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0)
     eval_step = jit(make_eval_step(module, plan, mesh),
-                        in_shardings=(state_shardings["params"], NamedSharding(mesh, P(DATA_AXIS))),
-                        out_shardings=replicated)
+                    in_shardings=(state_shardings["params"], NamedSharding(mesh, P(DATA_AXIS))),
+                    out_shardings=replicated)
     all_finite = jit(_all_finite, in_shardings=(state_shardings["params"],), out_shardings=replicated)
     return TrainProgram(module, plan, optimizer, schedule, abstract, fsdp, train_step, eval_step, all_finite)
