@@ -14,7 +14,8 @@ from bbsmall_jax import startup_cache
 from bbsmall_jax.generation import plan as plan_lib
 from bbsmall_jax.generation.config import UNSUPPORTED, GenerationConfig
 from bbsmall_jax.generation.prepare import neutral, prepare
-from bbsmall_jax.generation.program import GenerateOutput, compile_program, finish
+from bbsmall_jax.generation.program import GenerateOutput, compile_program, finish, finish_traced
+from bbsmall_jax.nn import validation as check
 from bbsmall_jax.generation.sharding import DATA_AXIS, data_mesh, device_count, input_shardings, place_inputs, replicated
 
 Array = jax.Array
@@ -106,7 +107,19 @@ class GenerationMixin:
 
         The batch is sharded over `devices` (default: all of this process's devices), params replicated
         unless already laid out over them; the output equals a one-device run's.
+
+        Inside the caller's own `jit`, `pmap` or `shard_map` (traced inputs, params or key), it becomes part of
+        the caller's program, on the portable decoding path: the sequences are then
+        [rows, max_length], the un-traced result right-padded with the pad token (their length cannot depend on
+        the values there), and the value checks of `nn/validation.py` are the caller's.
         """
+        if check.is_traced(input_ids, attention_mask, params, prng_key, encoder_hidden_states,
+                           encoder_attention_mask):
+            if devices is not None:
+                raise ValueError("generate() inside a jit/pmap/shard_map runs where the caller's program runs; "
+                                 "devices= is for calls outside one")
+            return self._generate_traced(input_ids, attention_mask, generation_config, prng_key, params,
+                                         encoder_hidden_states, encoder_attention_mask, kwargs)
         mesh = data_mesh(devices)
         prepared = self._prepare(input_ids, attention_mask, generation_config, prng_key, encoder_hidden_states,
                                  encoder_attention_mask, kwargs, device_count(mesh))
@@ -115,6 +128,23 @@ class GenerationMixin:
             return GenerateOutput(sequences=empty) if prepared.return_dict else empty
         program, args, static = self._call(prepared, params, mesh)
         return finish(startup_cache.run_program(program, args, static, self._program_identity()), prepared)
+
+    def _generate_traced(self, input_ids, attention_mask, generation_config, prng_key, params,
+                         encoder_hidden_states, encoder_attention_mask, kwargs: dict):
+        """`generate` as part of the caller's traced program: the portable plan, shapes as given, nothing on
+        the host but the static settings."""
+        cfg, default_max_length = self._resolve_generation_config(generation_config, kwargs)
+        prepared = prepare(self.config, self.head != "decoder_only", cfg, default_max_length, input_ids,
+                           attention_mask, encoder_hidden_states, encoder_attention_mask, prng_key, traced=True)
+        if prepared.spec.output_scores:
+            raise ValueError("output_scores inside a jit/pmap/shard_map: the number of steps depends on the values "
+                             "there; call generate() outside the transformation for per-step scores")
+        plan = plan_lib.PORTABLE
+        params = self.params if params is None else params
+        out = self._program(plan)(params, plan.decoding_weights(params), prepared.inputs, prepared.search,
+                                  spec=dataclasses.replace(prepared.spec, plan=plan), layout=prepared.layout,
+                                  mesh=None)
+        return finish_traced(out, prepared)
 
     def lower_generate(self, input_ids=None, attention_mask=None, generation_config=None, *, prng_key=None,
                        params=None, encoder_hidden_states=None, encoder_attention_mask=None, devices=None,

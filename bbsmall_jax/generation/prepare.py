@@ -8,6 +8,7 @@ import math
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bbsmall_jax.generation import logits_processors as lp
@@ -220,10 +221,11 @@ def _spec(cfg: GenerationConfig, eos: tuple[int, ...], pad: Optional[int], vocab
 
 def prepare(config: BlenderbotSmallConfig, seq2seq: bool, cfg: GenerationConfig, default_max_length: bool,
             input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-            prng_key=None, batch_multiple: int = 1) -> Prepared:
+            prng_key=None, batch_multiple: int = 1, traced: bool = False) -> Prepared:
     """Check a call and lay out its inputs, bucketed: the batch to a power of two (and a multiple of
     `batch_multiple`), the source/prompt to its length bucket, the decoding buffer to a multiple of BUFFER_STEP.
-    `cfg` is resolved (`with_defaults`)."""
+    `cfg` is resolved (`with_defaults`). With `traced` (a call inside the caller's own jit) the inputs are laid
+    out as jax arrays; everything static is decided here all the same."""
     validate(cfg, config.vocab_size)
     max_positions = config.max_position_embeddings
     ids, mask, states, states_mask = _model_inputs(config, seq2seq, cfg, input_ids, attention_mask,
@@ -242,37 +244,36 @@ def prepare(config: BlenderbotSmallConfig, seq2seq: bool, cfg: GenerationConfig,
     beam = cfg.num_beams > 1
     expand = cfg.num_beams if beam else cfg.num_return_sequences
     batch, src_len = ids.shape
-    batch_bucket = bucket_batch(batch, batch_multiple)
     length = buffer_length(max_length, max_positions)
+    # Inside the caller's own jit the inputs are padded by jax (the same buckets: sampling then draws as outside)
+    xp = jnp if traced else np
+    batch_bucket = bucket_batch(batch, batch_multiple)
     src_bucket = bucket_length(src_len, max_positions)
-    sequences = np.full((batch_bucket, length), fill, np.int32)  # [B', T]
+
+    def padded(array, columns: int, value):  # [batch, n] -> [batch_bucket, n + columns], `value` in the new places
+        return xp.pad(xp.asarray(array), ((0, batch_bucket - batch), (0, columns)), constant_values=value)
+
     inputs = {}
     if seq2seq:
-        sequences[:, 0] = start
-        padded_ids = np.full((batch_bucket, src_bucket), pad if pad is not None else 0, np.int32)
-        padded_ids[:batch, :src_len] = ids
-        padded_mask = np.zeros((batch_bucket, src_bucket), np.int32)
-        padded_mask[:batch, :src_len] = mask
-        inputs.update(input_ids=padded_ids, attention_mask=padded_mask)
+        sequences = xp.concatenate([xp.full((batch_bucket, 1), start, np.int32),
+                                    xp.full((batch_bucket, length - 1), fill, np.int32)], axis=1)  # [B', T]
+        inputs.update(input_ids=padded(ids, src_bucket - src_len, pad if pad is not None else 0),
+                      attention_mask=padded(mask, src_bucket - src_len, 0))
         prompt_bucket = 0
-        encoder_ids = padded_ids if cfg.encoder_no_repeat_ngram_size else padded_ids[:, :0]
+        encoder_ids = inputs["input_ids"] if cfg.encoder_no_repeat_ngram_size else inputs["input_ids"][:, :0]
     else:
         prompt_bucket = min(src_bucket, length)
-        sequences[:batch, :src_len] = ids
-        key_mask = np.ones((batch_bucket, length), np.int32)
-        key_mask[:batch, :src_len] = mask
-        inputs.update(key_mask=key_mask)
+        sequences = padded(ids, length - src_len, fill)  # [B', T]
+        inputs.update(key_mask=padded(mask, length - src_len, 1))
         if states is not None:
-            padded_states = np.zeros((batch_bucket,) + states.shape[1:], states.dtype)
-            padded_states[:batch] = states
-            padded_states_mask = np.zeros((batch_bucket, states.shape[1]), np.int32)
-            padded_states_mask[:batch] = 1 if states_mask is None else states_mask
-            inputs.update(encoder_hidden_states=padded_states, encoder_attention_mask=padded_states_mask)
+            states_mask = xp.ones(states.shape[:2], np.int32) if states_mask is None else states_mask
+            inputs.update(encoder_hidden_states=xp.pad(states, ((0, batch_bucket - batch), (0, 0), (0, 0))),
+                          encoder_attention_mask=padded(states_mask, 0, 0))
         encoder_ids = sequences[:, :src_bucket] if cfg.encoder_no_repeat_ngram_size else sequences[:, :0]
     inputs["sequences"] = sequences
-    prompt_ignore = np.zeros(batch_bucket * expand, np.int32)
+    prompt_ignore = xp.zeros(batch_bucket * expand, np.int32)
     if not seq2seq and cfg.repetition_penalty != 1.0:
-        prompt_ignore = np.repeat(np.pad((mask != 0).argmax(axis=1), (0, batch_bucket - batch)), expand)
+        prompt_ignore = xp.repeat(xp.pad((mask != 0).argmax(axis=1), (0, batch_bucket - batch)), expand)
     inputs_of_search = search.SearchInputs(
         processors=lp.ProcessorInputs(
             max_length=np.int32(max_length), min_length=np.int32(min_length),

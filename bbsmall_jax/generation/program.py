@@ -131,3 +131,26 @@ def finish(out: dict, prepared: Prepared):
     step_scores = out["step_scores"]
     scores = tuple(step_scores[i, :rows_searched] for i in range(steps))
     return GenerateOutput(sequences=sequences, scores=scores, sequences_scores=sequences_scores)
+
+
+def finish_traced(out: dict, prepared: Prepared):
+    """The outputs of a call inside the caller's own jit, where nothing can be cropped by value: the sequences
+    `finish` gives, right-padded with the pad token to `max_length` ([rows, max_length], as transformers' Flax
+    `generate` shapes them)."""
+    spec, batch = prepared.spec, prepared.batch
+    max_length = int(prepared.search.max_length)
+    sequences_scores = None
+    if spec.strategy == "beam":
+        keep = prepared.rows_out // batch
+        sequences = out["sequences"][:batch, :keep].reshape(prepared.rows_out, -1)  # [B * keep, T]
+        width = prepared.prompt_length + jnp.max(out["lengths"][:batch, :keep])
+        sequences_scores = out["scores"][:batch, :keep].reshape(-1)
+    else:
+        sequences = out["sequences"][:prepared.rows_out]
+        width = out["cur_len"]
+    sequences = sequences[:, :max_length]
+    sequences = jnp.where(jnp.arange(max_length) < width, sequences, spec.pad_token_id)
+    if not prepared.return_dict:
+        return sequences
+    return GenerateOutput(sequences=sequences,
+                          sequences_scores=sequences_scores if spec.output_scores else None)

@@ -125,10 +125,34 @@ def sampling_body(state: SamplingState, step_fn: StepFn, spec: SearchSpec, input
                          scores=all_scores)
 
 
+def _varying_axes(leaf) -> frozenset:
+    """The manual mesh axes (inside `shard_map`) an array varies over; none for host arrays and outside."""
+    aval = jax.typeof(leaf)
+    kind = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; `vma` before
+    return frozenset(kind.varying) if kind is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _varying_alike(state, inputs: SearchInputs):
+    """`state` with every leaf varying over the manual mesh axes that any leaf of it or of `inputs` varies over.
+
+    Inside the caller's `shard_map`, a loop's carry keeps its type, and the body mixes all of it with the
+    inputs: a leaf made from constants (an empty cache, the decoder start tokens) would otherwise come back
+    varying over the axes the batch varies over. Outside `shard_map` there are none, and nothing changes.
+    """
+    axes = set().union(*map(_varying_axes, jax.tree_util.tree_leaves((state, inputs))))
+    if not axes:
+        return state
+
+    def vary(leaf):
+        missing = tuple(sorted(axes - _varying_axes(leaf)))
+        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+    return jax.tree_util.tree_map(vary, state)
+
+
 def sample(sequences: Array, inputs: SearchInputs, cache: Any, step_fn: StepFn, spec: SearchSpec,
            vocab_size: int) -> SamplingState:
     """Greedy search or sampling until every row is finished; `cur_len` of the result is the output length."""
-    state = init_sampling_state(sequences, inputs, cache, spec, vocab_size)
+    state = _varying_alike(init_sampling_state(sequences, inputs, cache, spec, vocab_size), inputs)
     return jax.lax.while_loop(sampling_cond, lambda s: sampling_body(s, step_fn, spec, inputs), state)
 
 
@@ -286,7 +310,7 @@ def _may_improve(running_scores: Array, scores: Array, is_finished: Array, cur_l
 def beam_search(sequences: Array, inputs: SearchInputs, cache: Any, step_fn: StepFn, reorder_fn: ReorderFn,
                 spec: SearchSpec, vocab_size: int) -> BeamState:
     """Beam search until transformers' stopping rule holds; the finished hypotheses are in the result."""
-    state = init_beam_state(sequences, inputs, cache, spec, vocab_size)
+    state = _varying_alike(init_beam_state(sequences, inputs, cache, spec, vocab_size), inputs)
     return jax.lax.while_loop(beam_cond, lambda s: beam_body(s, step_fn, reorder_fn, spec, inputs), state)
 
 

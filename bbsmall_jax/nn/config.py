@@ -41,7 +41,11 @@ def write_json_file(directory: str | os.PathLike, filename: str, data: dict[str,
     return write_atomic(os.path.join(directory, filename), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-@dataclasses.dataclass(frozen=True)
+# Run-time settings transformers' configs carry for every model; kept in `extra` when set.
+_RUNTIME_DEFAULTS = {"output_attentions": False, "output_hidden_states": False, "return_dict": True}
+
+
+@dataclasses.dataclass(init=False, eq=True, unsafe_hash=True)
 class BlenderbotSmallConfig:
     """Every parameter of transformers' `BlenderbotSmallConfig`, with the same defaults.
 
@@ -51,6 +55,12 @@ class BlenderbotSmallConfig:
     False to reproduce their numbers. Keys of a `config.json` that are not fields (legacy keys of
     the real checkpoint such as `normalize_before`, generation defaults, `id2label`) are kept in
     `extra` and written back unchanged.
+
+    As transformers' configs, it takes unknown keyword arguments (`initializer_range=0.02`) and keeps them
+    as attributes, answers to the aliases `hidden_size`, `num_attention_heads` and `num_hidden_layers`, and
+    takes run-time settings as attributes (`config.output_hidden_states = True`; with `output_attentions`
+    and `return_dict`, they are the defaults of the model's calls). The fields above fix the model's
+    shapes and semantics: they cannot be set on a built config (use `replace`), which keeps it hashable.
     """
 
     vocab_size: int = 50265
@@ -81,6 +91,48 @@ class BlenderbotSmallConfig:
     tie_word_embeddings: bool = True
     scale_decoder_embedding: bool = True
     extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def __init__(self, *args, **kwargs):
+        fields = [f for f in dataclasses.fields(self) if f.name != "extra"]
+        if len(args) > len(fields):
+            raise TypeError(f"BlenderbotSmallConfig takes at most {len(fields)} positional arguments")
+        values = dict(zip((f.name for f in fields), args))
+        for name in set(values) & set(kwargs):
+            raise TypeError(f"BlenderbotSmallConfig got two values for {name!r}")
+        values.update(kwargs)
+        extra = dict(values.pop("extra", None) or {})
+        for alias, name in _ATTRIBUTE_MAP.items():
+            if alias in values:
+                values.setdefault(name, values.pop(alias))
+                values.pop(alias, None)
+        for f in fields:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            object.__setattr__(self, f.name, values.pop(f.name, default))
+        extra.update(values)  # what is not a field is kept, as transformers keeps it
+        object.__setattr__(self, "extra", extra)
+        self.__post_init__()
+
+    def __getattr__(self, name: str):  # only asked for what is not a field
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        if name in _ATTRIBUTE_MAP:
+            return getattr(self, _ATTRIBUTE_MAP[name])
+        if name in _RUNTIME_DEFAULTS:
+            return _RUNTIME_DEFAULTS[name]
+        raise AttributeError(f"BlenderbotSmallConfig has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _ATTRIBUTE_MAP or name in {f.name for f in dataclasses.fields(self)}:
+            raise dataclasses.FrozenInstanceError(
+                f"BlenderbotSmallConfig.{_ATTRIBUTE_MAP.get(name, name)} fixes the model's shapes or semantics and "
+                f"cannot change on a built config; use config.replace({_ATTRIBUTE_MAP.get(name, name)}=...)")
+        self.extra[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        if name not in self.extra:
+            raise AttributeError(f"BlenderbotSmallConfig has no run-time attribute {name!r} to delete")
+        del self.extra[name]
 
     def __post_init__(self):
         for name in ("eos_token_id", "forced_eos_token_id"):
@@ -142,17 +194,12 @@ class BlenderbotSmallConfig:
     def from_dict(cls, data: dict[str, Any]) -> "BlenderbotSmallConfig":
         """Build from a `config.json` dict; unknown keys go to `extra`."""
         data = dict(data)
-        for alias, field in _ATTRIBUTE_MAP.items():
-            if alias in data and field not in data:
-                data[field] = data[alias]
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names and k not in _ATTRIBUTE_MAP}
-        extra.update(data.get("extra", {}) if isinstance(data.get("extra"), dict) else {})
-        extra.pop("extra", None)
-        if extra:
-            logger.debug("config keys kept but not used by the model: %s", sorted(extra))
-        return cls(**known, extra=extra)
+        if not isinstance(data.get("extra", {}), dict):
+            data.pop("extra")
+        config = cls(**data)
+        if config.extra:
+            logger.debug("config keys kept but not used by the model: %s", sorted(config.extra))
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """The `config.json` dict transformers reads (`extra` keys merged back in)."""

@@ -130,6 +130,12 @@ class _Stack(nn.Module):
         self.layernorm_embedding = layer_norm(self.dtype, self.param_dtype, "layernorm_embedding")
         self.dropout = nn.Dropout(c.dropout)
 
+    def _positions(self, position_ids: Optional[Array], offset, length: int) -> Array:
+        """Learned position embeddings: [T, D] of positions offset..offset+T-1, or [B, T, D] at `position_ids`."""
+        if position_ids is not None:
+            return self.embed_positions(position_ids)
+        return jax.lax.dynamic_slice_in_dim(self.embed_positions.embedding, offset, length).astype(self.dtype)
+
 
 class Encoder(_Stack):
     """Token embeddings (shared, passed in) + learned positions -> LayerNorm -> post-LN layers."""
@@ -141,11 +147,12 @@ class Encoder(_Stack):
 
     def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
                  inputs_embeds: Optional[Array] = None, deterministic: bool = True,
-                 output_hidden_states: bool = False, output_attentions: bool = False) -> EncoderOutput:
+                 output_hidden_states: bool = False, output_attentions: bool = False,
+                 position_ids: Optional[Array] = None) -> EncoderOutput:
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids) * self.config.embed_scale
         batch, length = inputs_embeds.shape[:2]
-        positions = self.embed_positions(jnp.arange(length))
+        positions = self._positions(position_ids, 0, length)
         hidden = self.layernorm_embedding(inputs_embeds.astype(self.dtype) + positions)
         hidden = self.dropout(hidden, deterministic=deterministic)
         if attention_mask is None:
@@ -211,7 +218,7 @@ class Decoder(_Stack):
                  encoder_hidden_states: Optional[Array] = None, encoder_attention_mask: Optional[Array] = None,
                  inputs_embeds: Optional[Array] = None, cache: Optional[KVCache] = None,
                  deterministic: bool = True, output_hidden_states: bool = False,
-                 output_attentions: bool = False) -> DecoderOutput:
+                 output_attentions: bool = False, position_ids: Optional[Array] = None) -> DecoderOutput:
         c = self.config
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -219,8 +226,8 @@ class Decoder(_Stack):
         inputs_embeds = inputs_embeds * c.decoder_embed_scale
         length = inputs_embeds.shape[1]
         offset = 0 if cache is None else cache.index
-        positions = jax.lax.dynamic_slice_in_dim(self.embed_positions.embedding, offset, length)
-        hidden = self.layernorm_embedding(inputs_embeds.astype(self.dtype)) + positions.astype(self.dtype)
+        positions = self._positions(position_ids, offset, length)
+        hidden = self.layernorm_embedding(inputs_embeds.astype(self.dtype)) + positions
         hidden = self.dropout(hidden, deterministic=deterministic)
         self_bias, cache_bias = self._self_attention_bias(length, attention_mask, cache)
 
@@ -315,18 +322,19 @@ class BlenderbotSmallSeq2Seq(_Base):
                 "final_logits_bias", nn.initializers.zeros, (self.config.vocab_size,), self.param_dtype)
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, deterministic=True,
-               output_hidden_states=False, output_attentions=False) -> EncoderOutput:
-        """Run the encoder."""
+               output_hidden_states=False, output_attentions=False, position_ids=None) -> EncoderOutput:
+        """Run the encoder (positions 0..S-1, or `position_ids` [B, S])."""
         return self.encoder(input_ids, attention_mask, inputs_embeds, deterministic,
-                            output_hidden_states, output_attentions)
+                            output_hidden_states, output_attentions, position_ids)
 
     def decode(self, decoder_input_ids=None, encoder_hidden_states=None, encoder_attention_mask=None,
                decoder_attention_mask=None, decoder_inputs_embeds=None, cache=None, deterministic=True,
-               output_hidden_states=False, output_attentions=False) -> DecoderOutput:
-        """Run the decoder over a full sequence, or over new tokens against `cache`."""
+               output_hidden_states=False, output_attentions=False, position_ids=None) -> DecoderOutput:
+        """Run the decoder over a full sequence, or over new tokens against `cache` (positions from
+        `cache.index` on, or `position_ids` [B, T])."""
         return self.decoder(decoder_input_ids, decoder_attention_mask, encoder_hidden_states,
                             encoder_attention_mask, decoder_inputs_embeds, cache, deterministic,
-                            output_hidden_states, output_attentions)
+                            output_hidden_states, output_attentions, position_ids)
 
     def logits(self, hidden: Array) -> Array:
         """LM head: the tied embedding plus `final_logits_bias`, float32 [B, T, V]."""
@@ -335,17 +343,17 @@ class BlenderbotSmallSeq2Seq(_Base):
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None, encoder_outputs: Optional[EncoderOutput] = None,
                  inputs_embeds=None, decoder_inputs_embeds=None, labels=None, deterministic=True,
-                 output_hidden_states=False, output_attentions=False):
+                 output_hidden_states=False, output_attentions=False, position_ids=None, decoder_position_ids=None):
         """Full forward: `Seq2SeqLMOutput` with the LM head, else `Seq2SeqModelOutput`."""
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id,
                                                    self.config.decoder_start_token_id)
         if encoder_outputs is None:
             encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, deterministic,
-                                          output_hidden_states, output_attentions)
+                                          output_hidden_states, output_attentions, position_ids)
         decoded = self.decode(decoder_input_ids, encoder_outputs.last_hidden_state, attention_mask,
                               decoder_attention_mask, decoder_inputs_embeds, None, deterministic,
-                              output_hidden_states, output_attentions)
+                              output_hidden_states, output_attentions, decoder_position_ids)
         common = dict(encoder_last_hidden_state=encoder_outputs.last_hidden_state,
                       decoder_hidden_states=decoded.hidden_states, decoder_attentions=decoded.attentions,
                       cross_attentions=decoded.cross_attentions,
@@ -367,10 +375,12 @@ class BlenderbotSmallDecoderOnly(_Base):
 
     def decode(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,
                encoder_attention_mask=None, inputs_embeds=None, cache=None, deterministic=True,
-               output_hidden_states=False, output_attentions=False) -> DecoderOutput:
-        """Run the decoder over a full sequence, or over new tokens against `cache`."""
+               output_hidden_states=False, output_attentions=False, position_ids=None) -> DecoderOutput:
+        """Run the decoder over a full sequence, or over new tokens against `cache` (positions from
+        `cache.index` on, or `position_ids` [B, T])."""
         return self.decoder(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                            inputs_embeds, cache, deterministic, output_hidden_states, output_attentions)
+                            inputs_embeds, cache, deterministic, output_hidden_states, output_attentions,
+                            position_ids)
 
     def logits(self, hidden: Array) -> Array:
         """LM head: the tied embedding, float32 [B, T, V]."""

@@ -1,14 +1,38 @@
-"""Checks at the API boundary: JAX clamps out-of-range gathers silently, so bad input is caught here."""
+"""Checks at the API boundary: JAX clamps out-of-range gathers silently, so bad input is caught here.
+
+Inside the caller's own `jit`, `pmap`, `grad` or `shard_map` the inputs are tracers: their shapes and dtypes
+are still checked here, but their values are not known until the program runs, so the value checks (ids in
+the vocabulary, 0/1 masks, finite embeddings) become the caller's duty there. Out-of-range ids then give NaN
+embeddings (the lookup fills, it does not clamp), never a plausible wrong answer.
+"""
 
 from __future__ import annotations
 
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+def is_traced(*values) -> bool:
+    """Whether any of `values` (arrays or pytrees of them) is a tracer of a transformation being traced."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(values))
+
+
+def _traced_shape(array, name: str, ndim: int, expected: str) -> None:
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have shape {expected}, got shape {tuple(array.shape)}")
 
 
 def as_token_array(ids, name: str, vocab_size: int, allow_ignore_index: bool = False) -> np.ndarray:
     """A [B, T] int32 array of ids in [0, vocab_size) (or -100 for labels); raises naming `name`."""
+    if is_traced(ids):
+        ids = ids[None] if ids.ndim == 1 else ids
+        _traced_shape(ids, name, 2, "[batch, length]")
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+        return ids.astype(jnp.int32)
     array = np.asarray(ids)
     if array.ndim == 1:
         array = array[None]
@@ -38,6 +62,12 @@ def as_mask(mask, shape: tuple[int, ...], name: str) -> Optional[np.ndarray]:
     """A 0/1 mask of exactly `shape` (or None)."""
     if mask is None:
         return None
+    if is_traced(mask):
+        mask = mask[None] if mask.ndim == 1 and len(shape) == 2 and shape[0] == 1 else mask
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(mask.shape)}, but its ids/embeddings have shape "
+                             f"{tuple(shape)}")
+        return mask.astype(jnp.int32)
     array = np.asarray(mask)
     if array.ndim == 1 and len(shape) == 2 and shape[0] == 1:
         array = array[None]
@@ -50,6 +80,10 @@ def as_mask(mask, shape: tuple[int, ...], name: str) -> Optional[np.ndarray]:
 
 def as_embeddings(embeds, d_model: int, name: str) -> np.ndarray:
     """A finite [B, T, d_model] float array."""
+    if is_traced(embeds):
+        if embeds.ndim != 3 or embeds.shape[-1] != d_model:
+            raise ValueError(f"{name} must have shape [batch, length, {d_model}], got {tuple(embeds.shape)}")
+        return embeds
     array = np.asarray(embeds)
     if array.ndim != 3 or array.shape[-1] != d_model:
         raise ValueError(f"{name} must have shape [batch, length, {d_model}], got {array.shape}")
