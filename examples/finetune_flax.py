@@ -16,7 +16,6 @@ import argparse
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
