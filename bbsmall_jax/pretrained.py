@@ -96,6 +96,12 @@ class _PretrainedModel:
         return traverse_util.unflatten_dict({path: given.get(path, leaf)
                                              for path, leaf in traverse_util.flatten_dict(fresh).items()})
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each layer's activations in the backward pass instead of keeping them (transformers' Flax
+        method): gradients of the user's own `jax.grad` then hold one layer's activations at a time."""
+        self.module = build_module(self.config, self.head, self.dtype, self.module.param_dtype, remat_layers=True)
+        self._apply_jitted = jax.jit(self._apply, static_argnames=STATIC_ARGUMENTS)  # traced anew with it
+
     @classmethod
     def can_generate(cls) -> bool:
         return hasattr(cls, "generate")

@@ -261,3 +261,22 @@ def test_the_flax_fine_tuning_example_trains_and_evaluates(tmp_path):
     assert report["last_loss"] < 0.8 * report["first_loss"], report
     assert report["eval_rows"] == report["devices"] * 2 and report["devices"] == 2
     assert os.path.isfile(tmp_path / "tuned" / "model.safetensors")
+
+
+def test_gradient_checkpointing_keeps_outputs_and_gradients(batch):
+    ids, mask, labels = batch
+    config = bb.BlenderbotSmallConfig(**dict(TINY, dropout=0.1))
+    plain, remat = (bb.BlenderbotSmallForConditionalGeneration(config, seed=6) for _ in range(2))
+    remat.enable_gradient_checkpointing()
+    key = jax.random.PRNGKey(2)
+    outputs = [m(ids, mask, labels=labels, output_attentions=True) for m in (plain, remat)]
+    assert outputs[0].keys() == outputs[1].keys()
+    for a, b in zip(*(jax.tree_util.tree_leaves(o.to_tuple()) for o in outputs)):
+        np.testing.assert_array_equal(a, b)
+    grads = [jax.jit(jax.grad(lambda p, m=m: m(ids, mask, labels=labels, params=p, train=True,
+                                                 dropout_rng=key).loss))(m.params) for m in (plain, remat)]
+    for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    traced = [str(jax.make_jaxpr(jax.grad(lambda p, m=m: m(ids, mask, labels=labels, params=p).loss))(m.params))
+              for m in (plain, remat)]
+    assert "remat" not in traced[0] and traced[1].count("remat") >= 4  # one per layer

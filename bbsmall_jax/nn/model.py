@@ -121,6 +121,8 @@ class _Stack(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False  # full-sequence passes without per-layer outputs run the layers under lax.scan
+    # each layer's activations recomputed in the backward pass, not kept (transformers' gradient checkpointing)
+    remat_layers: bool = False
 
     def _setup_embeddings(self):
         c = self.config
@@ -143,7 +145,8 @@ class Encoder(_Stack):
     def setup(self):
         self._setup_embeddings()
         c = self.config
-        self.layers = [EncoderLayer(c, self.dtype, self.param_dtype) for _ in range(c.encoder_layers)]
+        layer = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat_layers else EncoderLayer  # 3: deterministic
+        self.layers = [layer(c, self.dtype, self.param_dtype) for _ in range(c.encoder_layers)]
 
     def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
                  inputs_embeds: Optional[Array] = None, deterministic: bool = True,
@@ -187,7 +190,8 @@ class Decoder(_Stack):
     def setup(self):
         self._setup_embeddings()
         c = self.config
-        self.layers = [DecoderLayer(c, i, self.dtype, self.param_dtype) for i in range(c.decoder_layers)]
+        layer = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat_layers else DecoderLayer  # 5: deterministic
+        self.layers = [layer(c, i, self.dtype, self.param_dtype) for i in range(c.decoder_layers)]
 
     def project_cross_key_value(self, encoder_hidden_states: Array) -> tuple[Array, Array]:
         """Cross-attention keys and values of every layer, stacked: [L, B, S, H, Dh] each."""
@@ -283,6 +287,7 @@ class _Base(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False  # see `_Stack`
+    remat_layers: bool = False  # see `_Stack`
 
     def _make_shared(self):
         c = self.config
@@ -315,8 +320,10 @@ class BlenderbotSmallSeq2Seq(_Base):
 
     def setup(self):
         self.shared = self._make_shared()
-        self.encoder = Encoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers)
-        self.decoder = Decoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers)
+        self.encoder = Encoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers,
+                               self.remat_layers)
+        self.decoder = Decoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers,
+                               self.remat_layers)
         if self.lm_head:
             self.final_logits_bias = self.param(
                 "final_logits_bias", nn.initializers.zeros, (self.config.vocab_size,), self.param_dtype)
@@ -371,7 +378,8 @@ class BlenderbotSmallDecoderOnly(_Base):
 
     def setup(self):
         self.shared = self._make_shared()
-        self.decoder = Decoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers)
+        self.decoder = Decoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers,
+                               self.remat_layers)
 
     def decode(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,
                encoder_attention_mask=None, inputs_embeds=None, cache=None, deterministic=True,
@@ -402,14 +410,14 @@ class BlenderbotSmallDecoderOnly(_Base):
 
 
 def build_module(config: BlenderbotSmallConfig, head: Head, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32, scan_layers: bool = False) -> nn.Module:
+                 param_dtype: Dtype = jnp.float32, scan_layers: bool = False, remat_layers: bool = False) -> nn.Module:
     """The Flax module of one head; `scan_layers` runs full-sequence passes under `lax.scan` (a training plan's
-    choice: the params stay per layer)."""
+    choice: the params stay per layer); `remat_layers` recomputes each layer in the backward pass."""
     if head == "decoder_only":
-        return BlenderbotSmallDecoderOnly(config, dtype, param_dtype, scan_layers)
+        return BlenderbotSmallDecoderOnly(config, dtype, param_dtype, scan_layers, remat_layers)
     if head not in ("seq2seq", "seq2seq_lm"):
         raise ValueError(f"unknown head {head!r}")
-    return BlenderbotSmallSeq2Seq(config, dtype, param_dtype, scan_layers, lm_head=head == "seq2seq_lm")
+    return BlenderbotSmallSeq2Seq(config, dtype, param_dtype, scan_layers, remat_layers, lm_head=head == "seq2seq_lm")
 
 
 def init_params(module: nn.Module, rng: jax.Array) -> dict:
