@@ -354,11 +354,14 @@ def _decode_with_cache(module, decoder_input_ids, encoder_hidden_states, encoder
     """The decode step of `_Seq2Seq.decode`, applied as a method of the Flax module."""
     out = module.decode(decoder_input_ids, encoder_hidden_states, encoder_attention_mask, decoder_attention_mask,
                         None, cache, deterministic, output_hidden_states, output_attentions, position_ids)
+    hidden = out.last_hidden_state
+    if cache is not None:  # `decode` checks a concrete index; a traced one past the end would clamp the write
+        hidden = jnp.where(cache.index + decoder_input_ids.shape[1] <= cache.max_length, hidden, jnp.nan)
     common = dict(past_key_values=out.cache, hidden_states=out.hidden_states, attentions=out.attentions,
                   cross_attentions=out.cross_attentions)
     if module.lm_head:
-        return CausalLMOutput(logits=module.logits(out.last_hidden_state), **common)
-    return DecoderOutputWithPast(last_hidden_state=out.last_hidden_state, **common)
+        return CausalLMOutput(logits=module.logits(hidden), **common)
+    return DecoderOutputWithPast(last_hidden_state=hidden, **common)
 
 
 class BlenderbotSmallModel(_Seq2Seq):

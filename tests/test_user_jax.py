@@ -151,6 +151,9 @@ def test_incremental_decoding_equals_the_full_forward_and_transformers(models, p
     np.testing.assert_allclose(incremental, reference, atol=1e-4)
     with pytest.raises(ValueError, match="holds 7 of 10 positions: 4 more do not fit"):
         ours.decode(decoder_ids[:, :4], encoded, encoder_attention_mask=mask, past_key_values=out.past_key_values)
+    overflowing = jax.jit(lambda c: ours.decode(decoder_ids[:, :4], encoded, encoder_attention_mask=mask,
+                                                past_key_values=c).logits)(out.past_key_values)
+    assert np.isnan(overflowing).all()  # inside a trace: NaN, not a clamped write's plausible logits
 
 
 def test_pmap_and_shard_map_over_eight_devices():

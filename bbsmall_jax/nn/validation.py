@@ -2,8 +2,8 @@
 
 Inside the caller's own `jit`, `pmap`, `grad` or `shard_map` the inputs are tracers: their shapes and dtypes
 are still checked here, but their values are not known until the program runs, so the value checks (ids in
-the vocabulary, 0/1 masks, finite embeddings) become the caller's duty there. Out-of-range ids then give NaN
-embeddings (the lookup fills, it does not clamp), never a plausible wrong answer.
+the vocabulary, 0/1 masks, finite embeddings) become the caller's duty there. Out-of-range ids and positions
+then give NaN embeddings (the lookup fills, it does not clamp), never a plausible wrong answer.
 """
 
 from __future__ import annotations
