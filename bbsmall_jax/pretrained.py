@@ -7,6 +7,7 @@ They also carry transformers' Flax surface (`encode`, `decode`, `init_cache`, `p
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Optional
@@ -48,12 +49,11 @@ class _PretrainedModel:
         self.param_dtype = param_dtype  # None: each leaf keeps its dtype
         self.module = build_module(config, self.head, dtype, jnp.float32 if param_dtype is None else param_dtype)
         self.key, self.input_shape = jax.random.PRNGKey(seed), tuple(input_shape)
-        self._do_init, self._params = True, None
-        if params is None and _do_init:
-            params = init_params(self.module, self.key)
+        self._do_init, self._params = _do_init, None
         if params is not None:
-            self.params = params
-        self._do_init = _do_init
+            self._store(params, checked=True)
+        elif _do_init:
+            self._store(init_params(self.module, self.key), checked=False)
         self._apply_jitted = jax.jit(self._apply, static_argnames=STATIC_ARGUMENTS)
 
     @property
@@ -68,12 +68,16 @@ class _PretrainedModel:
         if not self._do_init:
             raise ValueError(f"this {type(self).__name__} was built with _do_init=False and holds no params: pass "
                              "params= to each call instead")
-        missing = self.required_params - set(traverse_util.flatten_dict(params))
+        self._store(params, checked=True)
+
+    def _store(self, params: dict, checked: bool) -> None:
+        """Keep `params`, cast to `param_dtype` (None keeps each leaf's dtype: a bf16 checkpoint stays bf16);
+        `checked`: first make sure no leaf the model needs is missing."""
+        missing = self.required_params - set(traverse_util.flatten_dict(params)) if checked else ()
         if missing:
             raise ValueError(f"params lack {len(missing)} of the model's leaves, among them "
                              f"{'/'.join(sorted(missing)[0])}")
         # ShapeDtypeStructs make an abstract model: its programs can be lowered and compiled, not run.
-        # A param_dtype of None keeps each leaf's own dtype (a checkpoint saved in bf16 stays bf16).
         self._params = jax.tree_util.tree_map(
             lambda p: p if isinstance(p, jax.ShapeDtypeStruct) else jnp.asarray(p, self.param_dtype), params)
 
@@ -85,7 +89,7 @@ class _PretrainedModel:
     @property
     def required_params(self) -> set[tuple[str, ...]]:
         """The path of every param leaf the model needs."""
-        return set(traverse_util.flatten_dict(self.params_shape_tree))
+        return set(_param_shapes(self.config, self.head))
 
     def init_weights(self, rng: jax.Array, input_shape: tuple[int, int] = (1, 1), params: Optional[dict] = None) -> dict:
         """Random params from `rng`; with `params`, theirs where they have a leaf and random ones elsewhere."""
@@ -147,9 +151,7 @@ class _PretrainedModel:
             if not os.path.isfile(config_path):
                 raise FileNotFoundError(f"{directory} has no config.json")
             config = BlenderbotSmallConfig.from_json_file(config_path)
-        expected = startup_cache.remember(  # tracing the module's init takes most of a second
-            "param_shapes", (json.dumps(config.to_dict(), sort_keys=True, default=str), cls.head),
-            lambda: param_shapes(build_module(config, cls.head)))
+        expected = _param_shapes(config, cls.head)
         weights = find_weights_file(directory)
         state = load_state_dict(weights)
         try:
@@ -405,6 +407,14 @@ class BlenderbotSmallForCausalLM(GenerationMixin, _PretrainedModel):
                       inputs_embeds=inputs_embeds, labels=self._labels(labels, (shape[0], kept)))
         return self._run(params, inputs, train, dropout_rng, return_dict, output_hidden_states=output_hidden_states,
                          output_attentions=output_attentions, logits_to_keep=logits_to_keep)
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(config: BlenderbotSmallConfig, head: Head) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Path -> shape of every param of a head's module, kept in the process and on disk (tracing the module's
+    init takes most of a second). Read only: the same dict is returned to every caller."""
+    return startup_cache.remember("param_shapes", (json.dumps(config.to_dict(), sort_keys=True, default=str), head),
+                                  lambda: param_shapes(build_module(config, head)))
 
 
 def _cast_floating(params: dict, dtype, mask: Optional[dict]) -> dict:

@@ -109,9 +109,9 @@ class GenerationMixin:
         unless already laid out over them; the output equals a one-device run's.
 
         Inside the caller's own `jit`, `pmap` or `shard_map` (traced inputs, params or key), it becomes part of
-        the caller's program, on the portable decoding path: the sequences are then
-        [rows, max_length], the un-traced result right-padded with the pad token (their length cannot depend on
-        the values there), and the value checks of `nn/validation.py` are the caller's.
+        the caller's program, on the portable decoding path: the sequences are then [rows, max_length], the
+        un-traced result right-padded with the pad token (their length cannot depend on the values there),
+        and the value checks of `nn/validation.py` are the caller's.
         """
         if check.is_traced(input_ids, attention_mask, params, prng_key, encoder_hidden_states,
                            encoder_attention_mask):
@@ -131,8 +131,8 @@ class GenerationMixin:
 
     def _generate_traced(self, input_ids, attention_mask, generation_config, prng_key, params,
                          encoder_hidden_states, encoder_attention_mask, kwargs: dict):
-        """`generate` as part of the caller's traced program: the portable plan, shapes as given, nothing on
-        the host but the static settings."""
+        """`generate` as part of the caller's traced program: the portable plan, the inputs laid out by jax,
+        nothing on the host but the static settings."""
         cfg, default_max_length = self._resolve_generation_config(generation_config, kwargs)
         prepared = prepare(self.config, self.head != "decoder_only", cfg, default_max_length, input_ids,
                            attention_mask, encoder_hidden_states, encoder_attention_mask, prng_key, traced=True)
