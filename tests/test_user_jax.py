@@ -200,6 +200,11 @@ def test_config_takes_transformers_arguments_and_runtime_flags(batch):
     assert isinstance(model(ids, mask, decoder_input_ids=labels.clip(0)), tuple)
     with pytest.raises(AttributeError, match="d_model fixes the model's shapes"):
         config.d_model = 32
+    config.forced_eos_token_id = 9  # generation defaults only: settable, and checked
+    assert bb.BlenderbotSmallForConditionalGeneration(config).generation_config.forced_eos_token_id == 9
+    with pytest.raises(ValueError, match="eos_token_id must be a token id in \\[0, 101\\), got 500"):
+        config.eos_token_id = 500
+    assert config.eos_token_id == 2
     assert hash(config) == hash(config.replace())  # run-time flags are not part of its identity
 
 

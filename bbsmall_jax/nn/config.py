@@ -43,6 +43,8 @@ def write_json_file(directory: str | os.PathLike, filename: str, data: dict[str,
 
 # Run-time settings transformers' configs carry for every model; kept in `extra` when set.
 _RUNTIME_DEFAULTS = {"output_attentions": False, "output_hidden_states": False, "return_dict": True}
+# Fields that only seed a model's generation defaults (`GenerationConfig.from_model_config`): settable.
+_GENERATION_DEFAULTS = ("bos_token_id", "eos_token_id", "forced_eos_token_id")
 
 
 @dataclasses.dataclass(init=False, eq=True, unsafe_hash=True)
@@ -59,8 +61,9 @@ class BlenderbotSmallConfig:
     As transformers' configs, it takes unknown keyword arguments (`initializer_range=0.02`) and keeps them
     as attributes, answers to the aliases `hidden_size`, `num_attention_heads` and `num_hidden_layers`, and
     takes run-time settings as attributes (`config.output_hidden_states = True`; with `output_attentions`
-    and `return_dict`, they are the defaults of the model's calls). The fields above fix the model's
-    shapes and semantics: they cannot be set on a built config (use `replace`), which keeps it hashable.
+    and `return_dict`, they are the defaults of the model's calls). `bos_token_id`, `eos_token_id` and
+    `forced_eos_token_id`, read by generation only, can be set too. The other fields fix the model's
+    shapes and semantics: they cannot be set on a built config (use `replace`).
     """
 
     vocab_size: int = 50265
@@ -123,6 +126,11 @@ class BlenderbotSmallConfig:
         raise AttributeError(f"BlenderbotSmallConfig has no attribute {name!r}")
 
     def __setattr__(self, name: str, value) -> None:
+        if name in _GENERATION_DEFAULTS:  # read by generation only, never by the model's computation
+            for token in value if isinstance(value, (list, tuple)) else [value]:
+                self._check_token_id(name, token)
+            object.__setattr__(self, name, tuple(value) if isinstance(value, list) else value)
+            return
         if name in _ATTRIBUTE_MAP or name in {f.name for f in dataclasses.fields(self)}:
             raise dataclasses.FrozenInstanceError(
                 f"BlenderbotSmallConfig.{_ATTRIBUTE_MAP.get(name, name)} fixes the model's shapes or semantics and "
