@@ -26,7 +26,8 @@ from bbsmall_jax.generation.config import GenerationConfig
 from bbsmall_jax.checkpoint.files import find_weights_file, load_state_dict, save_safetensors
 from bbsmall_jax.checkpoint.hub import resolve_directory
 from bbsmall_jax.nn.cache import KVCache
-from bbsmall_jax.nn.model import Head, build_module, init_params, param_shapes
+from bbsmall_jax.nn.model import (BlenderbotSmallDecoderOnly, BlenderbotSmallSeq2Seq, Head, build_module, init_params,
+                                  param_shapes)
 from bbsmall_jax.nn.outputs import CausalLMOutput, DecoderOutputWithPast, EncoderOutput, ModelOutput
 
 STATIC_ARGUMENTS = ("method", "deterministic", "output_hidden_states", "output_attentions", "logits_to_keep")
@@ -371,6 +372,7 @@ class BlenderbotSmallModel(_Seq2Seq):
 
     head = "seq2seq"
     hf_architecture = "BlenderbotSmallModel"
+    module_class = BlenderbotSmallSeq2Seq
 
 
 class BlenderbotSmallForConditionalGeneration(GenerationMixin, _Seq2Seq):
@@ -378,6 +380,7 @@ class BlenderbotSmallForConditionalGeneration(GenerationMixin, _Seq2Seq):
 
     head = "seq2seq_lm"
     hf_architecture = "BlenderbotSmallForConditionalGeneration"
+    module_class = BlenderbotSmallSeq2Seq
 
 
 class BlenderbotSmallForCausalLM(GenerationMixin, _PretrainedModel):
@@ -385,6 +388,7 @@ class BlenderbotSmallForCausalLM(GenerationMixin, _PretrainedModel):
 
     head = "decoder_only"
     hf_architecture = "BlenderbotSmallForCausalLM"
+    module_class = BlenderbotSmallDecoderOnly
 
     def _config_to_save(self) -> BlenderbotSmallConfig:
         return super()._config_to_save().replace(is_decoder=True, is_encoder_decoder=False)
@@ -407,6 +411,11 @@ class BlenderbotSmallForCausalLM(GenerationMixin, _PretrainedModel):
                       inputs_embeds=inputs_embeds, labels=self._labels(labels, (shape[0], kept)))
         return self._run(params, inputs, train, dropout_rng, return_dict, output_hidden_states=output_hidden_states,
                          output_attentions=output_attentions, logits_to_keep=logits_to_keep)
+
+
+# The Flax module class of each model class under transformers' names (`Model.module_class` says the same).
+BlenderbotSmallModule = BlenderbotSmallForConditionalGenerationModule = BlenderbotSmallSeq2Seq
+BlenderbotSmallForCausalLMModule = BlenderbotSmallDecoderOnly
 
 
 @functools.lru_cache(maxsize=16)

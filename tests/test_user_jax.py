@@ -244,7 +244,7 @@ def test_transformers_flax_utilities(tmp_path, batch):
     assert filled["final_logits_bias"].shape == (TINY["vocab_size"],)
 
     assert bb.BlenderbotSmallForConditionalGeneration.can_generate() and not bb.BlenderbotSmallModel.can_generate()
-    assert model.main_input_name == "input_ids"
+    assert model.main_input_name == "input_ids" and isinstance(model.module, model.module_class)
     names = list(inspect.signature(model.__call__).parameters)
     assert names[:4] == ["input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"]
     assert "max_length" not in inspect.signature(model.generate).parameters  # settings are keywords
