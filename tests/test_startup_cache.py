@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 
-from bbsmall_jax import startup_cache
+from bbsmall_jax import pretrained, startup_cache
 from bbsmall_jax.cli.chat import COMPILING, ChatSession, run_repl
 from bbsmall_jax.cli.responder import Responder
 from bbsmall_jax.generation.prepare import default_key
@@ -27,7 +27,8 @@ def test_programs_compile_once_then_load_from_disk(responder, tmp_path):
     assert stored == ["program"]
 
     model = responder.model
-    with startup_cache.enabled(str(tmp_path)):  # as a new process: nothing in memory, the disk has it
+    pretrained._param_shapes.cache_clear()  # as a new process: nothing in memory, the disk has it
+    with startup_cache.enabled(str(tmp_path)):
         fresh = Responder(type(model).from_pretrained(model._loaded_from), responder.tokenizer,
                           responder.generation_kwargs)
         out, err = chat(fresh, "hi\n")
