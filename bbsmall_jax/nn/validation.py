@@ -20,26 +20,22 @@ def is_traced(*values) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(values))
 
 
-def _traced_shape(array, name: str, ndim: int, expected: str) -> None:
-    if array.ndim != ndim:
-        raise ValueError(f"{name} must have shape {expected}, got shape {tuple(array.shape)}")
+def _array(values):
+    """`values` as an array: tracers stay as they are (their values are not known yet), the rest go to numpy."""
+    return values if is_traced(values) else np.asarray(values)
 
 
 def as_token_array(ids, name: str, vocab_size: int, allow_ignore_index: bool = False) -> np.ndarray:
     """A [B, T] int32 array of ids in [0, vocab_size) (or -100 for labels); raises naming `name`."""
-    if is_traced(ids):
-        ids = ids[None] if ids.ndim == 1 else ids
-        _traced_shape(ids, name, 2, "[batch, length]")
-        if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-        return ids.astype(jnp.int32)
-    array = np.asarray(ids)
+    array = _array(ids)
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2:
-        raise ValueError(f"{name} must have shape [batch, length], got shape {array.shape}")
+        raise ValueError(f"{name} must have shape [batch, length], got shape {tuple(array.shape)}")
     if array.size and not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{name} must hold integer token ids, got dtype {array.dtype}")
+    if is_traced(array):
+        return array.astype(jnp.int32)
     valid = (array >= 0) & (array < vocab_size)
     if allow_ignore_index:
         valid |= array == -100
@@ -62,17 +58,13 @@ def as_mask(mask, shape: tuple[int, ...], name: str) -> Optional[np.ndarray]:
     """A 0/1 mask of exactly `shape` (or None)."""
     if mask is None:
         return None
-    if is_traced(mask):
-        mask = mask[None] if mask.ndim == 1 and len(shape) == 2 and shape[0] == 1 else mask
-        if tuple(mask.shape) != tuple(shape):
-            raise ValueError(f"{name} has shape {tuple(mask.shape)}, but its ids/embeddings have shape "
-                             f"{tuple(shape)}")
-        return mask.astype(jnp.int32)
-    array = np.asarray(mask)
+    array = _array(mask)
     if array.ndim == 1 and len(shape) == 2 and shape[0] == 1:
         array = array[None]
-    if array.shape != tuple(shape):
-        raise ValueError(f"{name} has shape {array.shape}, but its ids/embeddings have shape {tuple(shape)}")
+    if tuple(array.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(array.shape)}, but its ids/embeddings have shape {tuple(shape)}")
+    if is_traced(array):
+        return array.astype(jnp.int32)
     if array.size and not np.isin(array, (0, 1)).all():
         raise ValueError(f"{name} must hold only 0 and 1")
     return array.astype(np.int32)
@@ -80,14 +72,10 @@ def as_mask(mask, shape: tuple[int, ...], name: str) -> Optional[np.ndarray]:
 
 def as_embeddings(embeds, d_model: int, name: str) -> np.ndarray:
     """A finite [B, T, d_model] float array."""
-    if is_traced(embeds):
-        if embeds.ndim != 3 or embeds.shape[-1] != d_model:
-            raise ValueError(f"{name} must have shape [batch, length, {d_model}], got {tuple(embeds.shape)}")
-        return embeds
-    array = np.asarray(embeds)
+    array = _array(embeds)
     if array.ndim != 3 or array.shape[-1] != d_model:
-        raise ValueError(f"{name} must have shape [batch, length, {d_model}], got {array.shape}")
-    if not np.isfinite(array).all():
+        raise ValueError(f"{name} must have shape [batch, length, {d_model}], got {tuple(array.shape)}")
+    if not is_traced(array) and not np.isfinite(array).all():
         raise ValueError(f"{name} holds NaN or infinite values")
     return array
 
