@@ -105,31 +105,35 @@ def compile_program(module, seq2seq: bool, plan: DecodingPlan):
                    compiler_options=dict(plan.compiler_options) or None)
 
 
+def _returned_rows(out: dict, prepared: Prepared) -> tuple:
+    """(sequences [rows returned, T], their width: the prompt and the longest output, beam scores [rows] or
+    None) of the program's outputs, un-bucketed (beam search: each batch element's kept beams); host and
+    device arrays alike."""
+    spec, batch = prepared.spec, prepared.batch
+    if spec.strategy != "beam":
+        return out["sequences"][:prepared.rows_out], out["cur_len"], None
+    keep = prepared.rows_out // batch
+    sequences = out["sequences"][:batch, :keep].reshape(prepared.rows_out, -1)  # [B * keep, T]
+    width = prepared.prompt_length + out["lengths"][:batch, :keep].max()
+    return sequences, width, out["scores"][:batch, :keep].reshape(-1)
+
+
 def finish(out: dict, prepared: Prepared):
     """Crop and un-bucket the program's outputs as transformers shapes them. The sequences are cropped on the
     host (slicing device arrays by these data-dependent sizes would compile a small program per shape);
     per-step scores, large, are sliced on the device."""
-    spec, batch, prompt_length = prepared.spec, prepared.batch, prepared.prompt_length
+    spec = prepared.spec
     host = jax.device_get({name: value for name, value in out.items() if name != "step_scores"})
-    steps = int(host["cur_len"]) - prompt_length
-    sequences_scores = None
-    if spec.strategy == "beam":
-        keep = prepared.rows_out // batch
-        lengths = host["lengths"][:batch, :keep]
-        sequences = host["sequences"][:batch, :keep].reshape(prepared.rows_out, -1)
-        sequences = sequences[:, :prompt_length + int(lengths.max())]
-        sequences_scores = jnp.asarray(host["scores"][:batch, :keep].reshape(-1))
-        rows_searched = batch * spec.num_beams
-    else:
-        sequences = host["sequences"][:prepared.rows_out, :prompt_length + steps]
-        rows_searched = prepared.rows_out
-    sequences = jnp.asarray(sequences)
+    sequences, width, beam_scores = _returned_rows(host, prepared)
+    sequences = jnp.asarray(sequences[:, :int(width)])
     if not prepared.return_dict:
         return sequences
     if not spec.output_scores:
         return GenerateOutput(sequences=sequences)
-    step_scores = out["step_scores"]
-    scores = tuple(step_scores[i, :rows_searched] for i in range(steps))
+    rows_searched = prepared.batch * spec.num_beams if spec.strategy == "beam" else prepared.rows_out
+    steps = int(host["cur_len"]) - prepared.prompt_length
+    scores = tuple(out["step_scores"][i, :rows_searched] for i in range(steps))
+    sequences_scores = None if beam_scores is None else jnp.asarray(beam_scores)
     return GenerateOutput(sequences=sequences, scores=scores, sequences_scores=sequences_scores)
 
 
@@ -137,20 +141,9 @@ def finish_traced(out: dict, prepared: Prepared):
     """The outputs of a call inside the caller's own jit, where nothing can be cropped by value: the sequences
     `finish` gives, right-padded with the pad token to `max_length` ([rows, max_length], as transformers' Flax
     `generate` shapes them)."""
-    spec, batch = prepared.spec, prepared.batch
+    sequences, width, beam_scores = _returned_rows(out, prepared)
     max_length = int(prepared.search.max_length)
-    sequences_scores = None
-    if spec.strategy == "beam":
-        keep = prepared.rows_out // batch
-        sequences = out["sequences"][:batch, :keep].reshape(prepared.rows_out, -1)  # [B * keep, T]
-        width = prepared.prompt_length + jnp.max(out["lengths"][:batch, :keep])
-        sequences_scores = out["scores"][:batch, :keep].reshape(-1)
-    else:
-        sequences = out["sequences"][:prepared.rows_out]
-        width = out["cur_len"]
-    sequences = sequences[:, :max_length]
-    sequences = jnp.where(jnp.arange(max_length) < width, sequences, spec.pad_token_id)
+    sequences = jnp.where(jnp.arange(max_length) < width, sequences[:, :max_length], prepared.spec.pad_token_id)
     if not prepared.return_dict:
         return sequences
-    return GenerateOutput(sequences=sequences,
-                          sequences_scores=sequences_scores if spec.output_scores else None)
+    return GenerateOutput(sequences=sequences, sequences_scores=beam_scores if prepared.spec.output_scores else None)
