@@ -15,8 +15,8 @@ from bbsmall_jax.generation import plan as plan_lib
 from bbsmall_jax.generation.config import UNSUPPORTED, GenerationConfig
 from bbsmall_jax.generation.prepare import neutral, prepare
 from bbsmall_jax.generation.program import GenerateOutput, compile_program, finish, finish_traced
-from bbsmall_jax.nn import validation as check
 from bbsmall_jax.generation.sharding import DATA_AXIS, data_mesh, device_count, input_shardings, place_inputs, replicated
+from bbsmall_jax.nn import validation as check
 
 Array = jax.Array
 

@@ -107,7 +107,6 @@ class BlenderbotSmallConfig:
         for alias, name in _ATTRIBUTE_MAP.items():
             if alias in values:
                 values.setdefault(name, values.pop(alias))
-                values.pop(alias, None)
         for f in fields:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             object.__setattr__(self, f.name, values.pop(f.name, default))
