@@ -175,7 +175,9 @@ def test_fused_loss_equals_the_plain_one():
                     for labels in label_sets for smoothing in (0.0, 0.1)]
         return jax.jit(run)(hidden, table, bias)
 
-    assert tile_count(101, 30) == 4 and tile_count(54944, 2048) == 32  # 32 divides 54,944: tiles of 1,717
+    # 101 is prime: 4 tiles, the last short; 54,944 = 34 x 1,616 (a multiple of 16) before 32 x 1,717
+    assert tile_count(101, 30) == 4 and tile_count(54944, 2048) == 34 and tile_count(54944, 4096) == 17
+    assert tile_count(100, 30) == 4  # divides, though 25 is no multiple of 16
     want_cases = all_cases(plain)
     for candidate in (fused, tiled, every_row):
         for labels in label_sets:  # the loss alone (evaluation), without the forward pass that also differentiates

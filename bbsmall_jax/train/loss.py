@@ -13,7 +13,7 @@ memory, and without the recomputation that a checkpointed chunk loop would need.
 (evaluation) only the loss is computed.
 
 With `vocab_tile` (accelerators), a chunk's logits are not made whole either: the vocabulary is walked in
-tiles of about that many columns (static slices, unrolled), twice. The first pass keeps a running
+tiles of about that many columns (a `lax.scan` over the stacked tiles), twice. The first pass keeps a running
 log-sum-exp per row, the second recomputes each tile's logits and turns them into that tile's gradients.
 [C, V] logits never reach HBM whole; the price is one more [C, D] x [D, V] matmul per chunk (four instead
 of three). With `chunk_rows` 0 every row is one chunk, labelled or not, so nothing is sized at run time.
@@ -21,6 +21,7 @@ of three). With `chunk_rows` 0 every row is one chunk, labelled or not, so nothi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -77,79 +78,107 @@ def _chunk(sorted_hidden, sorted_labels, count, i, chunk_rows, table, bias):
 
 
 def tile_count(vocab: int, tile: int) -> int:
-    """How many tiles the vocabulary is walked in: about vocab / tile, preferring a count that divides it."""
+    """How many tiles the vocabulary is walked in: about vocab / tile, preferring a count that divides it into
+    widths that are multiples of 16 (a bfloat16 TPU tile's rows, so that [V, D] <-> [tiles, W, D] moves no
+    data), then any count that divides it."""
     least = -(-vocab // tile)
-    return next((n for n in range(least, 2 * least + 1) if vocab % n == 0), least)
+    counts = range(least, 2 * least + 1)
+    return next((n for n in counts if vocab % n == 0 and (vocab // n) % 16 == 0),
+                next((n for n in counts if vocab % n == 0), least))
 
 
-def _tiles(table: Array, bias: Optional[Array], tiles: int) -> tuple[list, list, int]:
-    """The table [V, D] and bias [V] (float32) as `tiles` static slices of W rows, and W. A count that does not
-    divide V leaves the last tile short."""
-    vocab = table.shape[0]
-    width = -(-vocab // tiles)
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+    """The table and bias cut into `count` tiles of `width` columns, stacked for `lax.scan`; rows past the
+    vocabulary (when the count does not divide it) are zeros and are masked out of every sum."""
+
+    table: Array  # [T, W, D], compute dtype
+    bias: Array  # [T, W] float32
+    width: int
+    vocab: int
+
+    @property
+    def padded(self) -> bool:
+        return self.table.shape[0] * self.width != self.vocab
+
+    def columns(self, j: Array) -> Array:
+        """Tile j's vocabulary ids [W]."""
+        return j * self.width + jnp.arange(self.width)
+
+    def in_vocab(self, j: Array) -> Array:
+        """Which of tile j's columns are vocabulary ids [W]."""
+        return self.columns(j) < self.vocab
+
+
+def _tiles(table: Array, bias: Optional[Array], count: int) -> _Tiles:
+    vocab, d = table.shape
+    width = -(-vocab // count)
     bias = jnp.zeros((vocab,), jnp.float32) if bias is None else bias.astype(jnp.float32)
-    bounds = [(j * width, min((j + 1) * width, vocab)) for j in range(tiles)]
-    # Each tile its own array, cut once for both passes: a matmul then reads its tile, not the whole table.
-    table_tiles = jax.lax.optimization_barrier([table[a:b] for a, b in bounds])
-    return table_tiles, [bias[a:b] for a, b in bounds], width
+    extra = count * width - vocab
+    table = jnp.pad(table, ((0, extra), (0, 0))).reshape(count, width, d)  # [T, W, D]
+    return _Tiles(table, jnp.pad(bias, (0, extra)).reshape(count, width), width, vocab)
 
 
-def _tile_logits(h: Array, table_tile: Array, bias_tile: Array) -> Array:
-    """Float32 logits [C, W] of one tile."""
-    return jnp.einsum("cd,wd->cw", h, table_tile, preferred_element_type=jnp.float32) + bias_tile
+def _tile_logits(h: Array, tiles: _Tiles, table_tile: Array, bias_tile: Array, j: Array) -> Array:
+    """Float32 logits [C, W] of tile j; -inf past the vocabulary."""
+    logits = jnp.einsum("cd,wd->cw", h, table_tile, preferred_element_type=jnp.float32) + bias_tile
+    return jnp.where(tiles.in_vocab(j)[None, :], logits, -jnp.inf) if tiles.padded else logits
 
 
-def _tiled_log_sum_exp(h, y, table_tiles, bias_tiles, width) -> tuple[Array, Array, Array]:
+def _tiled_log_sum_exp(h, y, tiles: _Tiles) -> tuple[Array, Array, Array]:
     """First pass over the tiles: (log-sum-exp [C], the label's logit [C], the sum of all logits [C])."""
-    top = total = picked = summed = None
-    for j, (table_tile, bias_tile) in enumerate(zip(table_tiles, bias_tiles)):
-        logits = _tile_logits(h, table_tile, bias_tile)  # [C, W]
-        tile_top = logits.max(axis=-1)
-        new_top = tile_top if top is None else jnp.maximum(top, tile_top)
-        tile_total = jnp.exp(logits - new_top[:, None]).sum(axis=-1)
-        total = tile_total if total is None else total * jnp.exp(top - new_top) + tile_total
-        local = y - j * width  # the label's column in this tile, if it is there
-        here = (local >= 0) & (local < logits.shape[1])
-        label_logit = jnp.take_along_axis(logits, jnp.clip(local, 0, logits.shape[1] - 1)[:, None], axis=-1)[:, 0]
-        tile_picked, tile_summed = jnp.where(here, label_logit, 0.0), logits.sum(axis=-1)
-        picked = tile_picked if picked is None else picked + tile_picked
-        summed = tile_summed if summed is None else summed + tile_summed
-        top = new_top
+    def step(carry, xs):
+        top, total, picked, summed = carry  # [C] each: running max, sum of exp(logit - top), label logit, sum
+        j, table_tile, bias_tile = xs
+        logits = _tile_logits(h, tiles, table_tile, bias_tile, j)  # [C, W]
+        new_top = jnp.maximum(top, logits.max(axis=-1))
+        total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[:, None]).sum(axis=-1)
+        picked = picked + jnp.where(tiles.columns(j)[None, :] == y[:, None], logits, 0.0).sum(axis=-1)
+        finite = jnp.where(tiles.in_vocab(j)[None, :], logits, 0.0) if tiles.padded else logits
+        return (new_top, total, picked, summed + finite.sum(axis=-1)), None
+
+    zeros = jnp.zeros(y.shape, jnp.float32)
+    (top, total, picked, summed), _ = jax.lax.scan(
+        step, (jnp.full(y.shape, -jnp.inf), zeros, zeros, zeros),
+        (jnp.arange(tiles.table.shape[0]), tiles.table, tiles.bias))
     return top + jnp.log(total), picked, summed
 
 
-def _tiled_loss(h, y, live, table_tiles, bias_tiles, width, vocab, label_smoothing) -> tuple[Array, Array]:
+def _tiled_loss(h, y, live, tiles: _Tiles, label_smoothing) -> tuple[Array, Array]:
     """(chunk's summed loss [], log-sum-exp [C]) from the first pass."""
-    lse, picked, summed = _tiled_log_sum_exp(h, y, table_tiles, bias_tiles, width)
+    lse, picked, summed = _tiled_log_sum_exp(h, y, tiles)
     loss = lse - (1.0 - label_smoothing) * picked
     if label_smoothing:
-        loss = loss - label_smoothing * summed / vocab
+        loss = loss - label_smoothing * summed / tiles.vocab
     return jnp.where(live, loss, 0.0).sum(), lse
 
 
-def _tiled_terms(h, y, live, table, bias, label_smoothing, tiles, compute_dtype):
+def _tiled_terms(h, y, live, table, bias, label_smoothing, count, compute_dtype):
     """A chunk's summed loss and its gradients (hidden [C, D], table [V, D], bias [V], float32), its logits
     made one vocabulary tile at a time, twice: the log-sum-exp, then the gradients.
 
-    The tiles are a Python loop over static slices, not a loop in the program: nothing is sliced or updated
-    at a run-time offset, and each tile's gradients are whole arrays, concatenated once."""
-    vocab = table.shape[0]
-    table_tiles, bias_tiles, width = _tiles(table, bias, tiles)
+    Each pass is a `lax.scan` over the stacked tiles: one tile's work is traced and compiled once, however
+    many tiles there are (an unrolled walk cost the 90M train step's TPU compile 40 s)."""
+    tiles = _tiles(table, bias, count)
     h = h.astype(compute_dtype)
-    loss, lse = _tiled_loss(h, y, live, table_tiles, bias_tiles, width, vocab, label_smoothing)
-    d_h, d_table, d_bias = None, [], []
-    for j, (table_tile, bias_tile) in enumerate(zip(table_tiles, bias_tiles)):
-        probs = jnp.exp(_tile_logits(h, table_tile, bias_tile) - lse[:, None])  # [C, W]
-        onehot = (j * width + jnp.arange(probs.shape[1]))[None, :] == y[:, None]
-        grad = probs - jnp.where(onehot, 1.0 - label_smoothing, 0.0)
+    loss, lse = _tiled_loss(h, y, live, tiles, label_smoothing)
+
+    def step(d_h, xs):  # d_h [C, D] float32, summed over the tiles
+        j, table_tile, bias_tile = xs
+        probs = jnp.exp(_tile_logits(h, tiles, table_tile, bias_tile, j) - lse[:, None])  # [C, W]; 0 past V
+        grad = probs - jnp.where(tiles.columns(j)[None, :] == y[:, None], 1.0 - label_smoothing, 0.0)
         if label_smoothing:
-            grad = grad - label_smoothing / vocab
+            grad = grad - jnp.where(tiles.in_vocab(j), label_smoothing / tiles.vocab, 0.0)[None, :]
         grad = jnp.where(live[:, None], grad, 0.0).astype(compute_dtype)
-        tile_d_h = jnp.einsum("cw,wd->cd", grad, table_tile, preferred_element_type=jnp.float32)
-        d_h = tile_d_h if d_h is None else d_h + tile_d_h
-        d_table.append(jnp.einsum("cw,cd->wd", grad, h, preferred_element_type=jnp.float32))  # [W, D]
-        d_bias.append(grad.astype(jnp.float32).sum(axis=0))
-    return loss, d_h, jnp.concatenate(d_table), None if bias is None else jnp.concatenate(d_bias)
+        d_h = d_h + jnp.einsum("cw,wd->cd", grad, table_tile, preferred_element_type=jnp.float32)
+        d_table = jnp.einsum("cw,cd->wd", grad, h, preferred_element_type=jnp.float32)  # [W, D]
+        return d_h, (d_table, grad.astype(jnp.float32).sum(axis=0))
+
+    d_h, (d_table, d_bias) = jax.lax.scan(step, jnp.zeros(h.shape, jnp.float32),
+                                          (jnp.arange(tiles.table.shape[0]), tiles.table, tiles.bias))
+    vocab, d = table.shape
+    d_table = d_table.reshape(-1, d)[:vocab]  # [T, W, D] -> [V, D]
+    return loss, d_h, d_table, None if bias is None else d_bias.reshape(-1)[:vocab]
 
 
 def _every_row(hidden: Array, labels: Array) -> tuple[Array, Array, Array, Array]:
@@ -161,9 +190,7 @@ def _every_row(hidden: Array, labels: Array) -> tuple[Array, Array, Array, Array
 
 def _tiled_chunk_loss(h, y, live, table, bias, label_smoothing, tiles, compute_dtype) -> Array:
     """A chunk's summed loss [], its logits made one vocabulary tile at a time (table in the compute dtype)."""
-    table_tiles, bias_tiles, width = _tiles(table, bias, tiles)
-    return _tiled_loss(h.astype(compute_dtype), y, live, table_tiles, bias_tiles, width, table.shape[0],
-                       label_smoothing)[0]
+    return _tiled_loss(h.astype(compute_dtype), y, live, _tiles(table, bias, tiles), label_smoothing)[0]
 
 
 def _loss_only(hidden, table, bias, labels, label_smoothing, chunk_rows, tiles, compute_dtype):
