@@ -146,6 +146,7 @@ class OurSide:
 
     def __init__(self, directory: str, batch: dict, dtype: str, remat: str):
         from bbsmall_jax import BlenderbotSmallForConditionalGeneration
+        from bbsmall_jax.nn.layer_stacks import stack_layers
         from bbsmall_jax.nn.model import build_module
         from bbsmall_jax.train.config import TrainConfig
         from bbsmall_jax.train.plan import choose_plan
@@ -154,10 +155,12 @@ class OurSide:
         loaded = BlenderbotSmallForConditionalGeneration.from_pretrained(directory)
         cfg = TrainConfig(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
                           schedule="constant", dtype=dtype, remat=remat, model={"vocab_size": loaded.config.vocab_size})
-        module = build_module(loaded.config, "seq2seq_lm", jnp.dtype(dtype), jnp.float32)
         self.plan = choose_plan(jax.default_backend(), jnp.dtype(dtype))
+        module = build_module(loaded.config, "seq2seq_lm", jnp.dtype(dtype), jnp.float32, **self.plan.module_options())
         optimizer = make_optimizer(cfg)
-        params = jax.device_put(loaded.params)
+        # The layout train.py's state has on this backend (layers stacked where the plan scans them).
+        stacked = self.plan.stacks_layers(loaded.config)
+        params = jax.device_put(stack_layers(loaded.params) if stacked else loaded.params)
         self.state = {"params": params, "opt_state": jax.jit(optimizer.init)(params),
                       "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)}
         step = jax.jit(make_train_step(module, optimizer, learning_rate_schedule(cfg), remat=remat, plan=self.plan),

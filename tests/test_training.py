@@ -20,6 +20,7 @@ from bbsmall_jax import BlenderbotSmallForConditionalGeneration
 from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.checkpoint.names import flax_to_hf
 from bbsmall_jax.train.config import ConfigError
+from bbsmall_jax.nn.layer_stacks import stack_layers, unstack_layers
 from bbsmall_jax.nn.model import build_module, cross_entropy_loss, init_params
 from bbsmall_jax.train.checkpoints import CheckpointStore
 from bbsmall_jax.train.loop import DivergedError, TrainingError, train
@@ -27,8 +28,9 @@ from bbsmall_jax.train.sharding import make_mesh
 from bbsmall_jax.train.flops import peak_flops, train_flops
 from bbsmall_jax.train.loss import lm_head_loss, tile_count
 from bbsmall_jax.train.plan import TrainingPlan, choose_plan
-from bbsmall_jax.train.steps import (abstract_state, learning_rate_schedule, loss_sum, make_eval_step, make_optimizer,
-                                     make_train_step, zero_frozen)
+from bbsmall_jax.train.program import build_program
+from bbsmall_jax.train.steps import (abstract_state, init_state, learning_rate_schedule, loss_sum, make_eval_step,
+                                     make_optimizer, make_train_step, zero_frozen)
 from bbsmall_jax.testing import loopback_coordinator
 from bbsmall_jax.testing.reference_models import random_hf_model, save_hf_model, scale_reference_decoder_embeddings
 from bbsmall_jax.testing.training import (read_metrics, shared_job, subprocess_env, synthetic_datasets, tiny_config,
@@ -84,12 +86,16 @@ def test_gradients_match_pytorch(reference, plan):
     batch = _batches(cfg, synthetic_datasets(), 1)[0]
     assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()  # padding on both sides
     module = ours.module if plan is None else build_module(ours.config, "seq2seq_lm", **plan.module_options())
+    stacked = plan is not None and plan.stacks_layers(ours.config)  # the accelerators' state: layers stacked
+    assert stacked == (plan is ACCELERATOR_PLAN)
+    params = stack_layers(ours.params) if stacked else ours.params
 
     def mean_loss(params):
         total, count = loss_sum(module, params, batch, None, cfg.label_smoothing, plan)
         return total / count
 
-    grads = flax_to_hf(jax.device_get(zero_frozen(jax.grad(mean_loss)(ours.params))), ours.config, "seq2seq_lm")
+    grads = unstack_layers(jax.device_get(zero_frozen(jax.grad(mean_loss)(params))))
+    grads = flax_to_hf(grads, ours.config, "seq2seq_lm")
     hf.zero_grad()
     tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
     logits = hf(**tensors).logits
@@ -142,9 +148,14 @@ def test_scanned_layers_equal_the_layer_loop():
     params = init_params(looped, jax.random.PRNGKey(0))
     grad = lambda module: jax.jit(jax.value_and_grad(lambda p: loss_sum(module, p, batch, None)[0]))(params)
     (want, want_grads), (have, have_grads) = grad(looped), grad(scanned)
-    np.testing.assert_allclose(have, want, rtol=1e-6)
-    for w, h in zip(jax.tree_util.tree_leaves(want_grads), jax.tree_util.tree_leaves(have_grads)):
-        np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-6 * (1.0 + float(np.abs(w).max())))
+    # The layers kept stacked (the accelerators' train state): the scan runs over that stack as it is.
+    stacked, stacked_grads = jax.jit(jax.value_and_grad(lambda p: loss_sum(scanned, p, batch, None)[0]))(
+        stack_layers(params))
+    for have, have_grads in ((have, have_grads), (stacked, unstack_layers(stacked_grads))):
+        np.testing.assert_allclose(have, want, rtol=1e-6)
+        assert jax.tree_util.tree_structure(have_grads) == jax.tree_util.tree_structure(want_grads)
+        for w, h in zip(jax.tree_util.tree_leaves(want_grads), jax.tree_util.tree_leaves(have_grads)):
+            np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-6 * (1.0 + float(np.abs(w).max())))
     with_dropout = jax.jit(lambda p, key: loss_sum(scanned, p, batch, key)[0])(params, jax.random.PRNGKey(1))
     assert np.isfinite(with_dropout) and with_dropout != have  # dropout keys reach every scanned layer
 
@@ -311,6 +322,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         store.close()
     assert f"step {latest}," in str(err.value)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def test_stacked_train_state_resumes_exactly_from_per_layer_checkpoints(tmp_path):
+    """The accelerators' program keeps each stack's layers stacked in the train state; its checkpoints hold
+    them per layer under the usual names, and a step after save and restore equals the step without."""
+    cfg = tiny_config(dtype="float32", model={"encoder_layers": 2, "decoder_layers": 3})
+    program = build_program(cfg, cfg.model_config(), make_mesh(), "gpu")  # GPU's plan, on the CPU
+    assert program.stacked and "layers" in program.abstract["params"]["encoder"]
+    state = init_state(program.module, program.optimizer, program.abstract, cfg.seed, stacked=True)
+    batches = [{k: v[None] for k, v in b.items()} for b in _batches(cfg, synthetic_datasets(), 2)]  # [1, B, L]
+    state, _ = program.train_step(state, batches[0])
+    saved = program.to_checkpoint(state)
+    per_layer = program.checkpoint_abstract
+    assert jax.tree_util.tree_structure(saved) == jax.tree_util.tree_structure(per_layer)
+    assert sorted(flax_to_hf(saved["params"], cfg.model_config(), "seq2seq_lm")) == sorted(
+        flax_to_hf(unstack_layers(jax.device_get(state["params"])), cfg.model_config(), "seq2seq_lm"))
+    store = CheckpointStore(str(tmp_path / "checkpoints"), 2)
+    try:
+        store.save(1, saved, {"step": 1, "epoch": 0, "index": 1})
+        store.manager.wait_until_finished()
+        restored = program.from_checkpoint(store.restore(1, per_layer))
+    finally:
+        store.close()
+    want, want_metrics = program.train_step(state, batches[1])
+    have, have_metrics = program.train_step(restored, batches[1])
+    assert float(have_metrics["loss"]) == float(want_metrics["loss"])
+    for w, h in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(have)):
+        np.testing.assert_array_equal(np.asarray(h), np.asarray(w))
 
 
 def _run_worker(args, env):

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from bbsmall_jax.nn.cache import KVCache
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
+from bbsmall_jax.nn.layer_stacks import STACKED
 from bbsmall_jax.nn.layers import DecoderLayer, EncoderLayer, layer_norm, mask_to_bias
 from bbsmall_jax.nn.outputs import CausalLMOutput, DecoderOutput, EncoderOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 
@@ -58,17 +59,25 @@ SCANNED_LEAVES = ("kernel", "embedding")  # leaves a scan stacks in the compute 
 def _scan_layers(module: nn.Module, layers: list, hidden: Array, deterministic: bool, apply_layer) -> Array:
     """`hidden` through `layers` (bound, identical in shape) under `lax.scan`: one layer is traced and compiled.
 
-    The layers keep their own params (`layers_0`, `layers_1`, ... as checkpoints name them); the scan runs
-    over a stack of them made per call, matrices in the compute dtype. `apply_layer(params, hidden, rngs)`
-    runs one layer; each gets its own dropout key. Each layer is recomputed in the backward pass, so only
-    its input is kept (one [L, B, T, D] stack) rather than a stack of every intermediate. Under a 1-D mesh
-    (the data mesh of training) the stack is gathered whole once and the rows stay sharded over the mesh.
+    The scan runs over the layers' params stacked, [L, ...] leaves, matrices in the compute dtype: the
+    stack's own `layers` params when the caller keeps them so (`layer_stacks.stack_layers`, as training on
+    accelerators does), else a stack of `layers_0`, `layers_1`, ... (as checkpoints name them) made per call.
+    `apply_layer(params, hidden, rngs)` runs one layer; each gets its own dropout key. Each layer is
+    recomputed in the backward pass, so only its input is kept (one [L, B, T, D] stack) rather than a stack
+    of every intermediate. Under a 1-D mesh (the data mesh of training) the stack is gathered whole once and
+    the rows stay sharded over the mesh.
     """
-    def stack(path, *leaves):  # [L, ...]
-        cast = str(getattr(path[-1], "key", "")) in SCANNED_LEAVES
-        return jnp.stack([leaf.astype(module.dtype) if cast else leaf for leaf in leaves])
+    def cast(path, leaf):
+        return leaf.astype(module.dtype) if str(getattr(path[-1], "key", "")) in SCANNED_LEAVES else leaf
 
-    stacked = _replicated(jax.tree_util.tree_map_with_path(stack, *[layer.variables["params"] for layer in layers]))
+    params = module.variables["params"]
+    if STACKED in params:
+        stacked = jax.tree_util.tree_map_with_path(cast, params[STACKED])
+    else:
+        per_layer = [layer.variables["params"] for layer in layers]
+        stacked = jax.tree_util.tree_map_with_path(lambda path, *leaves: jnp.stack([cast(path, x) for x in leaves]),
+                                                   *per_layer)  # [L, ...]
+    stacked = _replicated(stacked)
     key = None if deterministic else module.make_rng("dropout")
 
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
@@ -235,19 +244,10 @@ class Decoder(_Stack):
         hidden = self.dropout(hidden, deterministic=deterministic)
         self_bias, cache_bias = self._self_attention_bias(length, attention_mask, cache)
 
-        if cache is not None and cache.cross_key is not None:
-            cross_kv = [(cache.cross_key[i], cache.cross_value[i]) for i in range(len(self.layers))]
-            encoder_mask = cache.encoder_mask
-        elif encoder_hidden_states is not None:
-            # Each layer's own projection, not stacked: the gradient of a stack read back by layer would be
-            # built from every layer's padded slice (XLA's CPU backend spent 12% of a train step on it).
-            cross_kv = [layer.project_cross_key_value(encoder_hidden_states) for layer in self.layers]
-            encoder_mask = encoder_attention_mask
-        else:
-            cross_kv, encoder_mask = None, None
-        cross_bias = None
-        if cross_kv is not None and encoder_mask is not None:
-            cross_bias = mask_to_bias(encoder_mask.astype(bool))[:, None, None, :]  # [B, 1, 1, S]
+        cached_cross = cache is not None and cache.cross_key is not None
+        encoder_mask = (cache.encoder_mask if cached_cross else
+                        encoder_attention_mask if encoder_hidden_states is not None else None)
+        cross_bias = None if encoder_mask is None else mask_to_bias(encoder_mask.astype(bool))[:, None, None, :]
         if cache is None and _scannable(self, c.decoder_layerdrop, deterministic, output_hidden_states,
                                         output_attentions):
             layer = DecoderLayer(c, 0, self.dtype, self.param_dtype, parent=None)
@@ -256,6 +256,14 @@ class Decoder(_Stack):
                 method="over_sequence"))
             return DecoderOutput(last_hidden_state=hidden)
 
+        if cached_cross:
+            cross_kv = [(cache.cross_key[i], cache.cross_value[i]) for i in range(len(self.layers))]
+        elif encoder_hidden_states is not None:
+            # Each layer's own projection, not stacked: the gradient of a stack read back by layer would be
+            # built from every layer's padded slice (XLA's CPU backend spent 12% of a train step on it).
+            cross_kv = [layer.project_cross_key_value(encoder_hidden_states) for layer in self.layers]
+        else:
+            cross_kv = None
         all_hidden, all_self, all_cross, new_kv = [hidden], [], [], []
         for i, layer in enumerate(self.layers):
             layer_cross = None if cross_kv is None else cross_kv[i]

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
+from bbsmall_jax.nn.layer_stacks import unstack_layers
 from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.train.checkpoints import CheckpointStore, MetricsLog, check_compatible
 from bbsmall_jax.train.config import ConfigError, TrainConfig
@@ -144,9 +145,10 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
 
         program = build_program(cfg, model_config, mesh, jax.default_backend())
         optimizer, abstract = program.optimizer, program.abstract
-        restored = _restore(store, abstract, cfg, output_dir, is_main) if resuming else None
+        restored = _restore(store, program.checkpoint_abstract, cfg, output_dir, is_main) if resuming else None
         if restored is not None:
             latest, state, meta = restored
+            state = program.from_checkpoint(state)
             say(f"resuming from the checkpoint of step {latest} in {store.directory}")
             position = data_lib.Position(meta["epoch"], meta["index"])
         else:
@@ -156,7 +158,7 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
 
                 host_params = jax.device_get(
                     BlenderbotSmallForConditionalGeneration.from_pretrained(cfg.init, config=model_config).params)
-            state = init_state(program.module, optimizer, abstract, cfg.seed, host_params)
+            state = init_state(program.module, optimizer, abstract, cfg.seed, host_params, program.stacked)
             position = data_lib.Position()
         step = latest or 0
 
@@ -223,7 +225,7 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
                     raise DivergedError(f"the params became NaN or infinite at step {step}; stopping. "
                                         + _kept_message(last_good, store.directory))
                 if do_save:
-                    store.save(step, state, {"step": step, "epoch": position.epoch, "index": position.index,
+                    store.save(step, program.to_checkpoint(state), {"step": step, "epoch": position.epoch, "index": position.index,
                                              "fingerprint": cfg.fingerprint(), "config": cfg.trajectory_dict()})
                     last_good = step
                 if stop:
@@ -234,7 +236,7 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
         store.manager.wait_until_finished()
         export_dir = None
         if status == "completed":
-            host_params = gather_params(state["params"], mesh)
+            host_params = unstack_layers(gather_params(state["params"], mesh))
             if is_main:
                 export_dir = export(os.path.join(output_dir, "final"), model_config, host_params, datasets.tokenizer)
                 say(f"exported the final model to {export_dir}")

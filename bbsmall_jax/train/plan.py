@@ -57,6 +57,11 @@ class TrainingPlan:
         """What `build_module` is given besides the config and dtypes."""
         return {"scan_layers": self.scan_layers}
 
+    def stacks_layers(self, config) -> bool:
+        """Whether the train state keeps each stack's layers stacked (`nn/layer_stacks.py`): when every
+        training pass runs them under `lax.scan`, which LayerDrop's per-layer choice rules out."""
+        return self.scan_layers and config.encoder_layerdrop == 0.0 and config.decoder_layerdrop == 0.0
+
     def dropout_key(self, key: jax.Array) -> jax.Array:
         """The step's dropout key (threefry raw key data [2]) in this plan's implementation."""
         if self.dropout_rng == "threefry":

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bbsmall_jax.generation.plan import compute_dtype
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
+from bbsmall_jax.nn.layer_stacks import stack_layers, unstack_layers
 from bbsmall_jax.nn.model import build_module
 from bbsmall_jax.train.config import ConfigError, TrainConfig
 from bbsmall_jax.train.plan import TrainingPlan, choose_plan
@@ -38,9 +39,24 @@ class TrainProgram:
     schedule: optax.Schedule
     abstract: dict  # the train state as ShapeDtypeStructs with their shardings
     fsdp: bool
+    stacked: bool  # the state keeps each stack's layers stacked (`nn/layer_stacks.py`); checkpoints never do
+    checkpoint_abstract: dict  # the train state as checkpoints hold it: each layer apart, under its own name
     train_step: Callable  # jitted (state, batch [A, micro, L]) -> (state, metrics); donates the state
     eval_step: Callable  # jitted (params, batch [micro, L]) -> (NLL sum, tokens, NLL sum under the next context)
     all_finite: Callable  # jitted params -> bool []
+
+    def to_checkpoint(self, state: dict) -> dict:
+        """The train state in the checkpoints' layout (a new state when the run's differs)."""
+        return self._relayout(state, unstack_layers, self.checkpoint_abstract) if self.stacked else state
+
+    def from_checkpoint(self, state: dict) -> dict:
+        """A restored train state (the checkpoints' layout) in the run's."""
+        return self._relayout(state, lambda s: stack_layers(s, jnp), self.abstract) if self.stacked else state
+
+    @staticmethod
+    def _relayout(state: dict, change: Callable, abstract: dict) -> dict:
+        shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract)
+        return jax.jit(change, out_shardings=shardings)(state)
 
     @property
     def mesh(self) -> Mesh:
@@ -72,7 +88,8 @@ def build_program(cfg: TrainConfig, model_config: BlenderbotSmallConfig, mesh: M
     module = build_module(model_config, "seq2seq_lm", dtype, jnp.float32, **plan.module_options())
     optimizer, schedule = make_optimizer(cfg), learning_rate_schedule(cfg)
     fsdp = cfg.uses_fsdp(backend, mesh.size)
-    abstract = abstract_state(module, optimizer, mesh, fsdp)
+    stacked = plan.stacks_layers(model_config)
+    abstract = abstract_state(module, optimizer, mesh, fsdp, stacked)
     state_shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract)
     replicated = NamedSharding(mesh, P())
     jit = functools.partial(jax.jit, compiler_options=dict(plan.compiler_options) or None)
@@ -83,4 +100,6 @@ def build_program(cfg: TrainConfig, model_config: BlenderbotSmallConfig, mesh: M
                     in_shardings=(state_shardings["params"], NamedSharding(mesh, P(DATA_AXIS))),
                     out_shardings=replicated)
     all_finite = jit(_all_finite, in_shardings=(state_shardings["params"],), out_shardings=replicated)
-    return TrainProgram(module, plan, optimizer, schedule, abstract, fsdp, train_step, eval_step, all_finite)
+    checkpoint_abstract = abstract_state(module, optimizer, mesh, fsdp) if stacked else abstract
+    return TrainProgram(module, plan, optimizer, schedule, abstract, fsdp, stacked, checkpoint_abstract, train_step,
+                        eval_step, all_finite)

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bbsmall_jax.nn.layer_stacks import stack_layers
 from bbsmall_jax.nn.model import cross_entropy_loss, init_params, shift_tokens_right
 from bbsmall_jax.train.config import TrainConfig
 from bbsmall_jax.train.loss import lm_head_loss
@@ -232,9 +233,15 @@ def make_eval_step(module, plan: Optional[TrainingPlan] = None, mesh: Optional[M
     return eval_step
 
 
-def abstract_state(module, optimizer, mesh: Mesh, fsdp: bool):
-    """ShapeDtypeStructs with shardings of the whole train state."""
-    params = jax.eval_shape(lambda: init_params(module, jax.random.PRNGKey(0)))
+def _initial_params(module, key: jax.Array, stacked: bool) -> dict:
+    params = init_params(module, key)
+    return stack_layers(params, jnp) if stacked else params
+
+
+def abstract_state(module, optimizer, mesh: Mesh, fsdp: bool, stacked: bool = False):
+    """ShapeDtypeStructs with shardings of the whole train state; `stacked`: each stack's layers as one
+    `layers` subtree of [L, ...] leaves (`nn/layer_stacks.py`), otherwise per layer as checkpoints hold them."""
+    params = jax.eval_shape(lambda: _initial_params(module, jax.random.PRNGKey(0), stacked))
     shapes = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params),
               "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
     shardings = tree_shardings(shapes, mesh, fsdp)
@@ -242,13 +249,17 @@ def abstract_state(module, optimizer, mesh: Mesh, fsdp: bool):
                                   shapes, shardings)
 
 
-def init_state(module, optimizer, abstract, seed: int, host_params: Optional[dict] = None) -> State:
-    """A fresh train state: params from `host_params` (pretrained) or initialised with `seed`."""
+def init_state(module, optimizer, abstract, seed: int, host_params: Optional[dict] = None,
+               stacked: bool = False) -> State:
+    """A fresh train state in `abstract`'s layout (`stacked` as `abstract_state`'s): params from `host_params`
+    (pretrained, per layer) or initialised with `seed`."""
     shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract)
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
     if host_params is None:
-        params = jax.jit(lambda key: init_params(module, key), out_shardings=shardings["params"])(init_key)
+        params = jax.jit(lambda key: _initial_params(module, key, stacked),
+                         out_shardings=shardings["params"])(init_key)
     else:
+        host_params = stack_layers(host_params) if stacked else host_params
         params = jax.tree_util.tree_map(
             lambda x, s: jax.make_array_from_callback(s.shape, s.sharding,
                                                       lambda idx, x=x: np.asarray(x, s.dtype)[idx]),
