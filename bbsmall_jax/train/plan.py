@@ -130,12 +130,13 @@ def choose_plan(backend: str, dtype=jnp.float32) -> TrainingPlan:
     On the CPU, chunks of 128 label rows were measured fastest (the LM head and loss of the 90M shape,
     forward and backward, 1.3-1.5x faster than the plain loss; 64 or 256 rows 1.2x). GPU and TPU get what
     the TPU compiler's estimates chose (`bbsmall compile train`, README "Before you get a TPU"; not measured
-    on a chip): every row in one chunk, walked in static vocabulary tiles of about 4,096 columns (logits
-    never whole; a chunk with nothing sized at run time, which the SPMD partitioner lays out over the
-    devices), the tied embedding gathered once per step, layers under `lax.scan` (the 90M step compiles
-    about 3x faster for TPU), and on TPU the hardware RNG for dropout (threefry's bits are integer vector
-    work there). At the 90M shape on v5e:2x2 these took the yardstick HBM estimate of a step of 16 rows
-    per chip from 8.6 GB (data-parallel; 5.1 GB FSDP) to 2.8 GB.
+    on a chip): every row in one chunk, walked in vocabulary tiles of about 4,096 columns under `lax.scan`
+    (logits never whole; a chunk with nothing sized at run time, which the SPMD partitioner lays out over
+    the devices), the tied embedding gathered once per step, layers under `lax.scan` over a train state
+    that keeps them stacked (`stacks_layers`), and on TPU the hardware RNG for dropout (threefry's bits are
+    integer vector work there). At the 90M shape on v5e:2x2 these took the yardstick HBM estimate of a step
+    of 16 rows per chip from 8.6 GB (data-parallel; 5.1 GB FSDP) to 2.05 GB, and its TPU compile on a
+    2-core CPU from 277-505 s to about 77 s.
     """
     cpu = backend == "cpu"
     return TrainingPlan(loss=requested_loss(), loss_chunk_rows=128 if cpu else 0,
