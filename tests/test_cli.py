@@ -233,6 +233,9 @@ def test_demo_names_the_embedded_model(tmp_path, monkeypatch, capsys):
     with open(os.path.join(DEMO_MODEL_DIR, "config.json")) as original, open("copy/config.json") as copy:
         assert json.load(original)["d_model"] == json.load(copy)["d_model"]
     assert os.path.isfile("copy/vocab.json") and "wrote" in capsys.readouterr().out
+    assert cli.main(["convert", "demo", "copy"]) == 1  # a directory holding files needs --overwrite
+    assert "copy is not empty; pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["convert", "demo", "copy", "--overwrite"]) == 0
 
 
 def test_convert_command_round_trip(model_dir, tmp_path):
@@ -307,6 +310,26 @@ def test_help_and_errors_answer_before_jax_is_imported(tmp_path):
         assert code == (0 if "--help" in argv else 1 if argv[0] == "convert" else 2), (argv, err)
         if "--help" not in argv and argv[-1] != "--no-such-flag" and "--port" not in argv and "0.5" not in argv:
             assert "missing" in err or "no_model" in err, (argv, err)  # names the file
+
+
+def test_generate_path_errors_name_the_path_before_jax_is_imported(tmp_path):
+    source, done = tmp_path / "in.jsonl", tmp_path / "done.jsonl"
+    source.write_text('{"context": ["hi"]}\n')
+    done.write_text("")
+    generate = lambda *paths: ["generate", "--input", *paths[:1], "--output", *paths[1:]]
+    cases = {  # message -> argv; each message names the path
+        f"--input {tmp_path} is a directory; name a JSONL file": generate(str(tmp_path), str(tmp_path / "o.jsonl")),
+        "--output /dev/null is not a regular file": generate(str(source), "/dev/null", "--overwrite"),
+        f"no such directory {tmp_path / 'nowhere'}": generate(str(source), str(tmp_path / "nowhere" / "o.jsonl")),
+        f"{done} exists; pass --resume": generate(str(source), str(done)),
+        f"--output {source} is the input file": generate(str(source), str(source), "--overwrite"),
+    }
+    result = subprocess.run([sys.executable, "-c", BEFORE_JAX, json.dumps(list(cases.values()))],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    for message, (argv, code, err, seconds, jax_loaded) in zip(cases, json.loads(result.stdout.splitlines()[-1])):
+        assert code == 2 and message in err and not jax_loaded, (argv, err)
+    assert sorted(os.listdir(tmp_path)) == ["done.jsonl", "in.jsonl"]  # no output or progress file left behind
 
 
 def test_every_flag_has_help():

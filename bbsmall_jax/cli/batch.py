@@ -25,11 +25,13 @@ import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator, Optional, TextIO
+from typing import TYPE_CHECKING, Iterator, Optional, TextIO
 
 from bbsmall_jax.atomic import atomic_file, write_atomic
-from bbsmall_jax.cli.responder import Responder
 from bbsmall_jax.records import Dialogue, RecordError, decode_line, parse_record, read_lines
+
+if TYPE_CHECKING:  # the model's stack loads only when a run starts, after the paths are checked
+    from bbsmall_jax.cli.responder import Responder
 
 
 class BatchError(ValueError):
@@ -190,15 +192,28 @@ def _check_settings(before: dict, output: _Output) -> None:
                          "model and flags, or pass --overwrite instead of --resume to start over")
 
 
-def _check_paths(input_path: str, output_path: str) -> None:
+def check_paths(input_path: str, output_path: str, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse paths that cannot work, naming them; cheap, so `bbsmall generate` runs it before the model loads."""
+    if resume and overwrite:
+        raise BatchError("pass --resume or --overwrite, not both")
+    if os.path.isdir(input_path):
+        raise BatchError(f"--input {input_path} is a directory; name a JSONL file")
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"{input_path}: no such input file")
     if os.path.isdir(output_path):
         raise BatchError(f"--output {output_path} is a directory; name a file to write")
-    same = os.path.realpath(input_path) == os.path.realpath(output_path) or (
-        os.path.exists(output_path) and os.path.samefile(input_path, output_path))
-    if same:
+    exists = os.path.exists(output_path)
+    if exists and not os.path.isfile(output_path):
+        raise BatchError(f"--output {output_path} is not a regular file (a device, pipe or socket); name a file "
+                         "to write, which its progress file can sit beside")
+    folder = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--output {output_path}: no such directory {folder}")
+    if os.path.realpath(input_path) == os.path.realpath(output_path) or (
+            exists and os.path.samefile(input_path, output_path)):
         raise BatchError(f"--output {output_path} is the input file {input_path}; write the replies elsewhere")
+    if exists and not (resume or overwrite):
+        raise FileExistsError(f"{output_path} exists; pass --resume to continue it or --overwrite to replace it")
 
 
 class _Reporter:
@@ -390,11 +405,7 @@ def run_batch(responder: Responder, input_path: str, output_path: str, batch_siz
     its share of whole windows into its own part file; after `barrier()` process 0 joins the parts into
     `output_path` (the same bytes as one process writes), so the output must be on a filesystem they all see.
     """
-    if resume and overwrite:
-        raise BatchError("pass --resume or --overwrite, not both")
-    _check_paths(input_path, output_path)
-    if processes > 1 and not (resume or overwrite) and os.path.exists(output_path):
-        raise FileExistsError(f"{output_path} exists; pass --resume to continue it or --overwrite to replace it")
+    check_paths(input_path, output_path, resume, overwrite)
     began, compiled = time.perf_counter(), compile_seconds()
     first, end = shares(count_lines(input_path), window, processes)[process_index]
     target = output_path if processes == 1 else part_path(output_path, process_index, processes)

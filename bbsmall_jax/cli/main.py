@@ -98,15 +98,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "window"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.resume and args.overwrite:
-        raise ValueError("pass --resume or --overwrite, not both")
-    if not os.path.isfile(args.input):
-        raise FileNotFoundError(f"{args.input}: no such input file")
+    from bbsmall_jax.cli.batch import check_paths, run_batch
+
+    check_paths(args.input, args.output, args.resume, args.overwrite)  # before the model loads
     distributed.check_flags(args)
     distributed.initialize(args)
     import jax
 
-    from bbsmall_jax.cli.batch import run_batch
     from bbsmall_jax.train.sharding import barrier
 
     summary = run_batch(_responder(args), args.input, args.output, batch_size=args.batch_size,
