@@ -29,9 +29,18 @@ def model_class_for(config: BlenderbotSmallConfig):
     return getattr(pretrained, name)
 
 
-def convert(source: str, output: str, dtype: str = "float32") -> str:
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuse an output that is a file, or a directory holding files unless `overwrite` (before any loading)."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise FileExistsError(f"{output} exists and is not a directory; name a directory to write")
+    if os.path.isdir(output) and os.listdir(output) and not overwrite:
+        raise FileExistsError(f"{output} is not empty; pass --overwrite to write the converted model into it")
+
+
+def convert(source: str, output: str, dtype: str = "float32", overwrite: bool = False) -> str:
     """Convert `source` (directory, hub id, or `demo`, the embedded model; safetensors, pytorch_model.bin or
-    flax_model.msgpack) into `output`."""
+    flax_model.msgpack) into `output` (a new or empty directory, or any with `overwrite`)."""
+    check_output(output, overwrite)
     directory = model_directory(source)
     import jax
     import numpy as np
@@ -60,13 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="directory to write config.json + model.safetensors (+ tokenizer files)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="dtype of the written weights (default float32)")
+    parser.add_argument("--overwrite", action="store_true", help="write into OUTPUT although it holds files")
 
 
 def run(args: argparse.Namespace) -> int:
     """Convert as the parsed arguments say; 1 on an error (printed on one line)."""
     try:
-        head = convert(args.source, args.output, args.dtype)
-    except (ModelNotFoundError, FileNotFoundError, ValueError, ImportError) as err:
+        head = convert(args.source, args.output, args.dtype, args.overwrite)
+    except (ModelNotFoundError, FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
         print(f"convert: error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {head} ({args.dtype}) to {args.output}")

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(final, "vocab.json")):
         print(f"{final} has no finished model with tokenizer; train first", file=sys.stderr)
         return 1
-    convert(final, args.output, dtype="bfloat16")
+    convert(final, args.output, dtype="bfloat16", overwrite=True)  # the demo model is replaced on purpose
     DEMO_GENERATION.save_pretrained(args.output)
     size = os.path.getsize(os.path.join(args.output, "model.safetensors")) / 2**20
     evaluation = last_eval(os.path.join(args.run_dir, "metrics.jsonl"))
