@@ -56,10 +56,13 @@ class EvalReport:
         return dataclasses.asdict(self)
 
 
-def _progress(desc: str, unit: str, show: bool):
+def _progress(desc: str, unit: str, show: bool, total: Optional[int] = None):
+    """A progress bar on stderr, drawn from its first update after half a second: nothing is printed before
+    its total is known, nor for a phase that ends sooner."""
     from tqdm import tqdm
 
-    return tqdm(desc=desc, unit=unit, disable=not show, file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(desc=desc, unit=unit, total=total, disable=not show, file=sys.stderr, dynamic_ncols=True,
+                leave=False, delay=0.5)
 
 
 def hits_sample(n: int, count: int, seed: int) -> np.ndarray:
@@ -110,8 +113,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
     scored = time.perf_counter()
 
     contexts = [data.source_ids(i).tolist() for i in range(min(settings.max_generate, len(data)))]
-    with _progress("generating", "reply", show_progress and bool(contexts)) as bar:
-        bar.reset(total=len(contexts))
+    with _progress("generating", "reply", show_progress and bool(contexts), len(contexts)) as bar:
         replies = generate_replies(Responder(model, tokenizer), contexts, settings.batch_size, bar)
     distinct, top = repetition(replies)
     return EvalReport(

@@ -108,7 +108,7 @@ def score_replies(model, data: TokenizedExamples, contexts: np.ndarray, candidat
     out = [np.zeros(candidates.shape, dtype) for dtype in (np.float64, np.int64, np.int64)]
     groups = _groups(data, contexts, candidates, max_source_length, max_target_length, per_batch)
     if progress is not None:
-        progress.reset(total=len(groups))
+        progress.total = len(groups)  # set, not reset: nothing is drawn before the first batch
     pad = model.config.pad_token_id
     for source_len, target_len, rows in groups:
         arrays = _materialize(data, contexts, candidates, rows, per_batch, source_len, target_len, pad)
