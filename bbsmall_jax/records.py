@@ -122,7 +122,9 @@ def parse_record(text: str, line: int, path: str, need_response: bool = False) -
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise RecordError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        # Some of json's messages end in "starting at" ("Unterminated string starting at"): one "at" is enough.
+        message = err.msg[:-len(" at")] if err.msg.endswith(" at") else err.msg
+        raise RecordError(f"{where}: not valid JSON ({message} at column {err.colno})") from None
     if not isinstance(data, dict):
         raise RecordError(f'{where}: expected a JSON object with "context" or "text", got {type(data).__name__}')
     bad = _surrogate_field(data, "")

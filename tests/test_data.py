@@ -35,6 +35,7 @@ def test_jsonl_both_formats(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ('{"context": ["a"], "response": "b"}\n{"context": ["a"]\n', r"d\.jsonl:2: not valid JSON"),
+    ('{"context": ["a\n', r"d\.jsonl:1: not valid JSON \(Unterminated string starting at column 14\)"),
     ('{"context": ["a"]}\n', r'd\.jsonl:1: needs a "response" \(or "labels"\) string to train on'),
     ('{"prompt": "a"}\n', r'd\.jsonl:1: needs "context" \(a list of turns\) or "text"'),
     ('{"context": [1], "response": "b"}\n', r'd\.jsonl:1: "context" must be a string or a non-empty list of strings'),
