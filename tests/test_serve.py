@@ -546,3 +546,31 @@ def test_chat_page_in_headless_chromium(server, alone, tmp_path):
         assert driver.find_element(By.CSS_SELECTOR, ".msg.bot").text == alone([second]).text  # a new conversation
     finally:
         driver.quit()
+
+
+def test_listen_address_errors_come_before_the_model_loads():
+    from bbsmall_jax.serve.flags import check_address
+
+    with pytest.raises(ValueError, match=r"--host '.*' does not resolve to an address"):
+        check_address("a" * 64 + ".example", 8000)  # a label over 63 characters: refused without a DNS query
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"cannot listen on --host 127.0.0.1 --port {port}: "):
+            check_address("127.0.0.1", port)
+    check_address("127.0.0.1", 0)
+
+
+def test_health_polls_stay_out_of_the_access_log():
+    import logging
+
+    from bbsmall_jax.serve.server import QuietHealthChecks
+
+    def access(path):  # a record as uvicorn's access logger makes it
+        return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:5000", "GET", path, "1.1", 200), None)
+
+    quiet = QuietHealthChecks()
+    assert not quiet.filter(access("/health")) and not quiet.filter(access("/health/live?x=1"))
+    assert quiet.filter(access("/v1/models")) and quiet.filter(access("/healthz"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,3 +63,20 @@ def check_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--batch-buckets {args.batch_buckets}: the largest ({buckets[-1]}) is below "
                              f"--max-batch {args.max_batch}")
     parse_sizes(args.warmup_lengths, "--warmup-lengths", allow_none=True)
+    check_address(args.host, args.port)
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, naming it, a --host that does not resolve or a --host/--port this machine cannot listen on
+    (a port in use, a foreign address), before minutes go into loading the model."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise ValueError(f"--host {host!r} does not resolve to an address ({getattr(err, 'strerror', err)})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ValueError(f"cannot listen on --host {host} --port {port}: {err.strerror or err}") from None

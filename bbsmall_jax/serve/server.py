@@ -54,6 +54,15 @@ def build_service(args: argparse.Namespace, responder: Responder) -> Service:
                    drain_timeout=args.drain_timeout)
 
 
+class QuietHealthChecks(logging.Filter):
+    """Leaves `/health` polls (load balancers, orchestrators) out of uvicorn's access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        path = args[2] if len(args) > 2 else ""  # uvicorn's access record: (client, method, path, version, status)
+        return not (isinstance(path, str) and path.split("?")[0] in ("/health", "/health/live"))
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, telling the service when SIGTERM/SIGINT starts the graceful shutdown."""
 
@@ -84,6 +93,7 @@ def serve(args: argparse.Namespace, make_responder: Callable[[], Responder]) -> 
     config = uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=not args.no_access_log, timeout_graceful_shutdown=args.drain_timeout,
                             lifespan="on")
+    logging.getLogger("uvicorn.access").addFilter(QuietHealthChecks())
     log.info("bbsmall serve: model %s on http://%s:%d (chat page at /)", service.model_id, args.host, args.port)
     DrainingServer(config, service).run()
     return 0 if service.stopped else 1
