@@ -266,16 +266,33 @@ def four_steps(tmp_path_factory):
     return directory
 
 
-def _truncate_largest_ocdbt_file(step_dir):
+def _largest_ocdbt_file(step_dir) -> str:
     data_files = [os.path.join(d, f) for d, _, files in os.walk(step_dir / "state") for f in files
                   if os.sep + "d" + os.sep in os.path.join(d, f)]
-    largest = max(data_files, key=os.path.getsize)
+    return max(data_files, key=os.path.getsize)
+
+
+def _truncate_largest_ocdbt_file(step_dir):
+    largest = _largest_ocdbt_file(step_dir)
     with open(largest, "r+b") as f:
         f.truncate(os.path.getsize(largest) // 2)
 
 
+def _overwrite_middle_of_largest_ocdbt_file(data: bytes):
+    """8 bytes overwritten in the middle of the largest array file: values that still read, but wrong (zeros
+    are finite; 0xff bytes make NaNs)."""
+    def damage(step_dir):
+        largest = _largest_ocdbt_file(step_dir)
+        with open(largest, "r+b") as f:
+            f.seek(os.path.getsize(largest) // 2)
+            f.write(data)
+    return damage
+
+
 @pytest.mark.parametrize("damage, reason", [
     (_truncate_largest_ocdbt_file, "error while reading array"),
+    (_overwrite_middle_of_largest_ocdbt_file(b"\x00" * 8), "ChecksumError: array "),
+    (_overwrite_middle_of_largest_ocdbt_file(b"\xff" * 8), "ChecksumError: array "),
     (lambda step_dir: (step_dir / "meta" / "metadata").write_text('{"step": 4, "epo'), "JSONDecodeError"),
 ])
 def test_corrupt_latest_checkpoint_warns_and_resumes_from_the_one_before(four_steps, one_device_run, tmp_path,

@@ -12,6 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from bbsmall_jax.atomic import write_atomic
+from bbsmall_jax.train.checksums import check_finite_params, state_checksums, verify
 from bbsmall_jax.train.config import RESUMABLE_FIELDS, ConfigError, TrainConfig
 from bbsmall_jax.train.steps import State
 
@@ -20,7 +21,9 @@ class CheckpointStore:
     """Orbax checkpoints of the train state plus JSON metadata (config, data position), last K kept.
 
     Orbax writes each step into a temporary directory and renames it when complete, so a kill
-    mid-save leaves the previous checkpoints usable.
+    mid-save leaves the previous checkpoints usable. The metadata also holds a checksum of every array,
+    which a restore checks, with the params' finiteness: a flipped bit in a file counts as a corrupt
+    checkpoint.
     """
 
     def __init__(self, directory: str, keep: int):
@@ -72,6 +75,9 @@ class CheckpointStore:
             check(meta)
             try:
                 state = self.restore(step, abstract_state)
+                if "checksums" in meta:  # checkpoints written before checksums were recorded are taken as read
+                    verify(state, meta["checksums"])
+                check_finite_params(state)
             except Exception as err:  # noqa: BLE001
                 failed.append(self._report(step, err, warn))
                 continue
@@ -97,6 +103,8 @@ class CheckpointStore:
             warn(f"moved the unusable checkpoint of step {step} to {target}")
 
     def save(self, step: int, state: State, meta: dict) -> None:
+        """Save `state` with `meta` and the checksum of every array (`checksums.py`), which a restore checks."""
+        meta = dict(meta, checksums=state_checksums(state))
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 
