@@ -574,3 +574,92 @@ def test_health_polls_stay_out_of_the_access_log():
     quiet = QuietHealthChecks()
     assert not quiet.filter(access("/health")) and not quiet.filter(access("/health/live?x=1"))
     assert quiet.filter(access("/v1/models")) and quiet.filter(access("/healthz"))
+
+
+def _guarded(policy):
+    """An app that answers 200 'ok' to everything, behind `policy`, and a way to call it."""
+    from bbsmall_jax.serve.access import AccessControl
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def call(method, path, headers=(), host="127.0.0.1:8000", content=b"{}"):
+        async def go():
+            transport = httpx.ASGITransport(app=AccessControl(app, policy))
+            async with httpx.AsyncClient(transport=transport, base_url=f"http://{host}") as client:
+                return await client.request(method, path, headers=dict(headers), content=content)
+        return asyncio.run(go())
+    return call
+
+
+def test_access_policy_origins_hosts_content_types_and_keys():
+    from bbsmall_jax.serve.access import AccessPolicy, parse_origins
+
+    json_type = {"content-type": "application/json"}
+    call = _guarded(AccessPolicy())
+    assert call("GET", "/v1/models").status_code == 200
+    assert call("POST", "/v1/chat/completions", json_type).status_code == 200
+    plain = call("POST", "/v1/chat/completions", {"content-type": "text/plain"})
+    assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+    foreign = call("POST", "/v1/chat/completions", {"origin": "https://evil.example", **json_type})
+    assert foreign.status_code == 403 and "https://evil.example" in foreign.json()["error"]["message"]
+    own = call("POST", "/v1/chat/completions", {"origin": "http://127.0.0.1:8000", **json_type})
+    assert own.status_code == 200 and "access-control-allow-origin" not in own.headers
+    rebound = call("GET", "/v1/models", host="attacker.example:8000")
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    assert call("GET", "/v1/models", host="localhost:8000").status_code == 200
+    assert call("GET", "/", [(f"x-{i}", "1") for i in range(120)]).status_code == 431
+    assert _guarded(AccessPolicy(bound_host="0.0.0.0"))("GET", "/", host="any.example").status_code == 200
+
+    allowed = _guarded(AccessPolicy(allowed_origins=parse_origins("https://app.example")))
+    preflight = allowed("OPTIONS", "/v1/chat/completions", {"origin": "https://app.example"})
+    assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in preflight.headers["access-control-allow-headers"]
+    cross = allowed("POST", "/v1/chat/completions", {"origin": "https://app.example", **json_type})
+    assert cross.status_code == 200 and cross.headers["access-control-allow-origin"] == "https://app.example"
+    with pytest.raises(ValueError, match="'app.example' is not an origin"):
+        parse_origins("app.example")
+
+    keyed = _guarded(AccessPolicy(api_key="s3cret"))
+    for headers, status in [({}, 401), ({"authorization": "Bearer wrong"}, 401), ({"authorization": "s3cret"}, 401),
+                            ({"authorization": "Bearer s3cret"}, 200), ({"authorization": "bearer s3cret"}, 200)]:
+        response = keyed("GET", "/v1/models", headers)
+        assert response.status_code == status, headers
+        if status == 401:
+            assert response.json()["error"]["code"] == "invalid_api_key"
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert keyed("GET", "/").status_code == 200 and keyed("GET", "/health").status_code == 200  # the page asks
+
+
+def test_server_refuses_foreign_pages_and_hosts_and_sends_a_strict_page(server):
+    chat = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    url = server.url + "/v1/chat/completions"
+    csrf = httpx.post(url, content=chat, headers={"Content-Type": "text/plain", "Origin": "https://evil.example"},
+                      timeout=60)
+    assert csrf.status_code == 403 and csrf.json()["error"]["code"] == "origin_not_allowed"
+    assert httpx.post(url, content=chat, headers={"Content-Type": "text/plain"}, timeout=60).status_code == 415
+    rebinding = httpx.get(server.url + "/v1/models", headers={"Host": f"evil.example:{server.port}"}, timeout=30)
+    assert rebinding.status_code == 403
+    page = httpx.get(server.url + "/", timeout=30)
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'sha256-" in policy and "unsafe-inline" not in policy
+
+
+def test_api_key_with_the_openai_client(tmp_path):
+    keyed = Server(FLAGS + ["--warmup-lengths", "none", "--api-key", "s3cret-key"], str(tmp_path / "server.log"))
+    try:
+        keyed.wait_ready()
+        client = openai.OpenAI(base_url=keyed.url + "/v1", api_key="s3cret-key", max_retries=0, timeout=300)
+        assert [m.id for m in client.models.list().data] == [MODEL]
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content
+        for key in ("wrong", "not-needed"):
+            other = openai.OpenAI(base_url=keyed.url + "/v1", api_key=key, max_retries=0, timeout=60)
+            with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
+                other.models.list()
+        response = httpx.get(keyed.url + "/v1/models", timeout=30)
+        assert response.status_code == 401 and "No API key given" in response.json()["error"]["message"]
+    finally:
+        keyed.stop()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from bbsmall_jax.cli.responder import Reply, Responder
+from bbsmall_jax.serve.access import AccessControl, AccessPolicy
 from bbsmall_jax.serve.batcher import Batcher, Job, QueueFull
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.schemas import (ApiError, ChatCompletionRequest, chunk_body, completion_body, error_body,
@@ -38,6 +42,8 @@ class Service:
     defaults: Defaults
     model_id: str
     max_body_bytes: int = 1 << 20
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    body_timeout: float = 30.0  # seconds a request body may take to arrive
     drain_timeout: float = 30.0
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
@@ -89,14 +95,35 @@ def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or ApiError(413) as soon as it is known to exceed `limit` bytes."""
+def page_security_headers(page: str) -> dict:
+    """The chat page's headers: a CSP allowing only its own inline script and style (by hash) and same-origin
+    requests, no framing, no MIME sniffing, no referrer."""
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in bodies)
+
+    policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+              "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer"}
+
+
+async def read_body(request: Request, limit: int, timeout: float = 30.0) -> bytes:
+    """The request body, or ApiError(413) as soon as it is known to exceed `limit` bytes, or ApiError(408) when
+    a part of it takes longer than `timeout` seconds to arrive."""
     declared = request.headers.get("content-length")
     too_large = f"The request body is larger than this server's limit of {limit} bytes"
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"{too_large} (Content-Length: {declared})", code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"The request body did not arrive within {timeout:g} s", code="request_timeout") from None
         size += len(chunk)
         if size > limit:
             raise ApiError(413, too_large, code="request_too_large")
@@ -134,7 +161,8 @@ def create_app(service: Service) -> FastAPI:
         service.stopped = True
 
     app = FastAPI(title="bbsmall serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    app.add_middleware(AccessControl, policy=service.access)
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: refusals are counted too
     _add_error_handlers(app)
     _add_info_routes(app, service)
 
@@ -150,9 +178,11 @@ def _add_info_routes(app: FastAPI, service: Service) -> None:
     page = resources.files("bbsmall_jax.serve").joinpath("static", "chat.html").read_text(encoding="utf-8")
     metrics = service.metrics
 
+    page_headers = page_security_headers(page)
+
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=page_headers)
 
     @app.get("/health")
     async def health():
@@ -187,7 +217,7 @@ async def _chat_completion(service: Service, request: Request) -> Response:
     """POST /v1/chat/completions: check, tokenize (off the event loop), queue, then answer or stream."""
     arrived = time.perf_counter()
     try:
-        body = await read_body(request, service.max_body_bytes)
+        body = await read_body(request, service.max_body_bytes, service.body_timeout)
     except ClientDisconnect:
         return Response(status_code=CLIENT_CLOSED)
     chat = parse_request(body)

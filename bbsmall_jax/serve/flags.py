@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
+
+from bbsmall_jax.serve.access import parse_origins
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +31,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                        help="the server's log level (default info)")
     group.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    group.add_argument("--api-key", default=os.environ.get("BBSMALL_API_KEY") or None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every /v1/ request (default: $BBSMALL_API_KEY, "
+                            "else no key)")
+    group.add_argument("--allowed-origins", metavar="ORIGINS",
+                       help="comma-separated origins (https://app.example.com) whose pages may call the server, "
+                            "or * for any (default: the server's own page only)")
+    group.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds a request body may take to arrive before a 408 (default 30)")
 
 
 def parse_sizes(text: str, flag: str, allow_none: bool = False) -> tuple[int, ...]:
@@ -52,8 +63,13 @@ def check_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {minimum}")
     if args.max_wait_ms < 0:
         raise ValueError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
-    if args.drain_timeout <= 0:
-        raise ValueError(f"--drain-timeout {args.drain_timeout}: must be > 0")
+    for name in ("drain_timeout", "body_timeout"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
+    if args.api_key is not None and (not args.api_key.strip() or not args.api_key.isprintable()
+                                     or not args.api_key.isascii() or " " in args.api_key):
+        raise ValueError("--api-key (or BBSMALL_API_KEY): the key must be printable ASCII without spaces")
+    parse_origins(args.allowed_origins)
     if args.batch_buckets is not None:
         buckets = parse_sizes(args.batch_buckets, "--batch-buckets")
         odd = [b for b in buckets if b & (b - 1)]

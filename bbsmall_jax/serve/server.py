@@ -13,6 +13,7 @@ import uvicorn
 from bbsmall_jax.cli.models import DEMO_NAME
 from bbsmall_jax.cli.responder import Responder
 from bbsmall_jax.generation.prepare import bucket_length
+from bbsmall_jax.serve.access import AccessPolicy, parse_origins
 from bbsmall_jax.serve.app import Service, create_app
 from bbsmall_jax.serve.batcher import Batcher, power_of_two_buckets
 from bbsmall_jax.serve.flags import parse_sizes
@@ -50,8 +51,9 @@ def build_service(args: argparse.Namespace, responder: Responder) -> Service:
     batcher = Batcher(responder, metrics, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_queue=args.max_queue, batch_buckets=buckets,
                       warmup=[(settings, length) for length in lengths], seed=args.seed)
+    access = AccessPolicy(args.api_key, parse_origins(args.allowed_origins), args.host)
     return Service(responder, batcher, metrics, defaults, model_id(args), max_body_bytes=args.max_body_bytes,
-                   drain_timeout=args.drain_timeout)
+                   drain_timeout=args.drain_timeout, access=access, body_timeout=args.body_timeout)
 
 
 class QuietHealthChecks(logging.Filter):
