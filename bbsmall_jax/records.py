@@ -19,6 +19,7 @@ import codecs
 import dataclasses
 import json
 import os
+import re
 from typing import Iterator, Optional
 
 from bbsmall_jax.text.reference import SURROGATE
@@ -67,16 +68,20 @@ def decode_line(raw: bytes, where: str, first: bool = False) -> str:
                           "of the line)") from None
 
 
-def _surrogate_field(value, field: str) -> Optional[str]:
-    """The first field (dotted path) of a parsed JSON value whose text holds a lone surrogate."""
+SURROGATE_OR_NUL = re.compile("[\ud800-\udfff\x00]")
+
+
+def field_matching(value, pattern: re.Pattern = SURROGATE, field: str = "") -> Optional[str]:
+    """The first field (dotted path, list items by index) of a parsed JSON value whose name or text matches
+    `pattern` (by default: holds a lone surrogate, which is not UTF-8 and which the tokenizer cannot take)."""
     if isinstance(value, str):
-        return field if SURROGATE.search(value) else None
+        return field if pattern.search(value) else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, child in items:
         name = f"{field}.{key}" if field else str(key)
-        if isinstance(key, str) and SURROGATE.search(key):
-            return name
-        found = _surrogate_field(child, name)
+        if isinstance(key, str) and pattern.search(key):
+            return name.encode("utf-8", "backslashreplace").decode("ascii")  # printable, whatever the name holds
+        found = field_matching(child, pattern, name)
         if found:
             return found
     return None
@@ -127,7 +132,7 @@ def parse_record(text: str, line: int, path: str, need_response: bool = False) -
         raise RecordError(f"{where}: not valid JSON ({message} at column {err.colno})") from None
     if not isinstance(data, dict):
         raise RecordError(f'{where}: expected a JSON object with "context" or "text", got {type(data).__name__}')
-    bad = _surrogate_field(data, "")
+    bad = field_matching(data)
     if bad:
         raise RecordError(f'{where}: "{bad}" holds an escaped lone surrogate (such as "\\ud800"), which is not text')
     turns, response = _turns(data, where), _response(data, where)

@@ -341,6 +341,12 @@ def good(**changes):
 BAD_REQUESTS = [
     ("not json", b"{this is not json", 400, None, "invalid_json"),
     ("not an object", b"[1, 2]", 400, None, "invalid_json"),
+    ("lone surrogate in the model", good(model="\udfff"), 400, "model", "invalid_value"),
+    ("lone surrogate as a field name", good(**{"\udfff": 1}), 400, "\\udfff", "invalid_value"),
+    ("lone surrogate in a message", good(messages=[{"role": "user", "content": "hi \ud800"}]), 400,
+     "messages.0.content", "invalid_value"),
+    ("NUL in a message", good(messages=[{"role": "user", "content": "hi \x00 there"}]), 400,
+     "messages.0.content", "invalid_value"),
     ("NaN is not JSON", b'{"model": "bbsmall-demo", "messages": [], "temperature": NaN}', 400, None, "invalid_json"),
     ("nested too deeply", b"[" * 30000 + b"]" * 30000, 400, None, "invalid_json"),
     ("messages not a list", good(messages="hi"), 400, "messages", "invalid_value"),
@@ -377,14 +383,14 @@ BAD_REQUESTS = [
                          ids=[case[0] for case in BAD_REQUESTS])
 def test_bad_request_gets_an_openai_error(server, body, status, param, code):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(server.url + "/v1/chat/completions", content=content, timeout=60,
-                          headers={"Content-Type": "application/json"})
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["type"] == "invalid_request_error"
-    assert (error["param"], error["code"]) == (param, code)
-    assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+    with httpx.Client(base_url=server.url, timeout=60) as client:  # one kept-alive connection for both requests
+        response = client.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert error["type"] == "invalid_request_error"
+        assert (error["param"], error["code"]) == (param, code)
+        assert client.get("/health").status_code == 200
 
 
 def test_body_over_the_limit_is_413_and_unknown_urls_are_openai_errors(server):

@@ -7,6 +7,8 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bbsmall_jax.records import SURROGATE_OR_NUL, field_matching
+
 ROLES = ("system", "developer", "user", "assistant")
 MAX_N = 16
 MAX_STOP = 4
@@ -28,8 +30,9 @@ class ApiError(Exception):
 
 def error_body(message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
                code: Optional[str] = None) -> dict:
-    """OpenAI's error object."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    """OpenAI's error object (text that is not UTF-8, such as a request's lone surrogate, escaped)."""
+    printable = lambda text: None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return {"error": {"message": printable(message), "type": kind, "param": printable(param), "code": code}}
 
 
 class Message(BaseModel):
@@ -123,6 +126,10 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         kind = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
             type(data), "null")
         raise ApiError(400, f"The request body must be a JSON object, got {kind}", code="invalid_json")
+    bad = field_matching(data, SURROGATE_OR_NUL)
+    if bad is not None:
+        raise ApiError(400, f"'{bad}' holds a lone surrogate (an escape such as \\ud800 alone) or a NUL character, "
+                       "neither of which is text", bad, "invalid_value")
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as err:
