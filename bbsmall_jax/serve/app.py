@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -28,6 +29,7 @@ from bbsmall_jax.serve.schemas import (ApiError, ChatCompletionRequest, chunk_bo
                                        parse_request, stop_strings, turns_of, usage)
 from bbsmall_jax.serve.settings import Defaults
 
+log = logging.getLogger("uvicorn.error")
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the reply
 PATHS = ("/", "/health", "/health/live", "/metrics", "/v1/models", "/v1/chat/completions")
 
@@ -44,6 +46,7 @@ class Service:
     max_body_bytes: int = 1 << 20
     access: AccessPolicy = field(default_factory=AccessPolicy)
     body_timeout: float = 30.0  # seconds a request body may take to arrive
+    strict_fields: bool = False  # unknown request fields are a 400 rather than ignored (and logged)
     drain_timeout: float = 30.0
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
@@ -220,7 +223,10 @@ async def _chat_completion(service: Service, request: Request) -> Response:
         body = await read_body(request, service.max_body_bytes, service.body_timeout)
     except ClientDisconnect:
         return Response(status_code=CLIENT_CLOSED)
-    chat = parse_request(body)
+    ignored: list[str] = []
+    chat = parse_request(body, service.strict_fields, ignored)
+    if ignored:
+        log.info("ignored request fields this server does not use: %s", ", ".join(map(repr, ignored)))
     if chat.model != service.model_id:
         raise _unknown_model(chat.model, service.model_id)
     settings, copies = service.defaults.for_request(chat)

@@ -37,6 +37,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allowed-origins", metavar="ORIGINS",
                        help="comma-separated origins (https://app.example.com) whose pages may call the server, "
                             "or * for any (default: the server's own page only)")
+    group.add_argument("--strict-max-tokens", action="store_true",
+                       help="answer a max_tokens over the model's limit with 400 (default: cap it to the limit)")
+    group.add_argument("--strict-fields", action="store_true",
+                       help="answer unknown request fields with 400, as OpenAI does (default: ignore them and log "
+                            "their names, as vLLM does)")
     group.add_argument("--body-timeout", type=float, default=30.0,
                        help="seconds a request body may take to arrive before a 408 (default 30)")
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bbsmall_jax.records import SURROGATE_OR_NUL, field_matching
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")  # a tool message's text is read as a dialogue turn
 MAX_N = 16
 MAX_STOP = 4
 
@@ -83,8 +83,7 @@ class ChatCompletionRequest(BaseModel):
 
 
 NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
-           "logit_bias": ({},), "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
-           "parallel_tool_calls": (True, False)}
+           "logit_bias": ({},), "response_format": ({"type": "text"},), "parallel_tool_calls": (True, False)}
 
 
 def _location(loc: tuple) -> str:
@@ -114,8 +113,12 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_request(body: bytes) -> ChatCompletionRequest:
-    """A checked request from the raw body; ApiError(400) naming the problem otherwise."""
+def parse_request(body: bytes, strict_fields: bool = True, ignored: Optional[list] = None) -> ChatCompletionRequest:
+    """A checked request from the raw body; ApiError(400) naming the problem otherwise.
+
+    Fields this server does not know are an error with `strict_fields`, as OpenAI answers; otherwise they
+    are dropped, as vLLM does with hints it cannot use (`service_tier`, `top_k`, ...), and their names are
+    appended to `ignored`."""
     try:
         data = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -130,6 +133,11 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     if bad is not None:
         raise ApiError(400, f"'{bad}' holds a lone surrogate (an escape such as \\ud800 alone) or a NUL character, "
                        "neither of which is text", bad, "invalid_value")
+    if not strict_fields:
+        unknown = sorted(set(data) - set(ChatCompletionRequest.model_fields))
+        data = {key: value for key, value in data.items() if key not in unknown}
+        if ignored is not None:
+            ignored.extend(unknown)
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as err:
@@ -147,6 +155,12 @@ def _check_neutral(request: ChatCompletionRequest) -> None:
         if value is not None and value not in neutral:
             raise ApiError(400, f"'{name}' is not supported by this server (got {json.dumps(value)}; only "
                            f"{' or '.join(json.dumps(v) for v in neutral)} is accepted)", name, "unsupported_parameter")
+    if request.tools and request.tool_choice != "none":
+        raise ApiError(400, "'tools' are accepted only with tool_choice 'none': this model does not call tools "
+                       f"(got tool_choice {json.dumps(request.tool_choice)})", "tool_choice", "unsupported_parameter")
+    if request.tool_choice not in (None, "none", "auto"):
+        raise ApiError(400, f"'tool_choice' {json.dumps(request.tool_choice)} asks for a tool call; this model "
+                       "does not call tools", "tool_choice", "unsupported_parameter")
     if request.max_tokens is not None and request.max_completion_tokens is not None \
             and request.max_tokens != request.max_completion_tokens:
         raise ApiError(400, f"max_tokens ({request.max_tokens}) and max_completion_tokens "
@@ -159,6 +173,8 @@ def text_of(message: Message, index: int) -> str:
     content = message.content
     if isinstance(content, str):
         return content
+    if content is None and message.role == "assistant":  # an assistant turn of tool calls only: no text
+        return ""
     if isinstance(content, list) and content:
         texts = []
         for number, part in enumerate(content):

@@ -41,7 +41,7 @@ def build_service(args: argparse.Namespace, responder: Responder) -> Service:
     flag_kwargs = {k: v for k, v in responder.generation_kwargs.items() if k != "prng_key"}
     responder.generation_kwargs = flag_kwargs
     defaults = Defaults.resolve(model.generation_config, flag_kwargs,
-                                min(responder.max_reply_length(), positions), positions)
+                                min(responder.max_reply_length(), positions), positions, args.strict_max_tokens)
     settings = defaults.default_settings()
     lengths = sorted({bucket_length(min(n, responder.max_context_tokens), positions)
                       for n in parse_sizes(args.warmup_lengths, "--warmup-lengths", allow_none=True)})
@@ -53,7 +53,8 @@ def build_service(args: argparse.Namespace, responder: Responder) -> Service:
                       warmup=[(settings, length) for length in lengths], seed=args.seed)
     access = AccessPolicy(args.api_key, parse_origins(args.allowed_origins), args.host)
     return Service(responder, batcher, metrics, defaults, model_id(args), max_body_bytes=args.max_body_bytes,
-                   drain_timeout=args.drain_timeout, access=access, body_timeout=args.body_timeout)
+                   drain_timeout=args.drain_timeout, access=access, body_timeout=args.body_timeout,
+                   strict_fields=args.strict_fields)
 
 
 class QuietHealthChecks(logging.Filter):

@@ -49,15 +49,16 @@ class Defaults:
     max_length: int
     max_positions: int  # the decoder's positions: max_tokens + 1 may not exceed it
     min_length: int = 0  # the model's min_length (counting the decoder start token)
+    strict_max_tokens: bool = False  # a max_tokens over the model's limit is a 400 rather than capped to it
 
     @classmethod
     def resolve(cls, generation_config: GenerationConfig, flag_kwargs: dict, max_length: int,
-                max_positions: int) -> "Defaults":
+                max_positions: int, strict_max_tokens: bool = False) -> "Defaults":
         """Concrete defaults from the model's config and the flags' `generate` kwargs."""
         names = set(GenerationConfig.field_names())
         cfg = generation_config.replace(**{k: v for k, v in flag_kwargs.items() if k in names}).with_defaults()
         return cls(bool(cfg.do_sample), int(cfg.num_beams), float(cfg.temperature), float(cfg.top_p),
-                   int(max_length), int(max_positions), int(cfg.min_length))
+                   int(max_length), int(max_positions), int(cfg.min_length), strict_max_tokens)
 
     @property
     def max_tokens_limit(self) -> int:
@@ -80,9 +81,11 @@ class Defaults:
         n = request.n or 1
         max_tokens = request.max_completion_tokens or request.max_tokens
         if max_tokens is not None and max_tokens > self.max_tokens_limit:
-            param = "max_tokens" if request.max_tokens is not None else "max_completion_tokens"
-            raise ApiError(400, f"Invalid value for '{param}': {max_tokens} is more than this model's limit of "
-                           f"{self.max_tokens_limit} tokens", param, "invalid_value")
+            if self.strict_max_tokens:
+                param = "max_tokens" if request.max_tokens is not None else "max_completion_tokens"
+                raise ApiError(400, f"Invalid value for '{param}': {max_tokens} is more than this model's limit of "
+                               f"{self.max_tokens_limit} tokens", param, "invalid_value")
+            max_tokens = self.max_tokens_limit  # capped: a reply that reaches it finishes with "length"
         max_length = self.max_length if max_tokens is None else max_tokens + 1
         min_length = self.min_length_within(max_length)  # max_tokens caps the reply, min_length or not
         greedy = request.temperature == 0 or request.top_p == 0
