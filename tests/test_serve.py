@@ -514,6 +514,52 @@ def test_full_queue_503_then_sigterm_drains(server, tmp_path):
         small.stop()
 
 
+def _outcome(url: str, index: int) -> str:
+    """One request during a shutdown: '200', '503' (JSON, Retry-After), 'stream' (complete) or 'stream cut'
+    (an error event, then [DONE]); anything else fails the test."""
+    body = good(messages=[{"role": "user", "content": f"tell me about {TOPICS[index % len(TOPICS)]}"}],
+                stream=index % 3 == 0)
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as response:
+        text = response.read().decode()
+    if not body["stream"]:
+        if response.status_code == 503:
+            assert response.json()["error"]["code"] == "shutting_down" and response.headers["Retry-After"]
+        assert response.status_code in (200, 503), text
+        return str(response.status_code)
+    events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+    assert response.status_code == 200 and events[-1] == "[DONE]", text
+    errors = [e for e in events[:-1] if "error" in json.loads(e)]
+    assert not errors or json.loads(errors[0])["error"]["code"] == "shutting_down", text
+    return "stream cut" if errors else "stream"
+
+
+def test_past_the_drain_timeout_every_request_gets_an_answer(tmp_path):
+    """SIGTERM under 100 concurrent requests with a drain timeout too short for them: each is answered (200,
+    a JSON 503, or a stream ended by an error event and [DONE]), and the log has one line, no traceback."""
+    slow = Server(FLAGS[:-2] + ["--max-batch", "1", "--batch-buckets", "1", "--max-length", "40", "--min-length",
+                                "40", "--drain-timeout", "2", "--warmup-lengths", "16"], str(tmp_path / "slow.log"))
+    try:
+        slow.wait_ready()
+        with concurrent.futures.ThreadPoolExecutor(100) as pool:
+            outcomes = [pool.submit(_outcome, slow.url, i) for i in range(100)]
+            in_flight = ("bbsmall_requests_in_flight", ())
+            deadline = time.monotonic() + 30
+            while slow.metrics()[in_flight] < 80 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            slow.process.send_signal(signal.SIGTERM)  # one 40-token reply at a time: most still wait
+            outcomes = [future.result() for future in outcomes]
+        assert slow.process.wait(60) == 0
+        counts = {kind: outcomes.count(kind) for kind in sorted(set(outcomes))}
+        print(counts)
+        assert counts.get("503", 0) + counts.get("stream cut", 0) > 0, counts  # the timeout did cut some
+        with open(slow.log_path) as f:
+            log = f.read()
+        assert "Traceback" not in log and "CancelledError" not in log
+        assert re.search(r"the drain timeout passed; answered \d+ waiting request\(s\) with 503", log)
+    finally:
+        slow.stop()
+
+
 def test_serve_flag_errors(capsys):
     assert cli.main(["serve", "--batch-buckets", "1,3"]) == 2
     assert "--batch-buckets: 3 is not a power of two" in capsys.readouterr().err

@@ -55,12 +55,29 @@ class Service:
     # one thread tokenizes, off the event loop (the tokenizer's caches are not for concurrent writers)
     tokenizing: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="bbsmall-tokenize"))
+    replies: set = field(default_factory=set)  # the `_Reply`s not yet finished
 
     def begin_drain(self) -> None:
-        """SIGTERM: report not ready and stop holding batches open; in-flight requests are still answered."""
+        """SIGTERM: report not ready and stop holding batches open; in-flight requests are still answered
+        until shortly before the drain timeout, when those still waiting are answered 503 (`cut_off`)."""
         self.draining = True
         self.metrics.ready.set(0)
         self.batcher.flush()
+        if self.loop is not None:  # before uvicorn cancels what is left, which would end it without an answer
+            self.loop.call_later(max(self.drain_timeout - 1.0, 0.8 * self.drain_timeout), self.cut_off)
+
+    def cut_off(self) -> None:
+        """Answer every request still waiting with a 503 (a stream: an error event and [DONE]), one log line."""
+        waiting = [reply for reply in self.replies if not reply.job.future.done()]
+        for reply in waiting:
+            reply.job.future.set_exception(ApiError(
+                503, f"The server is shutting down; its {self.drain_timeout:g} s drain timeout passed before this "
+                "request was answered. Retry it (on another replica).", code="shutting_down", kind="server_error",
+                headers={"Retry-After": "5"}))
+            reply.abandon()
+        if waiting:
+            log.warning("bbsmall serve: the drain timeout passed; answered %d waiting request(s) with 503",
+                        len(waiting))
 
     def state(self) -> str:
         """The health status: warming_up, ok or draining."""
@@ -259,6 +276,7 @@ class _Reply:
         self.prompt_tokens, self.arrived = prompt_tokens, arrived
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         self.finished = False
+        service.replies.add(self)
 
     def abandon(self) -> None:
         """The reply will not be sent (the client left, or the server cancels): drop the job, once."""
@@ -271,6 +289,7 @@ class _Reply:
         if self.finished:
             return
         self.finished = True
+        self.service.replies.discard(self)
         metrics = self.service.metrics
         metrics.in_flight.add(-1)
         if choices is not None:
@@ -315,7 +334,9 @@ class _Reply:
                 choices = _choices(await self.job.future, self.copies, stop_strings(self.chat))
             except Exception as err:
                 self._done()
-                yield f"data: {json.dumps(error_body(f'generation failed: {err}', 'server_error'))}\n\n"
+                body = err.body() if isinstance(err, ApiError) else error_body(f"generation failed: {err}",
+                                                                                 "server_error")
+                yield f"data: {json.dumps(body)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             self._done(choices)
