@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
-from jax.sharding import PartitionSpec as P
 
 from bbsmall_jax.nn.cache import KVCache
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.nn.layer_stacks import STACKED
+from bbsmall_jax.nn.layout import replicated, rows_sharded
 from bbsmall_jax.nn.layers import DecoderLayer, EncoderLayer, layer_norm, mask_to_bias
 from bbsmall_jax.nn.outputs import CausalLMOutput, DecoderOutput, EncoderOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 
@@ -77,33 +77,17 @@ def _scan_layers(module: nn.Module, layers: list, hidden: Array, deterministic: 
         per_layer = [layer.variables["params"] for layer in layers]
         stacked = jax.tree_util.tree_map_with_path(lambda path, *leaves: jnp.stack([cast(path, x) for x in leaves]),
                                                    *per_layer)  # [L, ...]
-    stacked = _replicated(stacked)
+    stacked = replicated(stacked)
     key = None if deterministic else module.make_rng("dropout")
 
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
     def body(hidden, xs):
         index, params = xs
         rngs = {} if key is None else {"dropout": jax.random.fold_in(key, index)}
-        return _rows_sharded(apply_layer(params, _rows_sharded(hidden), rngs)), None
+        return rows_sharded(apply_layer(params, rows_sharded(hidden), rngs)), None
 
     hidden, _ = jax.lax.scan(body, hidden, (jnp.arange(len(layers)), stacked))
     return hidden
-
-
-def _data_mesh_axis() -> Optional[str]:
-    """The axis of the 1-D mesh the program is traced under (`jax.sharding.use_abstract_mesh`), or None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.axis_names[0] if not mesh.empty and len(mesh.axis_names) == 1 else None
-
-
-def _replicated(tree):
-    axis = _data_mesh_axis()
-    return tree if axis is None else jax.lax.with_sharding_constraint(tree, P())
-
-
-def _rows_sharded(x: Array) -> Array:
-    axis = _data_mesh_axis()
-    return x if axis is None else jax.lax.with_sharding_constraint(x, P(axis))
 
 
 def _scannable(module: nn.Module, layerdrop: float, deterministic: bool, *outputs: bool) -> bool:

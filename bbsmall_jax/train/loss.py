@@ -28,6 +28,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from bbsmall_jax.nn.layout import rows_sharded
+
 Array = jax.Array
 
 
@@ -125,21 +127,27 @@ def _tile_logits(h: Array, tiles: _Tiles, table_tile: Array, bias_tile: Array, j
     return jnp.where(tiles.in_vocab(j)[None, :], logits, -jnp.inf) if tiles.padded else logits
 
 
+def _own_tile(xs):
+    """A scan step's tile as arrays of its own: the slice of the stacked table is cut once, and the matmuls
+    that use it read that tile, not the stack (which XLA would otherwise fuse in as their operand)."""
+    return jax.lax.optimization_barrier(xs)
+
+
 def _tiled_log_sum_exp(h, y, tiles: _Tiles) -> tuple[Array, Array, Array]:
     """First pass over the tiles: (log-sum-exp [C], the label's logit [C], the sum of all logits [C])."""
     def step(carry, xs):
         top, total, picked, summed = carry  # [C] each: running max, sum of exp(logit - top), label logit, sum
-        j, table_tile, bias_tile = xs
+        j, table_tile, bias_tile = _own_tile(xs)
         logits = _tile_logits(h, tiles, table_tile, bias_tile, j)  # [C, W]
         new_top = jnp.maximum(top, logits.max(axis=-1))
         total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[:, None]).sum(axis=-1)
         picked = picked + jnp.where(tiles.columns(j)[None, :] == y[:, None], logits, 0.0).sum(axis=-1)
         finite = jnp.where(tiles.in_vocab(j)[None, :], logits, 0.0) if tiles.padded else logits
-        return (new_top, total, picked, summed + finite.sum(axis=-1)), None
+        return rows_sharded((new_top, total, picked, summed + finite.sum(axis=-1))), None
 
     zeros = jnp.zeros(y.shape, jnp.float32)
     (top, total, picked, summed), _ = jax.lax.scan(
-        step, (jnp.full(y.shape, -jnp.inf), zeros, zeros, zeros),
+        step, rows_sharded((jnp.full(y.shape, -jnp.inf), zeros, zeros, zeros)),
         (jnp.arange(tiles.table.shape[0]), tiles.table, tiles.bias))
     return top + jnp.log(total), picked, summed
 
@@ -160,21 +168,21 @@ def _tiled_terms(h, y, live, table, bias, label_smoothing, count, compute_dtype)
     Each pass is a `lax.scan` over the stacked tiles: one tile's work is traced and compiled once, however
     many tiles there are (an unrolled walk cost the 90M train step's TPU compile 40 s)."""
     tiles = _tiles(table, bias, count)
-    h = h.astype(compute_dtype)
+    h, y, live = rows_sharded((h.astype(compute_dtype), y, live))  # each device walks the tiles over its rows
     loss, lse = _tiled_loss(h, y, live, tiles, label_smoothing)
 
     def step(d_h, xs):  # d_h [C, D] float32, summed over the tiles
-        j, table_tile, bias_tile = xs
+        j, table_tile, bias_tile = _own_tile(xs)
         probs = jnp.exp(_tile_logits(h, tiles, table_tile, bias_tile, j) - lse[:, None])  # [C, W]; 0 past V
         grad = probs - jnp.where(tiles.columns(j)[None, :] == y[:, None], 1.0 - label_smoothing, 0.0)
         if label_smoothing:
             grad = grad - jnp.where(tiles.in_vocab(j), label_smoothing / tiles.vocab, 0.0)[None, :]
         grad = jnp.where(live[:, None], grad, 0.0).astype(compute_dtype)
-        d_h = d_h + jnp.einsum("cw,wd->cd", grad, table_tile, preferred_element_type=jnp.float32)
+        d_h = rows_sharded(d_h + jnp.einsum("cw,wd->cd", grad, table_tile, preferred_element_type=jnp.float32))
         d_table = jnp.einsum("cw,cd->wd", grad, h, preferred_element_type=jnp.float32)  # [W, D]
         return d_h, (d_table, grad.astype(jnp.float32).sum(axis=0))
 
-    d_h, (d_table, d_bias) = jax.lax.scan(step, jnp.zeros(h.shape, jnp.float32),
+    d_h, (d_table, d_bias) = jax.lax.scan(step, rows_sharded(jnp.zeros(h.shape, jnp.float32)),
                                           (jnp.arange(tiles.table.shape[0]), tiles.table, tiles.bias))
     vocab, d = table.shape
     d_table = d_table.reshape(-1, d)[:vocab]  # [T, W, D] -> [V, D]
@@ -190,7 +198,8 @@ def _every_row(hidden: Array, labels: Array) -> tuple[Array, Array, Array, Array
 
 def _tiled_chunk_loss(h, y, live, table, bias, label_smoothing, tiles, compute_dtype) -> Array:
     """A chunk's summed loss [], its logits made one vocabulary tile at a time (table in the compute dtype)."""
-    return _tiled_loss(h.astype(compute_dtype), y, live, _tiles(table, bias, tiles), label_smoothing)[0]
+    h, y, live = rows_sharded((h.astype(compute_dtype), y, live))
+    return _tiled_loss(h, y, live, _tiles(table, bias, tiles), label_smoothing)[0]
 
 
 def _loss_only(hidden, table, bias, labels, label_smoothing, chunk_rows, tiles, compute_dtype):

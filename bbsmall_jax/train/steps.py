@@ -84,6 +84,14 @@ def _decoder_hidden_under_own_and_next_context(model, input_ids, attention_mask,
     return own.last_hidden_state, next_row.last_hidden_state
 
 
+def _under(mesh: Optional[Mesh]) -> contextlib.AbstractContextManager:
+    """The context steps are traced in: `mesh` as the abstract mesh, whose rows loops keep sharded
+    (`nn/layout.py`), when it has several devices."""
+    if mesh is None or mesh.size == 1:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def _features(module, params, batch: dict, dropout_rng: Optional[jax.Array], plan: TrainingPlan,
               method=_decoder_hidden, mesh: Optional[Mesh] = None):
     """The decoder's last hidden state of one batch (what `method` returns); dropout on when a key is given.
@@ -91,9 +99,7 @@ def _features(module, params, batch: dict, dropout_rng: Optional[jax.Array], pla
     config = module.config
     decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
     rngs = {} if dropout_rng is None else {"dropout": plan.dropout_key(dropout_rng)}
-    under_mesh = (jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None and mesh.size > 1
-                  else contextlib.nullcontext())
-    with plan.trace_context(), under_mesh:
+    with plan.trace_context(), _under(mesh):
         return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
                             dropout_rng is None, rngs=rngs, method=method)
 
@@ -170,7 +176,8 @@ def loss_sum(module, params, batch: dict, dropout_rng: Optional[jax.Array], labe
     if remat != "none":
         features = jax.checkpoint(features, policy=REMAT_POLICIES[remat])
     hidden = features(params, batch, dropout_rng)
-    return _head_loss(module, params, hidden, batch["labels"], label_smoothing, plan, mesh)
+    with _under(mesh):
+        return _head_loss(module, params, hidden, batch["labels"], label_smoothing, plan, mesh)
 
 
 def make_train_step(module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
@@ -226,8 +233,9 @@ def make_eval_step(module, plan: Optional[TrainingPlan] = None, mesh: Optional[M
     def eval_step(params, batch):
         own, next_row = _features(module, params, batch, None, plan,
                                   method=_decoder_hidden_under_own_and_next_context, mesh=mesh)
-        total, count = _head_loss(module, params, own, batch["labels"], 0.0, plan, mesh)
-        shuffled, _ = _head_loss(module, params, next_row, batch["labels"], 0.0, plan, mesh)
+        with _under(mesh):
+            total, count = _head_loss(module, params, own, batch["labels"], 0.0, plan, mesh)
+            shuffled, _ = _head_loss(module, params, next_row, batch["labels"], 0.0, plan, mesh)
         return total, count, shuffled
 
     return eval_step
