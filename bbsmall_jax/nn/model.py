@@ -72,12 +72,11 @@ def _scan_layers(module: nn.Module, layers: list, hidden: Array, deterministic: 
 
     params = module.variables["params"]
     if STACKED in params:
-        stacked = jax.tree_util.tree_map_with_path(cast, params[STACKED])
+        stacked = params[STACKED]
     else:
         per_layer = [layer.variables["params"] for layer in layers]
-        stacked = jax.tree_util.tree_map_with_path(lambda path, *leaves: jnp.stack([cast(path, x) for x in leaves]),
-                                                   *per_layer)  # [L, ...]
-    stacked = replicated(stacked)
+        stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *per_layer)  # [L, ...]
+    stacked = replicated(jax.tree_util.tree_map_with_path(cast, stacked))
     key = None if deterministic else module.make_rng("dropout")
 
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)

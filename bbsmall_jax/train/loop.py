@@ -225,8 +225,9 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
                     raise DivergedError(f"the params became NaN or infinite at step {step}; stopping. "
                                         + _kept_message(last_good, store.directory))
                 if do_save:
-                    store.save(step, program.to_checkpoint(state), {"step": step, "epoch": position.epoch, "index": position.index,
-                                             "fingerprint": cfg.fingerprint(), "config": cfg.trajectory_dict()})
+                    store.save(step, program.to_checkpoint(state),
+                               {"step": step, "epoch": position.epoch, "index": position.index,
+                                "fingerprint": cfg.fingerprint(), "config": cfg.trajectory_dict()})
                     last_good = step
                 if stop:
                     status = "stopped"

@@ -111,6 +111,11 @@ class _Tiles:
         """Which of tile j's columns are vocabulary ids [W]."""
         return self.columns(j) < self.vocab
 
+    @property
+    def xs(self) -> tuple[Array, Array, Array]:
+        """What a scan over the tiles walks: (tile index [T], table [T, W, D], bias [T, W])."""
+        return jnp.arange(self.table.shape[0]), self.table, self.bias
+
 
 def _tiles(table: Array, bias: Optional[Array], count: int) -> _Tiles:
     vocab, d = table.shape
@@ -147,8 +152,7 @@ def _tiled_log_sum_exp(h, y, tiles: _Tiles) -> tuple[Array, Array, Array]:
 
     zeros = jnp.zeros(y.shape, jnp.float32)
     (top, total, picked, summed), _ = jax.lax.scan(
-        step, rows_sharded((jnp.full(y.shape, -jnp.inf), zeros, zeros, zeros)),
-        (jnp.arange(tiles.table.shape[0]), tiles.table, tiles.bias))
+        step, rows_sharded((jnp.full(y.shape, -jnp.inf), zeros, zeros, zeros)), tiles.xs)
     return top + jnp.log(total), picked, summed
 
 
@@ -182,8 +186,7 @@ def _tiled_terms(h, y, live, table, bias, label_smoothing, count, compute_dtype)
         d_table = jnp.einsum("cw,cd->wd", grad, h, preferred_element_type=jnp.float32)  # [W, D]
         return d_h, (d_table, grad.astype(jnp.float32).sum(axis=0))
 
-    d_h, (d_table, d_bias) = jax.lax.scan(step, rows_sharded(jnp.zeros(h.shape, jnp.float32)),
-                                          (jnp.arange(tiles.table.shape[0]), tiles.table, tiles.bias))
+    d_h, (d_table, d_bias) = jax.lax.scan(step, rows_sharded(jnp.zeros(h.shape, jnp.float32)), tiles.xs)
     vocab, d = table.shape
     d_table = d_table.reshape(-1, d)[:vocab]  # [T, W, D] -> [V, D]
     return loss, d_h, d_table, None if bias is None else d_bias.reshape(-1)[:vocab]

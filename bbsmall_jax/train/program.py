@@ -39,11 +39,15 @@ class TrainProgram:
     schedule: optax.Schedule
     abstract: dict  # the train state as ShapeDtypeStructs with their shardings
     fsdp: bool
-    stacked: bool  # the state keeps each stack's layers stacked (`nn/layer_stacks.py`); checkpoints never do
     checkpoint_abstract: dict  # the train state as checkpoints hold it: each layer apart, under its own name
     train_step: Callable  # jitted (state, batch [A, micro, L]) -> (state, metrics); donates the state
     eval_step: Callable  # jitted (params, batch [micro, L]) -> (NLL sum, tokens, NLL sum under the next context)
     all_finite: Callable  # jitted params -> bool []
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the state keeps each stack's layers stacked (`nn/layer_stacks.py`); checkpoints never do."""
+        return self.plan.stacks_layers(self.module.config)
 
     def to_checkpoint(self, state: dict) -> dict:
         """The train state in the checkpoints' layout (a new state when the run's differs)."""
@@ -101,5 +105,5 @@ def build_program(cfg: TrainConfig, model_config: BlenderbotSmallConfig, mesh: M
                     out_shardings=replicated)
     all_finite = jit(_all_finite, in_shardings=(state_shardings["params"],), out_shardings=replicated)
     checkpoint_abstract = abstract_state(module, optimizer, mesh, fsdp) if stacked else abstract
-    return TrainProgram(module, plan, optimizer, schedule, abstract, fsdp, stacked, checkpoint_abstract, train_step,
-                        eval_step, all_finite)
+    return TrainProgram(module, plan, optimizer, schedule, abstract, fsdp, checkpoint_abstract, train_step, eval_step,
+                        all_finite)

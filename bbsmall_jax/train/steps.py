@@ -93,13 +93,12 @@ def _under(mesh: Optional[Mesh]) -> contextlib.AbstractContextManager:
 
 
 def _features(module, params, batch: dict, dropout_rng: Optional[jax.Array], plan: TrainingPlan,
-              method=_decoder_hidden, mesh: Optional[Mesh] = None):
-    """The decoder's last hidden state of one batch (what `method` returns); dropout on when a key is given.
-    Traced under `mesh`, which layers under `lax.scan` lay their rows out over."""
+              method=_decoder_hidden):
+    """The decoder's last hidden state of one batch (what `method` returns); dropout on when a key is given."""
     config = module.config
     decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
     rngs = {} if dropout_rng is None else {"dropout": plan.dropout_key(dropout_rng)}
-    with plan.trace_context(), _under(mesh):
+    with plan.trace_context():
         return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
                             dropout_rng is None, rngs=rngs, method=method)
 
@@ -172,11 +171,11 @@ def loss_sum(module, params, batch: dict, dropout_rng: Optional[jax.Array], labe
     plan = plan or default_plan(module.dtype)
     if mesh is not None and mesh.size > 1 and plan.gather_embedding:
         params = _with_gathered_embedding(params, module.dtype, mesh, fsdp)
-    features = lambda p, b, r: _features(module, p, b, r, plan, mesh=mesh)
+    features = lambda p, b, r: _features(module, p, b, r, plan)
     if remat != "none":
         features = jax.checkpoint(features, policy=REMAT_POLICIES[remat])
-    hidden = features(params, batch, dropout_rng)
     with _under(mesh):
+        hidden = features(params, batch, dropout_rng)
         return _head_loss(module, params, hidden, batch["labels"], label_smoothing, plan, mesh)
 
 
@@ -231,9 +230,9 @@ def make_eval_step(module, plan: Optional[TrainingPlan] = None, mesh: Optional[M
     plan = plan or default_plan(module.dtype)
 
     def eval_step(params, batch):
-        own, next_row = _features(module, params, batch, None, plan,
-                                  method=_decoder_hidden_under_own_and_next_context, mesh=mesh)
         with _under(mesh):
+            own, next_row = _features(module, params, batch, None, plan,
+                                      method=_decoder_hidden_under_own_and_next_context)
             total, count = _head_loss(module, params, own, batch["labels"], 0.0, plan, mesh)
             shuffled, _ = _head_loss(module, params, next_row, batch["labels"], 0.0, plan, mesh)
         return total, count, shuffled
