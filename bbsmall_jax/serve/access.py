@@ -23,12 +23,17 @@ CORS_HEADERS = "authorization, content-type"
 
 def is_loopback(host: str) -> bool:
     """Whether a listening address is this machine only."""
-    if host in ("localhost",):
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def same_origin(origin: str, host: Optional[str]) -> bool:
+    """Whether `origin` is the server's own (`host` as the request names it): the page this server sent."""
+    return urlsplit(origin).netloc == host
 
 
 def parse_origins(text: Optional[str]) -> tuple[str, ...]:
@@ -56,8 +61,7 @@ class AccessPolicy:
         return names | {urlsplit(o).hostname for o in self.allowed_origins if o != "*"}
 
     def origin_allowed(self, origin: str, host: str) -> bool:
-        same = urlsplit(origin).netloc == host  # the page this server sent
-        return same or "*" in self.allowed_origins or origin.rstrip("/") in self.allowed_origins
+        return same_origin(origin, host) or "*" in self.allowed_origins or origin.rstrip("/") in self.allowed_origins
 
     def check(self, method: str, path: str, headers: dict[str, str], header_count: int):
         if header_count > MAX_HEADERS:
@@ -101,7 +105,7 @@ class AccessControl:
         if refusal is not None:
             return await _respond(send, *refusal)
         origin = headers.get("origin")
-        cors = [] if origin is None or urlsplit(origin).netloc == headers.get("host") else [
+        cors = [] if origin is None or same_origin(origin, headers.get("host")) else [
             (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
         if scope["method"] == "OPTIONS" and cors:
             return await _respond(send, 204, None, None, cors + [
