@@ -19,6 +19,7 @@ import threading
 import types
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -297,6 +298,119 @@ def test_stream_in_openai_chunks(server, alone):
                      json={"model": MODEL, "messages": messages_of(turns), "stream": True})
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.fixture(scope="module")
+def demo_reference():
+    """transformers' PyTorch class on the demo weights in float32, its decoder embeddings scaled as ours."""
+    import torch
+    import transformers
+
+    from bbsmall_jax.cli.responder import DEMO_MODEL_DIR
+    from bbsmall_jax.testing.reference_models import scale_reference_decoder_embeddings
+
+    model = transformers.BlenderbotSmallForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32)
+    scale_reference_decoder_embeddings(model.eval())
+    return model
+
+
+def reference_log_probs(reference, context: list[int], reply: list[int]):
+    """[len(reply), V] log_softmax of the reference's logits, teacher-forced on the reply."""
+    import torch
+
+    with torch.no_grad():
+        logits = reference(input_ids=torch.tensor([context]), decoder_input_ids=torch.tensor([[1, *reply[:-1]]])).logits
+    return torch.log_softmax(logits[0].double(), -1).numpy()
+
+
+def token_ids_of(entries, tokenizer) -> list[int]:
+    """The token ids a `logprobs.content` spells: a piece followed by one without a leading space goes on
+    (its `@@` mark), as the server writes them."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[entry.token.strip() + ("@@" if n + 1 < len(entries) and not entries[n + 1].token.startswith(" ")
+                                         else "")] for n, entry in enumerate(entries)]
+
+
+def assert_model_log_probs(entries, context, reference, tokenizer, top: int):
+    """Each logprob is the reference's log-softmax at its token, each alternative list its `top` best."""
+    ids = token_ids_of(entries, tokenizer)
+    expected = reference_log_probs(reference, context, ids + [2])
+    for n, (entry, token) in enumerate(zip(entries, ids)):
+        assert abs(entry.logprob - expected[n, token]) <= 1e-4, (n, entry.token)
+        assert entry.bytes == list(entry.token.encode())
+        best = np.sort(expected[n])[::-1][:top]
+        assert len(entry.top_logprobs) == top
+        assert np.abs(np.array([alt.logprob for alt in entry.top_logprobs]) - best).max() <= 1e-4
+
+
+def test_logprobs_are_the_models_log_softmax(server, alone, responder, demo_reference):
+    """Greedy, seeded sampling and a stream: every token's logprob and top alternatives, against transformers."""
+    turns = ["hi! do you like dogs?"]
+    context, client = responder.context_ids(turns), server.client()
+    greedy = client.chat.completions.create(model=MODEL, messages=messages_of(turns), temperature=0, logprobs=True,
+                                            top_logprobs=3)
+    entries = greedy.choices[0].logprobs.content
+    assert token_ids_of(entries, responder.tokenizer) == [t for t in alone(turns).token_ids if t != 2]
+    assert "".join(e.token for e in entries).replace(" .", ".").replace(" !", "!") == greedy.choices[0].message.content
+    assert_model_log_probs(entries, context, demo_reference, responder.tokenizer, 3)
+    sampled = client.chat.completions.create(model=MODEL, messages=messages_of(turns), temperature=0.9, seed=5,
+                                             logprobs=True, top_logprobs=2)
+    assert_model_log_probs(sampled.choices[0].logprobs.content, context, demo_reference, responder.tokenizer, 2)
+    plain = client.chat.completions.create(model=MODEL, messages=messages_of(turns), temperature=0)
+    assert plain.choices[0].logprobs is None
+    stream = client.chat.completions.create(model=MODEL, messages=messages_of(turns), temperature=0, logprobs=True,
+                                            stream=True, stop=["smell"])
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in entries][:len(streamed)]
+    assert streamed and streamed[-1].token == " the" and all(e.top_logprobs == [] for e in streamed)
+    for body, param in [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")]:
+        answer = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                            json={"model": MODEL, "messages": messages_of(turns), **body})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+
+
+def test_responses_api(server, alone, responder):
+    """`responses.create` plain, streamed and cut by max_output_tokens; bad inputs name their field."""
+    client, turns = server.client(), ["hi! do you like dogs?"]
+    response = client.responses.create(model=MODEL, input=turns[0], instructions="i love cats.")
+    context = ["your persona: i love cats.", *turns]
+    assert response.object == "response" and response.status == "completed" and response.id.startswith("resp_")
+    assert response.output_text == alone(context).text
+    assert response.usage.input_tokens == len(responder.context_ids(context))
+    assert response.usage.output_tokens == len(alone(context).token_ids)
+    history = [{"role": "user", "content": turns[0]}, {"role": "assistant", "content": [
+        {"type": "output_text", "text": "yes"}]}, {"role": "user", "content": [{"type": "input_text", "text": "why?"}]}]
+    short = client.responses.create(model=MODEL, input=history, max_output_tokens=4)
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+    assert short.output_text == alone([turns[0], "yes", "why?"], max_length=5, min_length=5).text
+    with client.responses.stream(model=MODEL, input=turns[0]) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert final.output_text == alone(turns).text
+    for body, param in [({"input": []}, "input"), ({"input": [{"role": "robot", "content": "a"}]}, "input[0]"),
+                        ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input[0].content[0]"),
+                        ({"input": " "}, "input"), ({"input": "hi", "previous_response_id": "r"}, "previous_response_id"),
+                        ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "text.format")]:
+        answer = httpx.post(server.url + "/v1/responses", json={"model": MODEL, **body}, timeout=60)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, body
+
+
+def test_langchain_and_litellm(server, alone, monkeypatch):
+    """LangChain's ChatOpenAI (chat completions and the Responses API) and LiteLLM, plain and streamed."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of prices at import
+    litellm = pytest.importorskip("litellm")
+    text = alone(["hi! do you like dogs?"]).text
+    for responses in (False, True):
+        chat = langchain_openai.ChatOpenAI(model=MODEL, base_url=server.url + "/v1", api_key="none", temperature=0,
+                                           max_retries=0, use_responses_api=responses)
+        assert chat.invoke("hi! do you like dogs?").text == text
+        assert "".join(chunk.text for chunk in chat.stream("hi! do you like dogs?")) == text
+    options = dict(model=f"openai/{MODEL}", api_base=server.url + "/v1", api_key="none", temperature=0,
+                   messages=[{"role": "user", "content": "hi! do you like dogs?"}])
+    assert litellm.completion(**options).choices[0].message.content == text
+    assert "".join(c.choices[0].delta.content or "" for c in litellm.completion(**options, stream=True)) == text
 
 
 def test_n_stop_and_max_tokens(server, alone):

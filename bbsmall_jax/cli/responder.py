@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bbsmall_jax.cli.models import DEMO_MODEL_DIR, model_directory  # noqa: F401 - DEMO_MODEL_DIR re-exported
+from bbsmall_jax.evaluation.scoring import TokenLogProbs, reply_token_log_probs
 from bbsmall_jax.generation.config import GLOBAL_DEFAULTS, GenerationConfig
 from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
 from bbsmall_jax.startup_cache import cache_dir as compilation_cache_dir
@@ -50,6 +52,7 @@ class Reply:
     text: str
     token_ids: tuple[int, ...]  # generated tokens: the start token and padding dropped, the final EOS kept
     finish_reason: str  # "stop" (the model ended it) or "length" (it reached the length limit)
+    log_probs: Optional[TokenLogProbs] = None  # of `token_ids`, when asked for (`Responder.with_log_probs`)
 
 
 class Responder:
@@ -143,3 +146,9 @@ class Responder:
         per_context = len(rows) // max(len(contexts), 1)
         return [[self.finished_reply(row, max_length, eos_ids) for row in rows[i * per_context:(i + 1) * per_context]]
                 for i in range(len(contexts))]
+
+    def with_log_probs(self, contexts: Sequence[list[int]], replies: Sequence[Reply]) -> list[Reply]:
+        """`replies[i]` (to the id context `contexts[i]`) with the model's log-probability of each of its tokens
+        and of the most likely alternatives (`evaluation.scoring.reply_token_log_probs`), in one call."""
+        scored = reply_token_log_probs(self.model, list(contexts), [list(reply.token_ids) for reply in replies])
+        return [dataclasses.replace(reply, log_probs=log_probs) for reply, log_probs in zip(replies, scored)]

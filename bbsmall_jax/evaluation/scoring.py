@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bbsmall_jax.generation.prepare import bucket_length
 from bbsmall_jax.nn.model import shift_tokens_right
 from bbsmall_jax.train.data import TokenizedExamples
 
@@ -31,9 +32,9 @@ class ReplyScores:
         return self.log_prob / np.maximum(self.tokens, 1)
 
 
-def _score_batch(module, params, input_ids, attention_mask, labels):
-    """(summed log-prob, tokens, argmax hits), each [B, C], of the replies labels [B, C, T] to the contexts
-    input_ids [B, S]: the encoder runs on B rows and its output is repeated for the C candidates."""
+def _reply_logits(module, params, input_ids, attention_mask, labels):
+    """Logits [B * C, T, V] float32 of the replies labels [B, C, T] (IGNORED beyond each reply) to the contexts
+    input_ids [B, S], teacher-forced: the encoder runs on B rows and its output is repeated for the C replies."""
     config = module.config
     batch, count, length = labels.shape
     variables = {"params": params}
@@ -44,12 +45,24 @@ def _score_batch(module, params, input_ids, attention_mask, labels):
     decoder_input_ids = shift_tokens_right(flat, config.pad_token_id, config.decoder_start_token_id)
     hidden = module.apply(variables, decoder_input_ids=decoder_input_ids, encoder_hidden_states=states,
                           encoder_attention_mask=states_mask, method="decode").last_hidden_state
-    logits = module.apply(variables, hidden, method="logits")  # [B * C, T, V] float32
-    valid = flat != IGNORED
-    target = jnp.take_along_axis(logits, jnp.where(valid, flat, 0)[..., None], axis=-1)[..., 0]  # [B * C, T]
-    log_prob = jnp.where(valid, target - jax.nn.logsumexp(logits, axis=-1), 0.0)
+    return module.apply(variables, hidden, method="logits")  # [B * C, T, V] float32
+
+
+def _target_log_probs(logits, targets):
+    """log_softmax(logits)[..., targets] [B, T] and the mask of real targets (not IGNORED)."""
+    valid = targets != IGNORED
+    target = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]  # [B, T]
+    return jnp.where(valid, target - jax.nn.logsumexp(logits, axis=-1), 0.0), valid
+
+
+def _score_batch(module, params, input_ids, attention_mask, labels):
+    """(summed log-prob, tokens, argmax hits), each [B, C], of the replies labels [B, C, T] to the contexts
+    input_ids [B, S]."""
+    logits = _reply_logits(module, params, input_ids, attention_mask, labels)
+    flat = labels.reshape(-1, labels.shape[-1])  # [B * C, T]
+    log_prob, valid = _target_log_probs(logits, flat)
     correct = valid & (jnp.argmax(logits, axis=-1) == flat)
-    shape = (batch, count)
+    shape = labels.shape[:2]
     return log_prob.sum(-1).reshape(shape), valid.sum(-1).reshape(shape), correct.sum(-1).reshape(shape)
 
 
@@ -117,3 +130,58 @@ def score_replies(model, data: TokenizedExamples, contexts: np.ndarray, candidat
         if progress is not None:
             progress.update(1)
     return ReplyScores(*out)
+
+
+MAX_TOP = 20  # the most alternatives `reply_token_log_probs` lists per token (OpenAI's top_logprobs limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogProbs:
+    """The model's log-probability of each token of one reply, and of the most likely tokens at each position."""
+
+    chosen: np.ndarray  # [T] float32, log_softmax of the model's logits at the reply's own token
+    top: np.ndarray  # [T, MAX_TOP] float32, the largest log-probabilities, in decreasing order
+    top_ids: np.ndarray  # [T, MAX_TOP] int32, their tokens
+
+
+def _token_log_probs(module, params, input_ids, attention_mask, labels):
+    """(log-prob of each reply token [B, T], the MAX_TOP largest log-probs and their ids [B, T, MAX_TOP]) of the
+    replies labels [B, T] (IGNORED beyond each) to the contexts input_ids [B, S]."""
+    logits = _reply_logits(module, params, input_ids, attention_mask, labels[:, None])  # [B, T, V]
+    chosen, _ = _target_log_probs(logits, labels)
+    top, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), min(MAX_TOP, logits.shape[-1]))
+    return chosen, top, top_ids
+
+
+@functools.lru_cache(maxsize=8)
+def _token_scorer(module):
+    """`_token_log_probs` jitted for one module."""
+    return jax.jit(functools.partial(_token_log_probs, module))
+
+
+def reply_token_log_probs(model, contexts: list[list[int]], replies: list[list[int]]) -> list[TokenLogProbs]:
+    """The log-probability, teacher-forced, of every token of `replies[i]` (generated tokens, the decoder start
+    token left out) as the reply to `contexts[i]` (token ids), with the MAX_TOP most likely tokens at each
+    position: the raw model's distribution, before any temperature, top-p or other logits processing.
+
+    One call, its shapes padded (rows to a power of two, lengths to `bucket_length`) so few programs compile."""
+    if len(contexts) != len(replies):
+        raise ValueError(f"{len(contexts)} contexts for {len(replies)} replies")
+    if not contexts:
+        return []
+    cap = model.config.max_position_embeddings
+    rows = 1 << max(len(contexts) - 1, 0).bit_length()
+    source_len = bucket_length(max(max(map(len, contexts)), 1), cap)
+    target_len = bucket_length(max(max(map(len, replies)), 1), cap)
+    input_ids = np.full((rows, source_len), model.config.pad_token_id, np.int32)
+    attention_mask = np.zeros((rows, source_len), np.int32)
+    attention_mask[:, 0] = 1  # filler rows: one pad token of context, no reply
+    labels = np.full((rows, target_len), IGNORED, np.int32)
+    for row, (context, reply) in enumerate(zip(contexts, replies)):
+        input_ids[row, :len(context)] = context
+        attention_mask[row, :len(context)] = 1
+        labels[row, :len(reply)] = reply
+    chosen, top, top_ids = jax.device_get(_token_scorer(model.module)(model.params, input_ids, attention_mask,
+                                                                      labels))
+    return [TokenLogProbs(chosen[row, :len(reply)], top[row, :len(reply)], top_ids[row, :len(reply)])
+            for row, reply in enumerate(replies)]

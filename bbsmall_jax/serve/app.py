@@ -1,4 +1,5 @@
-"""The FastAPI application: OpenAI's chat completions (plain and streamed), models, health, metrics, the chat page."""
+"""The FastAPI application: OpenAI's chat completions and responses (plain and streamed), models, health,
+metrics, the chat page."""
 
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ from bbsmall_jax.serve.access import AccessControl, AccessPolicy
 from bbsmall_jax.serve.batcher import Batcher, Job, QueueFull
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.schemas import (ApiError, ChatCompletionRequest, chunk_body, completion_body, error_body,
-                                       parse_request, stop_strings, turns_of, usage)
+                                       logprobs_body, parse_request, stop_strings, token_log_prob, turns_of, usage)
+from bbsmall_jax.serve.responses import ResponseEvents, ResponsesRequest, parse_responses_request, response_body
 from bbsmall_jax.serve.settings import Defaults
 
 log = logging.getLogger("uvicorn.error")
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the reply
-PATHS = ("/", "/health", "/health/live", "/metrics", "/v1/models", "/v1/chat/completions")
+PATHS = ("/", "/health", "/health/live", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/responses")
 
 
 @dataclass
@@ -157,16 +159,56 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _choices(replies: list[Reply], copies: int, stops: list[str]) -> list[tuple[str, str, int]]:
-    """(text, finish_reason, tokens) per choice: each reply `copies` times, cut at the first stop string."""
-    out = []
+@dataclass(frozen=True)
+class _Choice:
+    """One choice of a completion: its text, finish reason, token count and `logprobs.content` entries."""
+
+    text: str
+    finish_reason: str
+    tokens: int
+    log_probs: Optional[list[dict]] = None  # None unless the request asked for logprobs
+
+
+def _choices(replies: list[Reply], copies: int, chat: ChatCompletionRequest, responder: Responder) -> list[_Choice]:
+    """Each reply `copies` times, cut at the first stop string, with its tokens' log-probabilities when asked."""
+    stops, out = stop_strings(chat), []
     for reply in replies:
         text, reason = reply.text, reply.finish_reason
         cuts = [text.find(s) for s in stops if s in text]
         if cuts:
             text, reason = text[:min(cuts)], "stop"
-        out += [(text, reason, len(reply.token_ids))] * copies
+        entries = _log_prob_entries(reply, text, chat.top_logprobs or 0, responder) if chat.logprobs else None
+        out += [_Choice(text, reason, len(reply.token_ids), entries)] * copies
     return out
+
+
+def _log_prob_entries(reply: Reply, text: str, top: int, responder: Responder) -> list[dict]:
+    """OpenAI's `logprobs.content` of a reply whose text (maybe cut at a stop string) is `text`: one entry per
+    token that spells it (special tokens left out), with its `top` most likely alternatives.
+
+    The tokens are the model's, `@@` (a word goes on) dropped and a space before each word after the first:
+    joined, they spell the reply before the tokenizer's clean-up of spaces ("yes ! i don ' t" for "yes! i don't")."""
+    tokenizer, log_probs = responder.tokenizer, reply.log_probs
+    special = set(tokenizer.all_special_ids)
+    positions = [i for i, token in enumerate(reply.token_ids) if token not in special]
+    if len(text) < len(reply.text):  # cut at a stop string: the tokens that spell what is kept
+        ids = [reply.token_ids[i] for i in positions]
+        kept = next(m for m in range(len(ids) + 1) if len(responder.decode(ids[:m])) >= len(text.rstrip()))
+        positions = positions[:kept]
+    tokens = tokenizer.convert_ids_to_tokens([reply.token_ids[i] for i in positions])
+    entries = []
+    for n, (i, token) in enumerate(zip(positions, tokens)):
+        space = " " if n and not tokens[n - 1].endswith("@@") else ""
+        alternatives = tokenizer.convert_ids_to_tokens(log_probs.top_ids[i, :top].tolist())
+        entries.append(token_log_prob(space + _without_mark(token), float(log_probs.chosen[i]), [
+            token_log_prob(space + _without_mark(other), float(value))
+            for other, value in zip(alternatives, log_probs.top[i, :top])]))
+    return entries
+
+
+def _without_mark(token: str) -> str:
+    """A BPE token without its `@@` mark (the word goes on)."""
+    return token[:-2] if token.endswith("@@") else token
 
 
 def create_app(service: Service) -> FastAPI:
@@ -188,7 +230,11 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _chat_completion(service, request)
+        return await _answer(service, request, _parse_chat)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        return await _answer(service, request, _parse_response)
 
     return app
 
@@ -233,15 +279,16 @@ def _add_info_routes(app: FastAPI, service: Service) -> None:
         return model_card()
 
 
-async def _chat_completion(service: Service, request: Request) -> Response:
-    """POST /v1/chat/completions: check, tokenize (off the event loop), queue, then answer or stream."""
+async def _answer(service: Service, request: Request, parse) -> Response:
+    """A POST of a chat completion or a response: check it (`parse(body, strict, ignored)` gives the chat request
+    and the reply's shape), tokenize (off the event loop), queue, then answer or stream."""
     arrived = time.perf_counter()
     try:
         body = await read_body(request, service.max_body_bytes, service.body_timeout)
     except ClientDisconnect:
         return Response(status_code=CLIENT_CLOSED)
     ignored: list[str] = []
-    chat = parse_request(body, service.strict_fields, ignored)
+    chat, shape = parse(body, service.strict_fields, ignored)
     if ignored:
         log.info("ignored request fields this server does not use: %s", ", ".join(map(repr, ignored)))
     if chat.model != service.model_id:
@@ -250,15 +297,25 @@ async def _chat_completion(service: Service, request: Request) -> Response:
     ids = await asyncio.get_running_loop().run_in_executor(service.tokenizing, service.responder.context_ids,
                                                            turns_of(chat))
     try:
-        job = service.batcher.submit(ids, settings)
+        job = service.batcher.submit(ids, settings, log_probs=bool(chat.logprobs))
     except QueueFull as err:
         raise ApiError(503, f"The server is busy: {err}", code="queue_full", kind="server_error",
                        headers={"Retry-After": str(err.retry_after)}) from None
     service.metrics.in_flight.add(1)
-    reply = _Reply(service, chat, job, copies, len(ids), arrived)
+    reply = _Reply(service, chat, job, copies, len(ids), arrived, shape)
     if chat.stream:
         return _EventStream(reply)
     return await reply.whole(request)
+
+
+def _parse_chat(body: bytes, strict_fields: bool, ignored: list) -> tuple[ChatCompletionRequest, "_ChatShape"]:
+    chat = parse_request(body, strict_fields, ignored)
+    return chat, _ChatShape(chat.model)
+
+
+def _parse_response(body: bytes, strict_fields: bool, ignored: list) -> tuple[ChatCompletionRequest, "_ResponseShape"]:
+    request, chat = parse_responses_request(body, strict_fields, ignored)
+    return chat, _ResponseShape(request)
 
 
 def _unknown_model(name: str, served: str) -> ApiError:
@@ -267,14 +324,72 @@ def _unknown_model(name: str, served: str) -> ApiError:
                     "model_not_found")
 
 
+class _ChatShape:
+    """Replies as a `chat.completion`, or as its chunks in server-sent events ending in [DONE]."""
+
+    def __init__(self, model: str):
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), model
+
+    def _sse(self, choices: list[dict], usage_: Optional[dict] = None) -> str:
+        return f"data: {json.dumps(chunk_body(self.id, self.created, self.model, choices, usage_))}\n\n"
+
+    def body(self, choices: list[_Choice], prompt_tokens: int) -> dict:
+        return completion_body(self.id, self.created, self.model, [(c.text, c.finish_reason, c.log_probs)
+                                                                   for c in choices],
+                               prompt_tokens, sum(choice.tokens for choice in choices))
+
+    def started(self, chat: ChatCompletionRequest) -> list[str]:
+        """The role chunk."""
+        return [self._sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None} for i in range(chat.n or 1)])]
+
+    def finished(self, chat: ChatCompletionRequest, choices: list[_Choice], prompt_tokens: int) -> list[str]:
+        """Each whole reply, the finish reasons, the usage if asked for, [DONE]."""
+        events = [self._sse([{"index": i, "delta": {"content": choice.text},
+                              "logprobs": logprobs_body(choice.log_probs), "finish_reason": None}])
+                  for i, choice in enumerate(choices)]
+        events.append(self._sse([{"index": i, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}
+                                 for i, choice in enumerate(choices)]))
+        if chat.stream_options is not None and chat.stream_options.include_usage:
+            events.append(self._sse([], usage(prompt_tokens, sum(choice.tokens for choice in choices))))
+        return events + ["data: [DONE]\n\n"]
+
+    def failed(self, error: dict) -> list[str]:
+        return [f"data: {json.dumps(error)}\n\n", "data: [DONE]\n\n"]
+
+
+class _ResponseShape:
+    """Replies as a `response` of the Responses API, or as its events."""
+
+    def __init__(self, request: ResponsesRequest):
+        response_id, message_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+        self.ids = (response_id, message_id, int(time.time()), request)
+        self.events = ResponseEvents(*self.ids)
+
+    def body(self, choices: list[_Choice], prompt_tokens: int) -> dict:
+        return response_body(*self.ids, self._result(choices[0], prompt_tokens))
+
+    def started(self, chat: ChatCompletionRequest) -> list[str]:
+        return self.events.started()
+
+    def finished(self, chat: ChatCompletionRequest, choices: list[_Choice], prompt_tokens: int) -> list[str]:
+        return self.events.finished(*self._result(choices[0], prompt_tokens))
+
+    def failed(self, error: dict) -> list[str]:
+        return self.events.failed(error)
+
+    @staticmethod
+    def _result(choice: _Choice, prompt_tokens: int) -> tuple:
+        return choice.text, choice.finish_reason, prompt_tokens, choice.tokens
+
+
 class _Reply:
-    """Answering one submitted request: the whole completion, or its server-sent events."""
+    """Answering one submitted request: the whole body, or its server-sent events, in the request's shape."""
 
     def __init__(self, service: Service, chat: ChatCompletionRequest, job: Job, copies: int, prompt_tokens: int,
-                 arrived: float):
+                 arrived: float, shape):
         self.service, self.chat, self.job, self.copies = service, chat, job, copies
-        self.prompt_tokens, self.arrived = prompt_tokens, arrived
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        self.prompt_tokens, self.arrived, self.shape = prompt_tokens, arrived, shape
         self.finished = False
         service.replies.add(self)
 
@@ -295,10 +410,13 @@ class _Reply:
         if choices is not None:
             metrics.latency.observe(time.perf_counter() - self.arrived)
             metrics.prompt_tokens.inc(self.prompt_tokens)
-            metrics.generated_tokens.inc(sum(tokens for _, _, tokens in choices))
+            metrics.generated_tokens.inc(sum(choice.tokens for choice in choices))
+
+    def _choices(self, replies: list[Reply]) -> list[_Choice]:
+        return _choices(replies, self.copies, self.chat, self.service.responder)
 
     async def whole(self, request: Request) -> Response:
-        """The chat.completion body, or nothing (499) if the client leaves first."""
+        """The whole body, or nothing (499) if the client leaves first."""
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({self.job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -311,42 +429,30 @@ class _Reply:
             self.abandon()
             return Response(status_code=CLIENT_CLOSED)
         try:
-            choices = _choices(self.job.future.result(), self.copies, stop_strings(self.chat))
+            choices = self._choices(self.job.future.result())
         except Exception:
             self._done()
             raise
         self._done(choices)
-        completion_tokens = sum(tokens for _, _, tokens in choices)
-        return JSONResponse(completion_body(self.id, self.created, self.chat.model,
-                                            [(text, reason) for text, reason, _ in choices],
-                                            self.prompt_tokens, completion_tokens))
-
-    def _sse(self, choices: list[dict], usage_: Optional[dict] = None) -> str:
-        """One server-sent event holding a chunk."""
-        return f"data: {json.dumps(chunk_body(self.id, self.created, self.chat.model, choices, usage_))}\n\n"
+        return JSONResponse(self.shape.body(choices, self.prompt_tokens))
 
     async def events(self):
-        """Server-sent events in OpenAI's chunk format: role, each whole reply, finish reasons, [DONE]."""
+        """The reply's server-sent events: those that start it, then the whole reply (or an error event)."""
         try:
-            yield self._sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(self.chat.n or 1)])
+            for event in self.shape.started(self.chat):
+                yield event
             try:
-                choices = _choices(await self.job.future, self.copies, stop_strings(self.chat))
+                choices = self._choices(await self.job.future)
             except Exception as err:
                 self._done()
                 body = err.body() if isinstance(err, ApiError) else error_body(f"generation failed: {err}",
                                                                                  "server_error")
-                yield f"data: {json.dumps(body)}\n\n"
-                yield "data: [DONE]\n\n"
+                for event in self.shape.failed(body):
+                    yield event
                 return
             self._done(choices)
-            for i, (text, _, _) in enumerate(choices):
-                yield self._sse([{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
-            yield self._sse([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}
-                             for i, (_, reason, _) in enumerate(choices)])
-            if self.chat.stream_options is not None and self.chat.stream_options.include_usage:
-                yield self._sse([], usage(self.prompt_tokens, sum(tokens for _, _, tokens in choices)))
-            yield "data: [DONE]\n\n"
+            for event in self.shape.finished(self.chat, choices, self.prompt_tokens):
+                yield event
         finally:
             self.abandon()
 

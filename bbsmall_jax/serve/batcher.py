@@ -43,6 +43,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     enqueued: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False
+    log_probs: bool = False  # the replies carry their tokens' log-probabilities
 
     def deliver(self, result) -> None:
         """Hand the replies (or an exception) to the waiting request, from any thread."""
@@ -94,12 +95,13 @@ class Batcher:
         """Start the worker thread (warm-up first)."""
         self._thread.start()
 
-    def submit(self, ids: list[int], settings: Settings) -> Job:
-        """Queue a conversation; raises QueueFull when `max_queue` are waiting. Call on the event loop."""
+    def submit(self, ids: list[int], settings: Settings, log_probs: bool = False) -> Job:
+        """Queue a conversation (its replies with their tokens' log-probabilities if `log_probs`); raises
+        QueueFull when `max_queue` are waiting. Call on the event loop."""
         loop = asyncio.get_running_loop()
         bucket = bucket_length(max(len(ids), 1), self.max_positions)
         key = (settings, bucket) if settings.batchable else (settings, bucket, next(self._ids))
-        job = Job(ids, settings, key, loop.create_future(), loop)
+        job = Job(ids, settings, key, loop.create_future(), loop, log_probs=log_probs)
         with self._cond:
             if len(self._jobs) >= self.max_queue:
                 self.metrics.rejected.inc()
@@ -204,6 +206,14 @@ class Batcher:
             kwargs["prng_key"] = jax.random.PRNGKey(seed)
         return self.responder.replies(self._padded(contexts), **kwargs)[:len(contexts)]
 
+    def _with_log_probs(self, jobs: list[Job], results: list[list[Reply]]) -> list[list[Reply]]:
+        """The results, with log-probabilities added to the replies of the jobs that ask for them (one call)."""
+        asking = [(job.ids, reply) for job, replies in zip(jobs, results) if job.log_probs for reply in replies]
+        if not asking:
+            return results
+        scored = iter(self.responder.with_log_probs(*zip(*asking)))
+        return [[next(scored) for _ in replies] if job.log_probs else replies for job, replies in zip(jobs, results)]
+
     def _execute(self, batch: list[Job]) -> None:
         """Generate for a batch and deliver each job's replies (or the error)."""
         live = [job for job in batch if not job.cancelled]
@@ -211,7 +221,7 @@ class Batcher:
             return
         began = time.perf_counter()
         try:
-            results = self._generate([job.ids for job in live], live[0].settings)
+            results = self._with_log_probs(live, self._generate([job.ids for job in live], live[0].settings))
         except Exception as err:  # reported to each request; the worker goes on
             log.exception("bbsmall serve: generate failed for a batch of %d", len(live))
             for job in live:

@@ -12,6 +12,7 @@ from bbsmall_jax.records import SURROGATE_OR_NUL, field_matching
 ROLES = ("system", "developer", "user", "assistant", "tool")  # a tool message's text is read as a dialogue turn
 MAX_N = 16
 MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20  # as OpenAI allows
 
 
 class ApiError(Exception):
@@ -53,7 +54,7 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """POST /v1/chat/completions. Fields OpenAI has and this server does not use are accepted only at
-    their neutral values; any other unknown field is an error, as OpenAI answers."""
+    their neutral values; any other field is unknown (`parse_request` drops or refuses it)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str
@@ -70,11 +71,11 @@ class ChatCompletionRequest(BaseModel):
     user: Optional[str] = None
     store: Optional[bool] = None
     metadata: Optional[dict[str, str]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # accepted at their neutral values only
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
     logit_bias: Optional[dict[str, float]] = None
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
@@ -82,8 +83,8 @@ class ChatCompletionRequest(BaseModel):
     parallel_tool_calls: Optional[bool] = None
 
 
-NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
-           "logit_bias": ({},), "response_format": ({"type": "text"},), "parallel_tool_calls": (True, False)}
+NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
+           "response_format": ({"type": "text"},), "parallel_tool_calls": (True, False)}
 
 
 def _location(loc: tuple) -> str:
@@ -119,6 +120,20 @@ def parse_request(body: bytes, strict_fields: bool = True, ignored: Optional[lis
     Fields this server does not know are an error with `strict_fields`, as OpenAI answers; otherwise they
     are dropped, as vLLM does with hints it cannot use (`service_tier`, `top_k`, ...), and their names are
     appended to `ignored`."""
+    request = validated(ChatCompletionRequest, json_object(body), strict_fields, ignored)
+    check_request(request)
+    return request
+
+
+def check_request(request: ChatCompletionRequest) -> None:
+    """The checks beyond each field's type and range; ApiError(400) naming the field."""
+    _check_neutral(request)
+    _check_messages(request)
+    _check_stop(request)
+
+
+def json_object(body: bytes) -> dict:
+    """The body as a JSON object holding only text (no lone surrogate, no NUL); ApiError(400) otherwise."""
     try:
         data = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -133,19 +148,21 @@ def parse_request(body: bytes, strict_fields: bool = True, ignored: Optional[lis
     if bad is not None:
         raise ApiError(400, f"'{bad}' holds a lone surrogate (an escape such as \\ud800 alone) or a NUL character, "
                        "neither of which is text", bad, "invalid_value")
+    return data
+
+
+def validated(model: type[BaseModel], data: dict, strict_fields: bool, ignored: Optional[list]):
+    """`model` validated from `data`, its unknown fields refused (`strict_fields`) or dropped and named in
+    `ignored`; ApiError(400) naming the first problem."""
     if not strict_fields:
-        unknown = sorted(set(data) - set(ChatCompletionRequest.model_fields))
+        unknown = sorted(set(data) - set(model.model_fields))
         data = {key: value for key, value in data.items() if key not in unknown}
         if ignored is not None:
             ignored.extend(unknown)
     try:
-        request = ChatCompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise _validation_error(err) from None
-    _check_neutral(request)
-    _check_messages(request)
-    _check_stop(request)
-    return request
 
 
 def _check_neutral(request: ChatCompletionRequest) -> None:
@@ -161,6 +178,8 @@ def _check_neutral(request: ChatCompletionRequest) -> None:
     if request.tool_choice not in (None, "none", "auto"):
         raise ApiError(400, f"'tool_choice' {json.dumps(request.tool_choice)} asks for a tool call; this model "
                        "does not call tools", "tool_choice", "unsupported_parameter")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
     if request.max_tokens is not None and request.max_completion_tokens is not None \
             and request.max_tokens != request.max_completion_tokens:
         raise ApiError(400, f"max_tokens ({request.max_tokens}) and max_completion_tokens "
@@ -230,12 +249,26 @@ def turns_of(request: ChatCompletionRequest) -> list[str]:
     return persona + turns
 
 
-def completion_body(completion_id: str, created: int, model: str, choices: list[tuple[str, str]],
+def token_log_prob(token: str, log_prob: float, top: Optional[list] = None) -> dict:
+    """One entry of OpenAI's `logprobs.content` (with its `top_logprobs` list when `top` is given)."""
+    entry = {"token": token, "logprob": log_prob, "bytes": list(token.encode("utf-8"))}
+    if top is not None:
+        entry["top_logprobs"] = top
+    return entry
+
+
+def logprobs_body(entries: Optional[list[dict]]) -> Optional[dict]:
+    """A choice's `logprobs` object (None when not asked for)."""
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
+def completion_body(completion_id: str, created: int, model: str, choices: list[tuple[str, str, Optional[list]]],
                     prompt_tokens: int, completion_tokens: int) -> dict:
-    """A `chat.completion` object; `choices` are (text, finish_reason)."""
+    """A `chat.completion` object; `choices` are (text, finish_reason, logprobs entries or None)."""
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": reason} for i, (text, reason) in enumerate(choices)],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "logprobs": logprobs_body(entries), "finish_reason": reason}
+                        for i, (text, reason, entries) in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": None}
 
 
