@@ -67,7 +67,7 @@ class Terminal(io.StringIO):
 
 
 def test_repl_help_unknown_commands_and_ctrl_d():
-    session = ChatSession(EchoResponder())
+    session = ChatSession(EchoResponder(), compile_ahead=False)
     stdout, stderr = io.StringIO(), io.StringIO()
     assert run_repl(session, Terminal("/help\n/nope\n//slash\nhi\n"), stdout, stderr) == 0
     out = stdout.getvalue()
@@ -81,7 +81,7 @@ def ctrl_c_during_a_reply(target: str) -> dict:
     """Two messages; Ctrl-C (sent to the process, or to a thread other than the main one) while the first
     reply is being made. What the session shows, and whether the cancel came while the reply still ran."""
     hold = threading.Event()
-    session = ChatSession(EchoResponder(hold))
+    session = ChatSession(EchoResponder(hold), compile_ahead=False)
     cancelled_while_busy = []
     stdout, stderr = io.StringIO(), io.StringIO()
 

@@ -11,19 +11,27 @@ from typing import Callable, Optional, TextIO
 
 from bbsmall_jax import startup_cache
 from bbsmall_jax.cli.responder import Responder
+from bbsmall_jax.generation.prepare import bucket_length
 
 COMMANDS = {"/help": "list these commands", "/reset": "start a new conversation",
             "/quit": "leave (also /exit, Ctrl-D; Ctrl-C at the prompt)"}
 HELP = "Type a message and press Enter (Ctrl-C cancels a reply). /help lists the commands."
 COMPILING = "(compiling the model for this input size; later replies are fast)"
+FINISHING = "(finishing a compile for longer conversations, started in the background)"
+NEXT_MESSAGE_TOKENS = 32  # the next message's length, in tokens, up to which its context's program is compiled ahead
 
 
 class ChatSession:
-    """A conversation: the turns so far (user and bot alternating) and the responder that answers."""
+    """A conversation: the turns so far (user and bot alternating) and the responder that answers.
 
-    def __init__(self, responder: Responder):
-        self.responder = responder
+    With `compile_ahead`, `prepare_next` compiles the programs for the context lengths the next message may
+    bring, which `run_repl` does in the background while the user types (off for a responder that does not
+    compile, such as a test's stub)."""
+
+    def __init__(self, responder: Responder, compile_ahead: bool = True):
+        self.responder, self.compile_ahead = responder, compile_ahead
         self.history: list[str] = []
+        self.compiled_buckets: set[int] = set()  # context-length buckets some reply has run in
 
     def reset(self) -> None:
         self.history = []
@@ -33,7 +41,10 @@ class ChatSession:
         message = message.strip()
         if not message:
             raise ValueError("empty message")
-        return self.responder.reply([self.history + [message]])[0]
+        reply = self.responder.reply([self.history + [message]])[0]
+        if self.compile_ahead:
+            self.compiled_buckets.add(self._bucket(len(self.responder.context_ids(self.history + [message]))))
+        return reply
 
     def record(self, message: str, reply: str) -> None:
         """Add a message and its reply to the history."""
@@ -44,6 +55,23 @@ class ChatSession:
         reply = self.answer(message)
         self.record(message, reply)
         return reply
+
+    def _bucket(self, context_length: int) -> int:
+        """The length `generate` pads a context of this many tokens to (one program per bucket)."""
+        return bucket_length(max(context_length, 1), self.responder.model.config.max_position_embeddings)
+
+    def buckets_ahead(self) -> list[int]:
+        """The context buckets a next message of up to NEXT_MESSAGE_TOKENS tokens may need that no reply has run
+        in yet."""
+        shortest = len(self.responder.context_ids(self.history + ["."]))  # a message of one token
+        longest = min(shortest + NEXT_MESSAGE_TOKENS, self.responder.max_context_tokens)
+        return sorted({self._bucket(n) for n in range(shortest, longest + 1)} - self.compiled_buckets)
+
+    def prepare_next(self) -> None:
+        """Compile the programs of `buckets_ahead`, by one throwaway reply to a filler context in each."""
+        for bucket in self.buckets_ahead():
+            self.responder.reply_ids([[self.responder.tokenizer.eos_token_id] * bucket])
+            self.compiled_buckets.add(bucket)
 
 
 class _Worker:
@@ -84,16 +112,20 @@ def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
     """Read messages line by line until /quit or end of input; returns the exit status.
 
     A line starting with / is a command (// sends a message that starts with /). Ctrl-C while a reply is being
-    made drops that reply and keeps the conversation; at the prompt it leaves.
+    made drops that reply and keeps the conversation; at the prompt it leaves. After each reply, the session's
+    programs for the next message are compiled in the background (`ChatSession.prepare_next`).
     """
     interactive = stdin.isatty()
     worker = _Worker()
     compiled: list[bool] = []
+    answering = threading.Event()  # set while the worker makes a reply: only its compiles are announced
+    background: Optional[concurrent.futures.Future] = None
     print(HELP, file=stderr)
 
     def compiling() -> None:
         compiled.append(True)
-        print(COMPILING, file=stderr, flush=True)
+        if answering.is_set():
+            print(COMPILING, file=stderr, flush=True)
 
     try:
         with startup_cache.compile_listener(compiling):
@@ -124,9 +156,13 @@ def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
                 if not message:
                     print("(empty message ignored)", file=stderr, flush=True)
                     continue
-                reply = _wait_for_reply(worker, session, message, compiled, stderr)
+                if background is not None and not background.done():
+                    print(FINISHING, file=stderr, flush=True)
+                reply = _wait_for_reply(worker, session, message, compiled, answering, stderr)
                 if reply is not None:
                     print(f"bot> {reply}", file=stdout, flush=True)
+                    if session.compile_ahead:
+                        background = worker.submit(session.prepare_next)
     except KeyboardInterrupt:  # at the prompt
         print("", file=stdout)
     try:
@@ -147,11 +183,20 @@ def _result(future: concurrent.futures.Future):
 
 
 def _wait_for_reply(worker: _Worker, session: ChatSession, message: str, compiled: list,
-                    stderr: TextIO) -> Optional[str]:
-    """The reply to `message`, recorded in the history; None when Ctrl-C cancels it."""
+                    answering: threading.Event, stderr: TextIO) -> Optional[str]:
+    """The reply to `message`, recorded in the history; None when Ctrl-C cancels it. `answering` is set while
+    the worker makes it."""
     start = time.perf_counter()
     compiled.clear()
-    future = worker.submit(lambda: session.answer(message))
+
+    def answer() -> str:
+        answering.set()
+        try:
+            return session.answer(message)
+        finally:
+            answering.clear()
+
+    future = worker.submit(answer)
     try:
         reply = _result(future)
     except KeyboardInterrupt:
