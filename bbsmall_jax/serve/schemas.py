@@ -178,7 +178,7 @@ def _check_neutral(request: ChatCompletionRequest) -> None:
     if request.tool_choice not in (None, "none", "auto"):
         raise ApiError(400, f"'tool_choice' {json.dumps(request.tool_choice)} asks for a tool call; this model "
                        "does not call tools", "tool_choice", "unsupported_parameter")
-    if request.top_logprobs is not None and not request.logprobs:
+    if request.top_logprobs and not request.logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
     if request.max_tokens is not None and request.max_completion_tokens is not None \
             and request.max_tokens != request.max_completion_tokens:
