@@ -123,3 +123,26 @@ def test_eval_bad_line_names_file_and_line(model_dir, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"context": ["hi"], "response": "hello"}\n{"context": ["hi"]}\n')
     assert cli.main(["eval", "--model", model_dir, "--data", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_reply_token_log_probs_match_transformers_in_any_chunking(model_dir, chat_model, monkeypatch):
+    """Each reply token's log-probability and the MAX_TOP best at its position, against transformers; calls
+    cut to one row by a small logits budget give the same numbers as one call."""
+    from bbsmall_jax.evaluation import scoring
+
+    model, tokenizer = chat_model
+    hf = transformers.BlenderbotSmallForConditionalGeneration.from_pretrained(model_dir).eval()
+    scale_reference_decoder_embeddings(hf)
+    examples = make_examples(8)[:6]  # the longest context (3) and a reply cut to the limit (5) among them
+    contexts = [tokenizer.encode_conversation(list(ex.context), max_length=SOURCE, turn_separator="\n")
+                for ex in examples]
+    replies = [(tokenizer(ex.response)["input_ids"] + [tokenizer.eos_token_id])[:TARGET] for ex in examples]
+    together = scoring.reply_token_log_probs(model, contexts, replies)
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 1)
+    one_by_one = scoring.reply_token_log_probs(model, contexts, replies)
+    for example, reply, a, b in zip(examples, replies, together, one_by_one):
+        expected = reference_log_probs(hf, tokenizer, example.context, [reply])[0]
+        assert np.abs(a.chosen - expected).max() <= 1e-5 and np.abs(b.chosen - expected).max() <= 1e-5
+        assert a.top.shape == (len(reply), scoring.MAX_TOP) and (a.top_ids == b.top_ids).all()
+        assert np.abs(a.top - b.top).max() <= 1e-5 and (np.diff(a.top, axis=1) <= 0).all()
+        assert (a.top[:, 0] >= a.chosen - 1e-6).all()

@@ -133,6 +133,7 @@ def score_replies(model, data: TokenizedExamples, contexts: np.ndarray, candidat
 
 
 MAX_TOP = 20  # the most alternatives `reply_token_log_probs` lists per token (OpenAI's top_logprobs limit)
+LOGITS_BUDGET = 1 << 28  # bytes of float32 logits one `reply_token_log_probs` call holds at most (256 MiB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,24 +165,37 @@ def reply_token_log_probs(model, contexts: list[list[int]], replies: list[list[i
     token left out) as the reply to `contexts[i]` (token ids), with the MAX_TOP most likely tokens at each
     position: the raw model's distribution, before any temperature, top-p or other logits processing.
 
-    One call, its shapes padded (rows to a power of two, lengths to `bucket_length`) so few programs compile."""
+    Shapes are padded (rows to a power of two, lengths to `bucket_length`) so few programs compile, and the rows
+    go in calls whose float32 logits stay under LOGITS_BUDGET bytes."""
     if len(contexts) != len(replies):
         raise ValueError(f"{len(contexts)} contexts for {len(replies)} replies")
     if not contexts:
         return []
-    cap = model.config.max_position_embeddings
-    rows = 1 << max(len(contexts) - 1, 0).bit_length()
-    source_len = bucket_length(max(max(map(len, contexts)), 1), cap)
-    target_len = bucket_length(max(max(map(len, replies)), 1), cap)
-    input_ids = np.full((rows, source_len), model.config.pad_token_id, np.int32)
+    config = model.config
+    source_len = bucket_length(max(max(map(len, contexts)), 1), config.max_position_embeddings)
+    target_len = bucket_length(max(max(map(len, replies)), 1), config.max_position_embeddings)
+    fitting = max(LOGITS_BUDGET // (target_len * config.vocab_size * 4), 1)
+    rows = min(1 << (fitting.bit_length() - 1), 1 << max(len(contexts) - 1, 0).bit_length())  # powers of two
+    score, out = _token_scorer(model.module), []
+    for first in range(0, len(contexts), rows):
+        arrays = _token_batch(contexts[first:first + rows], replies[first:first + rows], rows, source_len,
+                              target_len, config.pad_token_id)
+        chosen, top, top_ids = jax.device_get(score(model.params, *arrays))
+        out += [TokenLogProbs(chosen[row, :len(reply)], top[row, :len(reply)], top_ids[row, :len(reply)])
+                for row, reply in enumerate(replies[first:first + rows])]
+    return out
+
+
+def _token_batch(contexts: list[list[int]], replies: list[list[int]], rows: int, source_len: int, target_len: int,
+                 pad: int) -> tuple[np.ndarray, ...]:
+    """input_ids, attention_mask [rows, S] and labels [rows, T]; the rows past the replies are filler (one pad
+    token of context, no reply)."""
+    input_ids = np.full((rows, source_len), pad, np.int32)
     attention_mask = np.zeros((rows, source_len), np.int32)
-    attention_mask[:, 0] = 1  # filler rows: one pad token of context, no reply
+    attention_mask[:, 0] = 1
     labels = np.full((rows, target_len), IGNORED, np.int32)
     for row, (context, reply) in enumerate(zip(contexts, replies)):
         input_ids[row, :len(context)] = context
         attention_mask[row, :len(context)] = 1
         labels[row, :len(reply)] = reply
-    chosen, top, top_ids = jax.device_get(_token_scorer(model.module)(model.params, input_ids, attention_mask,
-                                                                      labels))
-    return [TokenLogProbs(chosen[row, :len(reply)], top[row, :len(reply)], top_ids[row, :len(reply)])
-            for row, reply in enumerate(replies)]
+    return input_ids, attention_mask, labels
