@@ -29,12 +29,13 @@ from bbsmall_jax.train.flops import peak_flops, train_flops
 from bbsmall_jax.train.loss import lm_head_loss, tile_count
 from bbsmall_jax.train.plan import TrainingPlan, choose_plan
 from bbsmall_jax.train.program import build_program
+from bbsmall_jax.train.summaries import TAGS
 from bbsmall_jax.train.steps import (abstract_state, init_state, learning_rate_schedule, loss_sum, make_eval_step,
                                      make_optimizer, make_train_step, zero_frozen)
 from bbsmall_jax.testing import loopback_coordinator
 from bbsmall_jax.testing.reference_models import random_hf_model, save_hf_model, scale_reference_decoder_embeddings
-from bbsmall_jax.testing.training import (read_metrics, shared_job, subprocess_env, synthetic_datasets, tiny_config,
-                                          torch_reference_losses, use_compile_cache)
+from bbsmall_jax.testing.training import (read_metrics, read_tensorboard, shared_job, subprocess_env,
+                                          synthetic_datasets, tiny_config, torch_reference_losses, use_compile_cache)
 
 WORKER = ["-m", "bbsmall_jax.testing.train_worker"]
 FAST_COMPILE = "--xla_backend_optimization_level=0"  # subprocesses compile afresh: less compile time, slower steps
@@ -243,6 +244,7 @@ def test_resume_is_exact_after_a_kill(one_device_run, tmp_path):
     train(cfg, str(run), datasets, model_config)  # the same command again resumes from step 3
     resumed = read_metrics(run)
     assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert_tensorboard_equals_metrics(run, resumed)  # step 4, logged twice, once in the reader's view
     for key in ("loss", "grad_norm", "eval_loss"):
         a = np.array([r.get(key, 0.0) for r in expected])
         b = np.array([r.get(key, 0.0) for r in resumed])
@@ -255,6 +257,32 @@ def test_resume_is_exact_after_a_kill(one_device_run, tmp_path):
     with pytest.raises(ConfigError, match="total_schedule_steps.*set decay_steps"):
         train(cfg.replace(max_steps=20, decay_steps=0), str(run), datasets, model_config)
     assert train(cfg.replace(max_steps=8), str(run), datasets, model_config).step == 8  # training on
+
+
+def assert_tensorboard_equals_metrics(run, records: list[dict]) -> None:
+    """Every metrics.jsonl value is the TensorBoard scalar of its tag at its step, and no step repeats."""
+    scalars = read_tensorboard(str(run))
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec", "eval/loss",
+            "eval/perplexity", "eval/context_gain"} <= set(scalars)
+    for name, tag in TAGS.items():
+        expected = [(r["step"], r[name]) for r in records if name in r]
+        steps = [step for step, _ in scalars.get(tag, [])]
+        assert steps == [step for step, _ in expected], (tag, steps)
+        np.testing.assert_allclose([v for _, v in scalars.get(tag, [])], [v for _, v in expected], rtol=1e-6)
+
+
+def test_profile_steps_write_a_trace_and_nothing_when_off(tmp_path, monkeypatch):
+    cfg, datasets, model_config = shared_job()
+    started, start_trace = [], jax.profiler.start_trace
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda *a, **k: (started.append(a), start_trace(*a, **k))[1])
+    train(cfg.replace(max_steps=2), str(tmp_path / "plain"), datasets, model_config)
+    assert started == [] and not (tmp_path / "plain" / "tensorboard" / "plugins").exists()
+    train(cfg.replace(max_steps=3, profile_steps=[2, 3]), str(tmp_path / "profiled"), datasets, model_config)
+    assert len(started) == 1
+    traces = list((tmp_path / "profiled" / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert list(traces[0].parent.glob("*.trace.json.gz"))  # Perfetto's
+    assert_tensorboard_equals_metrics(tmp_path / "profiled", read_metrics(tmp_path / "profiled"))
 
 
 @pytest.fixture(scope="module")

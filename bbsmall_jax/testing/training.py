@@ -77,6 +77,15 @@ def read_metrics(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def read_tensorboard(output_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of OUTPUT/tensorboard/'s scalars, as TensorBoard's own reader sees them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(output_dir, "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def torch_reference_losses(model, batches: list[dict], cfg: TrainConfig) -> list[float]:
     """A plain PyTorch loop: AdamW (no decay on biases and LayerNorms), linear warmup/decay, clipping."""
     import torch

@@ -21,7 +21,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 REMAT = ("none", "dots", "full")
 # Fields that may change when a run resumes: they do not alter the trajectory of the params.
 RESUMABLE_FIELDS = ("max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every",
-                    "eval_batches", "progress", "prefetch", "peak_flops", "fsdp")
+                    "eval_batches", "progress", "prefetch", "peak_flops", "fsdp", "profile_steps")
 
 
 class ConfigError(ValueError):
@@ -73,6 +73,7 @@ class TrainConfig:
     progress: bool = True
     prefetch: int = 4  # batches prepared ahead in a background thread
     peak_flops: float = 0.0  # one device's peak FLOP/s for the logged MFU; 0: from a table of accelerators
+    profile_steps: tuple = ()  # [start, stop]: trace steps start..stop (1-based, inclusive) into tensorboard/
     # sharding
     # shard params and optimizer state over the data axis as well as the batch: true, false, or auto (on
     # GPU and TPU with several devices; leaves too small to be worth a collective stay replicated)
@@ -81,6 +82,7 @@ class TrainConfig:
     def __post_init__(self):
         object.__setattr__(self, "buckets", tuple(tuple(b) for b in self.buckets))
         object.__setattr__(self, "model", dict(self.model))
+        object.__setattr__(self, "profile_steps", _profile_steps(self.profile_steps))
         for name, allowed in (("schedule", SCHEDULES), ("dtype", DTYPES), ("remat", REMAT),
                               ("separator", SEPARATORS)):
             if getattr(self, name) not in allowed:
@@ -187,6 +189,16 @@ class _YamlLoader(yaml.SafeLoader):
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
                                   re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                   list("-+0123456789"))
+
+
+def _profile_steps(value) -> tuple:
+    """`profile_steps` as () or (start, stop) with 1 <= start <= stop; ConfigError otherwise."""
+    steps = tuple(value) if isinstance(value, (list, tuple)) else value
+    if steps == () or (isinstance(steps, tuple) and len(steps) == 2 and all(
+            isinstance(n, int) and not isinstance(n, bool) for n in steps) and 1 <= steps[0] <= steps[1]):
+        return steps
+    raise ConfigError(f"profile_steps must be [start, stop] with 1 <= start <= stop (the steps to trace), or [] "
+                      f"for none; got {value!r}")
 
 
 def read_yaml(text_or_stream):

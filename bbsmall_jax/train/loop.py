@@ -19,7 +19,7 @@ import numpy as np
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.nn.layer_stacks import unstack_layers
 from bbsmall_jax.train import data as data_lib
-from bbsmall_jax.train.checkpoints import CheckpointStore, MetricsLog, check_compatible
+from bbsmall_jax.train.checkpoints import CheckpointStore, check_compatible
 from bbsmall_jax.train.config import ConfigError, TrainConfig
 from bbsmall_jax.train.flops import peak_flops, train_flops
 from bbsmall_jax.train.output_lock import output_lock
@@ -27,6 +27,7 @@ from bbsmall_jax.train.preparation import Datasets, build_model_config, export, 
 from bbsmall_jax.train.sharding import Feeder, barrier, gather_params, make_mesh, say
 from bbsmall_jax.train.program import build_program, check_batch
 from bbsmall_jax.train.steps import init_state
+from bbsmall_jax.train.summaries import make_reporters
 
 
 class TrainingError(RuntimeError):
@@ -108,7 +109,8 @@ def evaluate(eval_step, params, batcher: data_lib.Batcher, max_batches: int, to_
 
 def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None,
           model_config: Optional[BlenderbotSmallConfig] = None, host_params: Optional[dict] = None) -> TrainResult:
-    """Train (or resume) into `output_dir`: checkpoints/, metrics.jsonl, tokenizer/, final/ (HF format).
+    """Train (or resume) into `output_dir`: checkpoints/, metrics.jsonl, tensorboard/, tokenizer/, final/ (HF
+    format).
 
     `datasets`, `model_config` and `host_params` let tests run on synthetic data and given weights;
     by default they come from `cfg` (data, init or model, tokenizer). One run at a time holds `output_dir`
@@ -128,7 +130,7 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
     mesh = make_mesh()
     micro = check_batch(cfg, mesh.size)
     store = CheckpointStore(os.path.join(output_dir, "checkpoints"), cfg.keep_checkpoints)
-    batches = None
+    batches = metrics_log = profiler = None
     try:
         resuming = bool(store.steps())
         meta = store.newest_meta()
@@ -172,7 +174,7 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
         feeder = Feeder(mesh, micro, cfg.grad_accum_steps)
         to_eval_batch = lambda planned: feeder.eval_batch(valid_batches, planned)
 
-        metrics_log = MetricsLog(os.path.join(output_dir, "metrics.jsonl"), step, is_main)
+        metrics_log, profiler = make_reporters(output_dir, step, cfg.profile_steps, is_main)
         if step >= cfg.max_steps:
             say(f"the checkpoint is at step {step} >= max_steps={cfg.max_steps}: nothing to train")
         batches = data_lib.Prefetcher((feeder.train_batch(train_batches, p) for p in train_batches.plan(position)),
@@ -187,8 +189,10 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
         with _Stopper() as stopper:
             while step < cfg.max_steps:
                 planned, batch = next(batches)
+                profiler.before(step + 1)
                 state, metrics = train_step(state, batch)
                 step += 1
+                profiler.after(step, state)
                 position = data_lib.Position(planned.position.epoch, planned.position.index + 1)
                 pending.append((step, metrics))
                 window_tokens += planned.tokens
@@ -244,6 +248,7 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
             barrier("export")
         return TrainResult(step, status, export_dir, eval_loss)
     finally:
-        if batches is not None:
-            batches.close()
+        for resource in (batches, metrics_log, profiler):
+            if resource is not None:
+                resource.close()
         store.close()
