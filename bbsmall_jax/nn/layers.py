@@ -34,6 +34,13 @@ def mask_to_bias(allowed: Array) -> Array:
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
+def key_mask(mask: Array) -> Array:
+    """Which keys each query may see, broadcastable to [B, 1, T, S]: a key-padding mask [B, S] as [B, 1, 1, S],
+    or a full mask [B, T, S] (packed sequences: each query sees its own segment's keys) as [B, 1, T, S]."""
+    mask = mask.astype(bool)
+    return mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def softmax_as(scores: Array, dtype: Dtype) -> Array:
     """softmax(scores) over the last axis of float32 scores, returned in `dtype`.

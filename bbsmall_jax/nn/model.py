@@ -14,7 +14,7 @@ from bbsmall_jax.nn.cache import KVCache
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.nn.layer_stacks import STACKED
 from bbsmall_jax.nn.layout import replicated, rows_sharded
-from bbsmall_jax.nn.layers import DecoderLayer, EncoderLayer, layer_norm, mask_to_bias
+from bbsmall_jax.nn.layers import DecoderLayer, EncoderLayer, key_mask, layer_norm, mask_to_bias
 from bbsmall_jax.nn.outputs import CausalLMOutput, DecoderOutput, EncoderOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 
 Array = jax.Array
@@ -152,7 +152,7 @@ class Encoder(_Stack):
         hidden = self.dropout(hidden, deterministic=deterministic)
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), bool)
-        bias = mask_to_bias(attention_mask.astype(bool))[:, None, None, :]  # [B, 1, 1, S]
+        bias = mask_to_bias(key_mask(attention_mask))  # [B, 1, 1 or S, S]
 
         if _scannable(self, self.config.encoder_layerdrop, deterministic, output_hidden_states, output_attentions):
             layer = EncoderLayer(self.config, self.dtype, self.param_dtype, parent=None)
@@ -195,13 +195,14 @@ class Decoder(_Stack):
         """Biases among the T input tokens (causal, [B or 1, 1, T, T]) and over the cached keys.
 
         The cache bias [B or 1, 1, 1, max_len] allows the keys before `cache.index` (None without a cache).
-        Both take key padding from `attention_mask`: [B, T] without a cache, [B, max_len] with one.
+        Both take key padding from `attention_mask`: [B, T] without a cache, [B, max_len] with one; without a
+        cache it may also be a full mask [B, T, T] (packed sequences), combined with the causal one.
         """
         positions = jnp.arange(length)
         allowed = (positions[None, :] <= positions[:, None])[None, None]  # [1, 1, T, T]
         if cache is None:
             if attention_mask is not None:
-                allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
+                allowed = allowed & key_mask(attention_mask)
             return mask_to_bias(allowed), None
         cached = (jnp.arange(cache.max_length) < cache.index)[None, None, None, :]  # [1, 1, 1, K]
         if attention_mask is not None:
@@ -230,7 +231,7 @@ class Decoder(_Stack):
         cached_cross = cache is not None and cache.cross_key is not None
         encoder_mask = (cache.encoder_mask if cached_cross else
                         encoder_attention_mask if encoder_hidden_states is not None else None)
-        cross_bias = None if encoder_mask is None else mask_to_bias(encoder_mask.astype(bool))[:, None, None, :]
+        cross_bias = None if encoder_mask is None else mask_to_bias(key_mask(encoder_mask))  # [B, 1, 1 or T, S]
         if cache is None and _scannable(self, c.decoder_layerdrop, deterministic, output_hidden_states,
                                         output_attentions):
             layer = DecoderLayer(c, 0, self.dtype, self.param_dtype, parent=None)

@@ -12,6 +12,7 @@ def main():
     parser.add_argument("--coordinator")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
+    parser.add_argument("--packing", action="store_true", help="the shared job with packed rows")
     args = parser.parse_args()
     import jax
 
@@ -23,7 +24,7 @@ def main():
 
     results = {}
     for fsdp in {"off": [False], "on": [True], "both": [False, True]}[args.fsdp]:
-        cfg, datasets, model_config = shared_job(fsdp=fsdp)
+        cfg, datasets, model_config = shared_job(fsdp=fsdp, packing=args.packing)
         directory = os.path.join(args.output_dir, f"fsdp_{fsdp}")
         train(cfg, directory, datasets, model_config)
         results[f"fsdp_{fsdp}"] = [r["loss"] for r in read_metrics(directory)]

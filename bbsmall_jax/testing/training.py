@@ -121,7 +121,16 @@ SHARED_JOB = dict(max_steps=6, decay_steps=6, batch_size=16, grad_accum_steps=2,
 SHARED_MODEL = dict(TINY_MODEL, encoder_layers=1, decoder_layers=1)
 
 
-def shared_job(fsdp: bool = False):
-    """(config, datasets, model config) of the shared job."""
-    cfg = tiny_config(**SHARED_JOB, fsdp=fsdp, model=SHARED_MODEL)
-    return cfg, synthetic_datasets(), cfg.model_config()
+def shared_job(fsdp: bool = False, packing: bool = False):
+    """(config, datasets, model config) of the shared job; with `packing`, on short examples packed two to a row."""
+    cfg = tiny_config(**SHARED_JOB, fsdp=fsdp, model=SHARED_MODEL, packing=packing)
+    datasets = short_datasets() if packing else synthetic_datasets()
+    return cfg, datasets, cfg.model_config()
+
+
+def short_datasets(vocab_size: int = 101):
+    """Synthetic train and validation data: sources of 2-6 tokens, targets of 3 (two to a row of the tiny bucket)."""
+    from bbsmall_jax.train.preparation import Datasets
+
+    return Datasets(synthetic_examples(1024, vocab_size, 0, max_source=6, max_target=3),
+                    synthetic_examples(48, vocab_size, 1, max_source=6, max_target=3))

@@ -48,7 +48,8 @@ class TrainConfig:
     max_source_length: int = 128
     max_target_length: int = 64
     buckets: tuple = ()  # ((source_len, target_len), ...) ascending; () -> derived from the max lengths
-    batch_size: int = 32  # examples per optimizer step, over all devices and accumulation steps
+    batch_size: int = 32  # examples (rows, with packing) per optimizer step, over all devices and accumulation steps
+    packing: bool = False  # several examples per row, masked apart by segment (train/packing.py)
     grad_accum_steps: int = 1
     # optimisation
     learning_rate: float = 1e-4
@@ -104,7 +105,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not _is_number(self.end_learning_rate_ratio) or not 0 <= self.end_learning_rate_ratio <= 1:
             raise ConfigError(f"end_learning_rate_ratio must be in [0, 1], got {self.end_learning_rate_ratio!r}")
-        for name in ("progress", "add_end"):
+        for name in ("progress", "add_end", "packing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (isinstance(self.fsdp, bool) or self.fsdp == "auto"):

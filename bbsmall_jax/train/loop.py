@@ -23,6 +23,7 @@ from bbsmall_jax.train.checkpoints import CheckpointStore, check_compatible
 from bbsmall_jax.train.config import ConfigError, TrainConfig
 from bbsmall_jax.train.flops import peak_flops, train_flops
 from bbsmall_jax.train.output_lock import output_lock
+from bbsmall_jax.train.packing import PackedBatcher
 from bbsmall_jax.train.preparation import Datasets, build_model_config, export, prepare_datasets
 from bbsmall_jax.train.sharding import Feeder, barrier, gather_params, make_mesh, say
 from bbsmall_jax.train.program import build_program, check_batch
@@ -168,7 +169,8 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
         peak, _ = peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
 
         pad = model_config.pad_token_id
-        train_batches = data_lib.Batcher(datasets.train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, pad)
+        batcher = PackedBatcher if cfg.packing else data_lib.Batcher
+        train_batches = batcher(datasets.train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, pad)
         valid_batches = data_lib.Batcher(datasets.valid, micro, cfg.bucket_shapes, cfg.seed, pad,
                                          drop_remainder=False)
         feeder = Feeder(mesh, micro, cfg.grad_accum_steps)

@@ -20,6 +20,7 @@ from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.nn.layer_stacks import stack_layers, unstack_layers
 from bbsmall_jax.nn.model import build_module
 from bbsmall_jax.train.config import ConfigError, TrainConfig
+from bbsmall_jax.train.packing import PACKED_KEYS
 from bbsmall_jax.train.plan import TrainingPlan, choose_plan
 from bbsmall_jax.train.sharding import DATA_AXIS
 from bbsmall_jax.train.steps import abstract_state, learning_rate_schedule, make_eval_step, make_optimizer, make_train_step
@@ -67,12 +68,16 @@ class TrainProgram:
         return jax.tree_util.tree_leaves(self.abstract)[0].sharding.mesh
 
     def batch_shapes(self, cfg: TrainConfig, bucket: Optional[tuple[int, int]] = None) -> dict:
-        """A train batch of `bucket` (default: the largest) as ShapeDtypeStructs [A, micro, L], sharded as fed."""
+        """A train batch of `bucket` (default: the largest) as ShapeDtypeStructs [A, micro, L], sharded as fed
+        (with packing, the packed batch's keys too)."""
         source, target = bucket or cfg.bucket_shapes[-1]
         shape = lambda length: (cfg.grad_accum_steps, cfg.batch_size // cfg.grad_accum_steps, length)
         sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))
         spec = lambda length: jax.ShapeDtypeStruct(shape(length), jnp.int32, sharding=sharding)
-        return {"input_ids": spec(source), "attention_mask": spec(source), "labels": spec(target)}
+        batch = {"input_ids": spec(source), "attention_mask": spec(source), "labels": spec(target)}
+        if cfg.packing:  # packed rows' segment ids and positions (train/packing.py)
+            batch.update({name: spec(source if name.startswith("encoder") else target) for name in PACKED_KEYS})
+        return batch
 
 
 def check_batch(cfg: TrainConfig, devices: int) -> int:

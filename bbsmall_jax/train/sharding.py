@@ -64,9 +64,10 @@ class Feeder:
         self.mine = local_rows(mesh, micro)
 
     def train_batch(self, batcher: data_lib.Batcher, planned: data_lib.PlannedBatch):
-        rows = planned.rows.reshape(self.accum, self.micro)[:, self.mine]  # [A, local rows]
-        local = batcher.materialize(planned.bucket, rows.reshape(-1))
-        local = {k: v.reshape(rows.shape + v.shape[1:]) for k, v in local.items()}  # [A, local rows, L]
+        # [A, local rows] example indices ([A, local rows, segments] of packed rows)
+        rows = planned.rows.reshape((self.accum, self.micro) + planned.rows.shape[1:])[:, self.mine]
+        local = batcher.materialize(planned.bucket, rows.reshape((-1,) + rows.shape[2:]))
+        local = {k: v.reshape(rows.shape[:2] + v.shape[1:]) for k, v in local.items()}  # [A, local rows, L]
         shapes = {k: (self.accum, self.micro, v.shape[-1]) for k, v in local.items()}
         sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))
         return planned, jax.make_array_from_process_local_data(sharding, local, shapes)

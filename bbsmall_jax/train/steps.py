@@ -16,6 +16,7 @@ from bbsmall_jax.nn.layer_stacks import stack_layers
 from bbsmall_jax.nn.model import cross_entropy_loss, init_params, shift_tokens_right
 from bbsmall_jax.train.config import TrainConfig
 from bbsmall_jax.train.loss import lm_head_loss
+from bbsmall_jax.train.packing import is_packed, packed_model_inputs
 from bbsmall_jax.train.plan import TrainingPlan, default_plan
 from bbsmall_jax.train.sharding import DATA_AXIS, leaf_spec, tree_shardings
 
@@ -74,6 +75,15 @@ def _decoder_hidden(model, input_ids, attention_mask, decoder_input_ids, determi
                         deterministic=deterministic).last_hidden_state
 
 
+def _packed_decoder_hidden(model, input_ids, inputs: dict, deterministic):
+    """The decoder's last hidden state [B, T, D] of packed rows (`packing.packed_model_inputs`' `inputs`)."""
+    encoded = model.encode(input_ids, inputs["encoder_mask"], deterministic=deterministic,
+                           position_ids=inputs["encoder_positions"])
+    return model.decode(inputs["decoder_input_ids"], encoded.last_hidden_state, inputs["cross_mask"],
+                        inputs["decoder_mask"], deterministic=deterministic,
+                        position_ids=inputs["decoder_positions"]).last_hidden_state
+
+
 def _decoder_hidden_under_own_and_next_context(model, input_ids, attention_mask, decoder_input_ids, deterministic):
     """The decoder's last hidden states [B, T, D] under each row's own source and under the next row's (the
     last row gets the first's). The encoder runs once: rolling its output rolls the sources it encoded."""
@@ -94,10 +104,16 @@ def _under(mesh: Optional[Mesh]) -> contextlib.AbstractContextManager:
 
 def _features(module, params, batch: dict, dropout_rng: Optional[jax.Array], plan: TrainingPlan,
               method=_decoder_hidden):
-    """The decoder's last hidden state of one batch (what `method` returns); dropout on when a key is given."""
+    """The decoder's last hidden state of one batch (what `method` returns; packed rows have their own method);
+    dropout on when a key is given."""
     config = module.config
-    decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
     rngs = {} if dropout_rng is None else {"dropout": plan.dropout_key(dropout_rng)}
+    if is_packed(batch):
+        inputs = packed_model_inputs(batch, config.pad_token_id, config.decoder_start_token_id)
+        with plan.trace_context():
+            return module.apply({"params": params}, batch["input_ids"], inputs, dropout_rng is None, rngs=rngs,
+                                method=_packed_decoder_hidden)
+    decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
     with plan.trace_context():
         return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
                             dropout_rng is None, rngs=rngs, method=method)
