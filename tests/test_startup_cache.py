@@ -39,12 +39,15 @@ def test_programs_compile_once_then_load_from_disk(responder, tmp_path):
 
 
 class Typist(io.StringIO):
-    """Each line after the first is typed once the session's background compile is over (a user slower than
-    the compiler)."""
+    """A terminal where each line after the first is typed once the session's background compile is over (a
+    user slower than the compiler)."""
 
     def __init__(self, text: str, session: "WatchedSession"):
         super().__init__(text)
         self.session, self.lines = session, 0
+
+    def isatty(self):
+        return True
 
     def readline(self, *args):
         if self.lines:
@@ -81,9 +84,18 @@ def test_chat_compiles_the_next_buckets_in_the_background(responder, tmp_path):
         session = WatchedSession(responder)
         stdout, stderr = io.StringIO(), io.StringIO()
         assert run_repl(session, Typist("\n".join(messages) + "\n", session), stdout, stderr) == 0
-    assert stdout.getvalue().splitlines() == expected
+    assert [line for line in stdout.getvalue().replace("you> ", "").splitlines() if line] == expected
     assert stderr.getvalue().count(COMPILING) == 1 and FINISHING not in stderr.getvalue()
     assert len(compiles) >= len(set(buckets)) and set(buckets) <= session.compiled_buckets
+
+
+def test_piped_chat_compiles_nothing_ahead(responder, tmp_path):
+    """Input from a pipe has no typing to hide a compile behind: nothing is compiled beyond the replies."""
+    compiles = []
+    with startup_cache.enabled(str(tmp_path)), startup_cache.compile_listener(lambda: compiles.append(1)):
+        session = ChatSession(responder)
+        assert run_repl(session, io.StringIO("hi\n"), io.StringIO(), io.StringIO()) == 0
+    assert len(compiles) == 1 and len(session.compiled_buckets) == 1
 
 
 def session_bucket(responder, turns) -> int:

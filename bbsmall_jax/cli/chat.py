@@ -89,17 +89,11 @@ class _Worker:
                 future.set_result(call())
             except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
                 future.set_exception(err)
-            finally:
-                self._calls.task_done()
 
     def submit(self, call: Callable) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._calls.put((future, call))
         return future
-
-    def wait_idle(self) -> None:
-        """Wait until every submitted call has finished (a reply cancelled just before leaving)."""
-        self._calls.join()
 
 
 def _command_help() -> str:
@@ -112,14 +106,16 @@ def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
     """Read messages line by line until /quit or end of input; returns the exit status.
 
     A line starting with / is a command (// sends a message that starts with /). Ctrl-C while a reply is being
-    made drops that reply and keeps the conversation; at the prompt it leaves. After each reply, the session's
-    programs for the next message are compiled in the background (`ChatSession.prepare_next`).
+    made drops that reply and keeps the conversation; at the prompt it leaves. In a terminal, after each reply
+    the session's programs for the next message are compiled in the background while the user types
+    (`ChatSession.prepare_next`); leaving does not wait for that.
     """
     interactive = stdin.isatty()
     worker = _Worker()
     compiled: list[bool] = []
     answering = threading.Event()  # set while the worker makes a reply: only its compiles are announced
     background: Optional[concurrent.futures.Future] = None
+    replies: list[concurrent.futures.Future] = []  # each reply's call, so that leaving waits for a cancelled one
     print(HELP, file=stderr)
 
     def compiling() -> None:
@@ -158,15 +154,15 @@ def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
                     continue
                 if background is not None and not background.done():
                     print(FINISHING, file=stderr, flush=True)
-                reply = _wait_for_reply(worker, session, message, compiled, answering, stderr)
+                reply = _wait_for_reply(worker, session, message, compiled, answering, stderr, replies)
                 if reply is not None:
                     print(f"bot> {reply}", file=stdout, flush=True)
-                    if session.compile_ahead:
+                    if session.compile_ahead and interactive:
                         background = worker.submit(session.prepare_next)
     except KeyboardInterrupt:  # at the prompt
         print("", file=stdout)
     try:
-        worker.wait_idle()  # a cancelled reply still running: let it end before the interpreter does
+        concurrent.futures.wait(replies)  # a cancelled reply still running: let it end before the interpreter does
     except KeyboardInterrupt:
         pass
     return 0
@@ -183,9 +179,9 @@ def _result(future: concurrent.futures.Future):
 
 
 def _wait_for_reply(worker: _Worker, session: ChatSession, message: str, compiled: list,
-                    answering: threading.Event, stderr: TextIO) -> Optional[str]:
+                    answering: threading.Event, stderr: TextIO, replies: list) -> Optional[str]:
     """The reply to `message`, recorded in the history; None when Ctrl-C cancels it. `answering` is set while
-    the worker makes it."""
+    the worker makes it; its call's future is appended to `replies`."""
     start = time.perf_counter()
     compiled.clear()
 
@@ -197,6 +193,7 @@ def _wait_for_reply(worker: _Worker, session: ChatSession, message: str, compile
             answering.clear()
 
     future = worker.submit(answer)
+    replies.append(future)
     try:
         reply = _result(future)
     except KeyboardInterrupt:
