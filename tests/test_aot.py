@@ -82,6 +82,18 @@ def test_train_step_compiles_data_parallel_and_fsdp(train_reports):
     assert fsdp.step_bytes < dp.step_bytes
 
 
+def test_packed_train_step_compiles_with_its_segment_inputs(v5e_2x2):
+    """`packing: true` compiles the packed step train.py runs: the batch carries segment ids and positions."""
+    cfg = load_config("configs/tiny.yaml", dict(TINY_TRAINING, fsdp=True, packing=True))
+    lowered = programs.lower_train(cfg, v5e_2x2)
+    batch = lowered.lowered.in_tree.children()[0].children()[1]  # (state, batch) positional arguments
+    assert "decoder_segment_ids" in str(batch) and "encoder_positions" in str(batch)
+    report = compile_and_report(lowered)
+    assert report.devices == 4 and report.memory["fits"] and report.step_bytes > 0
+    assert not report.hlo.custom_calls
+    _no_host_transfer_in_loops(report)
+
+
 def test_train_py_compile_only_on_two_hosts(tmp_path, capsys):
     overrides = [f"{k}={json.dumps(v)}" for k, v in TINY_TRAINING.items()]  # YAML reads JSON values
     code = train_cli.main(["--config", "configs/tiny.yaml", "--compile-only", "--topology", "v5e:2x4", "--json",
