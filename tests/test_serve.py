@@ -631,33 +631,45 @@ def test_full_queue_503_then_sigterm_drains(server, tmp_path):
 
 def _outcome(url: str, index: int) -> str:
     """One request during a shutdown: '200', '503' (JSON, Retry-After), 'stream' (complete) or 'stream cut'
-    (an error event, then [DONE]); anything else fails the test."""
-    body = good(messages=[{"role": "user", "content": f"tell me about {TOPICS[index % len(TOPICS)]}"}],
-                stream=index % 3 == 0)
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as response:
+    (an error event, then [DONE]; for the Responses API, every fifth request, an `error` event ending it);
+    anything else fails the test."""
+    text, stream = f"tell me about {TOPICS[index % len(TOPICS)]}", index % 3 == 0
+    responses = index % 5 == 4
+    body = (dict(model=MODEL, input=text, stream=stream) if responses else
+            good(messages=[{"role": "user", "content": text}], stream=stream))
+    path = "/v1/responses" if responses else "/v1/chat/completions"
+    with httpx.stream("POST", url + path, json=body, timeout=300) as response:
         text = response.read().decode()
-    if not body["stream"]:
+    if not stream:
         if response.status_code == 503:
             assert response.json()["error"]["code"] == "shutting_down" and response.headers["Retry-After"]
         assert response.status_code in (200, 503), text
         return str(response.status_code)
-    events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
-    assert response.status_code == 200 and events[-1] == "[DONE]", text
-    errors = [e for e in events[:-1] if "error" in json.loads(e)]
-    assert not errors or json.loads(errors[0])["error"]["code"] == "shutting_down", text
+    events = [json.loads(line[len("data: "):]) if line != "data: [DONE]" else "[DONE]"
+              for line in text.split("\n") if line.startswith("data: ")]
+    assert response.status_code == 200, text
+    if responses:
+        assert events[-1]["type"] in ("response.completed", "error"), text
+        cut = events[-1]["type"] == "error"
+        assert not cut or events[-1]["code"] == "shutting_down", text
+        return "stream cut" if cut else "stream"
+    assert events[-1] == "[DONE]", text
+    errors = [e for e in events[:-1] if "error" in e]
+    assert not errors or errors[0]["error"]["code"] == "shutting_down", text
     return "stream cut" if errors else "stream"
 
 
 def _arrived(metrics: dict) -> float:
-    """Chat completion requests the server has taken: those in flight and those answered."""
-    answered = sum(value for (name, labels), value in metrics.items()
-                   if name == "bbsmall_requests_total" and ("path", "/v1/chat/completions") in labels)
+    """Chat completion and Responses requests the server has taken: those in flight and those answered."""
+    answered = sum(value for (name, labels), value in metrics.items() if name == "bbsmall_requests_total" and (
+        ("path", "/v1/chat/completions") in labels or ("path", "/v1/responses") in labels))
     return metrics[("bbsmall_requests_in_flight", ())] + answered
 
 
 def test_past_the_drain_timeout_every_request_gets_an_answer(tmp_path):
-    """SIGTERM under 100 concurrent requests with a drain timeout too short for them: each is answered (200,
-    a JSON 503, or a stream ended by an error event and [DONE]), and the log has one line, no traceback."""
+    """SIGTERM under 100 concurrent requests (chat completions and responses) with a drain timeout too short for
+    them: each is answered (200, a JSON 503, or a stream ended by an error event), and the log has one line, no
+    traceback."""
     slow = Server(FLAGS[:-2] + ["--max-batch", "1", "--batch-buckets", "1", "--max-length", "40", "--min-length",
                                 "40", "--drain-timeout", "2", "--warmup-lengths", "16"], str(tmp_path / "slow.log"))
     try:
