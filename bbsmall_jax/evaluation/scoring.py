@@ -91,22 +91,28 @@ def _groups(data: TokenizedExamples, contexts: np.ndarray, candidates: np.ndarra
     return groups
 
 
-def _materialize(data: TokenizedExamples, contexts: np.ndarray, candidates: np.ndarray, rows: np.ndarray,
-                 per_batch: int, source_len: int, target_len: int, pad: int) -> tuple[np.ndarray, ...]:
-    """input_ids, attention_mask [per_batch, S] and labels [per_batch, C, T] of some rows; the batch rows past
-    them are filler (one pad token of context, no reply tokens)."""
-    input_ids = np.full((per_batch, source_len), pad, np.int32)
-    attention_mask = np.zeros((per_batch, source_len), np.int32)
+def _padded(sources: list, targets: list[list], rows: int, count: int, source_len: int, target_len: int,
+            pad: int) -> tuple[np.ndarray, ...]:
+    """input_ids, attention_mask [rows, S] of the id sequences `sources` and labels [rows, count, T] of their
+    replies `targets[r]` (`count` a row); the rows past them are filler (one pad token of context, no reply)."""
+    input_ids = np.full((rows, source_len), pad, np.int32)
+    attention_mask = np.zeros((rows, source_len), np.int32)
     attention_mask[:, 0] = 1
-    labels = np.full((per_batch, candidates.shape[1], target_len), IGNORED, np.int32)
-    for r, row in enumerate(rows):
-        source = data.source_ids(contexts[row])
+    labels = np.full((rows, count, target_len), IGNORED, np.int32)
+    for r, (source, replies) in enumerate(zip(sources, targets)):
         input_ids[r, :len(source)] = source
         attention_mask[r, :len(source)] = 1
-        for c, index in enumerate(candidates[row]):
-            target = data.target_ids(index)
+        for c, target in enumerate(replies):
             labels[r, c, :len(target)] = target
     return input_ids, attention_mask, labels
+
+
+def _materialize(data: TokenizedExamples, contexts: np.ndarray, candidates: np.ndarray, rows: np.ndarray,
+                 per_batch: int, source_len: int, target_len: int, pad: int) -> tuple[np.ndarray, ...]:
+    """input_ids, attention_mask [per_batch, S] and labels [per_batch, C, T] of some rows (`_padded`)."""
+    return _padded([data.source_ids(contexts[row]) for row in rows],
+                   [[data.target_ids(index) for index in candidates[row]] for row in rows], per_batch,
+                   candidates.shape[1], source_len, target_len, pad)
 
 
 def score_replies(model, data: TokenizedExamples, contexts: np.ndarray, candidates: np.ndarray,
@@ -178,24 +184,10 @@ def reply_token_log_probs(model, contexts: list[list[int]], replies: list[list[i
     rows = min(1 << (fitting.bit_length() - 1), 1 << max(len(contexts) - 1, 0).bit_length())  # powers of two
     score, out = _token_scorer(model.module), []
     for first in range(0, len(contexts), rows):
-        arrays = _token_batch(contexts[first:first + rows], replies[first:first + rows], rows, source_len,
-                              target_len, config.pad_token_id)
-        chosen, top, top_ids = jax.device_get(score(model.params, *arrays))
+        input_ids, attention_mask, labels = _padded(contexts[first:first + rows],
+                                                    [[reply] for reply in replies[first:first + rows]], rows, 1,
+                                                    source_len, target_len, config.pad_token_id)
+        chosen, top, top_ids = jax.device_get(score(model.params, input_ids, attention_mask, labels[:, 0]))
         out += [TokenLogProbs(chosen[row, :len(reply)], top[row, :len(reply)], top_ids[row, :len(reply)])
                 for row, reply in enumerate(replies[first:first + rows])]
     return out
-
-
-def _token_batch(contexts: list[list[int]], replies: list[list[int]], rows: int, source_len: int, target_len: int,
-                 pad: int) -> tuple[np.ndarray, ...]:
-    """input_ids, attention_mask [rows, S] and labels [rows, T]; the rows past the replies are filler (one pad
-    token of context, no reply)."""
-    input_ids = np.full((rows, source_len), pad, np.int32)
-    attention_mask = np.zeros((rows, source_len), np.int32)
-    attention_mask[:, 0] = 1
-    labels = np.full((rows, target_len), IGNORED, np.int32)
-    for row, (context, reply) in enumerate(zip(contexts, replies)):
-        input_ids[row, :len(context)] = context
-        attention_mask[row, :len(context)] = 1
-        labels[row, :len(reply)] = reply
-    return input_ids, attention_mask, labels
