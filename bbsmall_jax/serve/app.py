@@ -28,7 +28,7 @@ from bbsmall_jax.serve.batcher import Batcher, Job, QueueFull
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.schemas import (ApiError, ChatCompletionRequest, chunk_body, completion_body, error_body,
                                        logprobs_body, parse_request, stop_strings, token_log_prob, turns_of, usage)
-from bbsmall_jax.serve.responses import ResponseEvents, ResponsesRequest, parse_responses_request, response_body
+from bbsmall_jax.serve.responses import ResponseEvents, ResponsesRequest, parse_responses_request
 from bbsmall_jax.serve.settings import Defaults
 
 log = logging.getLogger("uvicorn.error")
@@ -145,7 +145,8 @@ async def read_body(request: Request, limit: int, timeout: float = 30.0) -> byte
         except StopAsyncIteration:
             break
         except asyncio.TimeoutError:
-            raise ApiError(408, f"The request body did not arrive within {timeout:g} s", code="request_timeout") from None
+            raise ApiError(408, f"The request body did not arrive within {timeout:g} s",
+                           code="request_timeout") from None
         size += len(chunk)
         if size > limit:
             raise ApiError(413, too_large, code="request_too_large")
@@ -362,12 +363,10 @@ class _ResponseShape:
     """Replies as a `response` of the Responses API, or as its events."""
 
     def __init__(self, request: ResponsesRequest):
-        response_id, message_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
-        self.ids = (response_id, message_id, int(time.time()), request)
-        self.events = ResponseEvents(*self.ids)
+        self.events = ResponseEvents(f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time()), request)
 
     def body(self, choices: list[_Choice], prompt_tokens: int) -> dict:
-        return response_body(*self.ids, self._result(choices[0], prompt_tokens))
+        return self.events.body(self._result(choices[0], prompt_tokens))
 
     def started(self, chat: ChatCompletionRequest) -> list[str]:
         return self.events.started()

@@ -150,6 +150,10 @@ class ResponseEvents:
         self.ids = (response_id, message_id, created, request)
         self.message_id, self.number = message_id, 0
 
+    def body(self, result: Optional[tuple[str, str, int, int]] = None) -> dict:
+        """This response's `response` object (`response_body`)."""
+        return response_body(*self.ids, result)
+
     def _event(self, kind: str, **fields) -> str:
         data = {"type": kind, "sequence_number": self.number, **fields}
         self.number += 1
@@ -157,7 +161,7 @@ class ResponseEvents:
 
     def started(self) -> list[str]:
         """Before the reply: the response created and in progress, its message item and empty text part."""
-        body = response_body(*self.ids)
+        body = self.body()
         where = dict(item_id=self.message_id, output_index=0, content_index=0)
         return [self._event("response.created", response=body), self._event("response.in_progress", response=body),
                 self._event("response.output_item.added", output_index=0, item=output_message(self.message_id, None)),
@@ -166,7 +170,7 @@ class ResponseEvents:
     def finished(self, text: str, reason: str, prompt_tokens: int, completion_tokens: int) -> list[str]:
         """The reply: its text (one delta), the parts and item done, then the whole response, in a
         `response.completed` event also when its status is `incomplete` (OpenAI's SDK ends a stream only there)."""
-        body = response_body(*self.ids, (text, reason, prompt_tokens, completion_tokens))
+        body = self.body((text, reason, prompt_tokens, completion_tokens))
         where = dict(item_id=self.message_id, output_index=0, content_index=0)
         return [self._event("response.output_text.delta", **where, delta=text, logprobs=[]),
                 self._event("response.output_text.done", **where, text=text, logprobs=[]),
