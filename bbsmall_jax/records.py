@@ -130,6 +130,11 @@ def parse_record(text: str, line: int, path: str, need_response: bool = False) -
         # Some of json's messages end in "starting at" ("Unterminated string starting at"): one "at" is enough.
         message = err.msg[:-len(" at")] if err.msg.endswith(" at") else err.msg
         raise RecordError(f"{where}: not valid JSON ({message} at column {err.colno})") from None
+    return dialogue_of(data, line, where, need_response)
+
+
+def dialogue_of(data, line: int, where: str, need_response: bool = False) -> Dialogue:
+    """A parsed record (a JSON object, or a Parquet row as a dict) -> Dialogue; errors name `where`."""
     if not isinstance(data, dict):
         raise RecordError(f'{where}: expected a JSON object with "context" or "text", got {type(data).__name__}')
     bad = field_matching(data)

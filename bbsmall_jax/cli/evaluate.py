@@ -58,10 +58,12 @@ def resolve_settings(args: argparse.Namespace, directory: str, positions: int) -
 
 
 def load_eval_examples(data: str, valid_fraction: float, seed: int, max_examples=None) -> list:
-    """The held-out chitchat examples train.py's split leaves out, or every example of a JSONL file."""
-    from bbsmall_jax.train.data import load_examples, read_jsonl
+    """The held-out chitchat examples train.py's split leaves out, or every example of a JSONL file or a
+    sharded corpus (a directory or glob of shards)."""
+    from bbsmall_jax.train.corpus import read_examples
+    from bbsmall_jax.train.data import load_examples
 
-    examples = load_examples("chitchat", None, valid_fraction, seed)[1] if data == "chitchat" else read_jsonl(data)
+    examples = load_examples("chitchat", None, valid_fraction, seed)[1] if data == "chitchat" else read_examples(data)
     return examples[:max_examples] if max_examples else examples
 
 

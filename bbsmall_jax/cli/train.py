@@ -61,6 +61,20 @@ def parse_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def check_data_paths(cfg) -> None:
+    """DataError before anything starts when `data` or `valid_data` names no file and no shards."""
+    from bbsmall_jax.train.corpus import find_shards, is_sharded
+    from bbsmall_jax.train.data import DataError
+
+    for path in (cfg.data, cfg.valid_data):
+        if path is None or path == "chitchat":
+            continue
+        if is_sharded(path):
+            find_shards(path)
+        elif not os.path.isfile(path):
+            raise DataError(f"cannot read data file {path}: no such file")
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "train.py") -> int:
     """Run the command; returns the exit status (0 done, 1 failed, 2 bad usage/config/data, 143 stopped)."""
     parser = build_parser(prog)
@@ -77,8 +91,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "train.py") -> int:
         cfg = parse_config(args)
         if args.compile_only:
             return _compile_only(cfg, args, prog)
-        if cfg.data != "chitchat" and not os.path.isfile(cfg.data):
-            raise DataError(f"cannot read data file {cfg.data}: no such file")
+        check_data_paths(cfg)
     except (ConfigError, DataError) as err:
         parser.print_usage(sys.stderr)
         print(f"{prog}: error: {err}", file=sys.stderr)

@@ -40,8 +40,12 @@ class TrainConfig:
     dtype: str = "auto"  # compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU); params stay float32
     remat: str = "none"  # none | dots (keep matmul outputs, recompute the rest) | full (recompute all)
     # data
-    data: str = "chitchat"  # "chitchat" or a JSONL path
-    valid_data: Optional[str] = None  # JSONL; None splits `valid_fraction` of `data` off by conversation
+    # "chitchat", a JSONL file (read whole), or a sharded corpus streamed as training goes: a directory or glob
+    # of .jsonl, .jsonl.gz and .parquet shards (train/corpus.py)
+    data: str = "chitchat"
+    # JSONL file or sharded corpus; None splits `valid_fraction` of `data` off by conversation (a sharded
+    # corpus: holds its last shard out)
+    valid_data: Optional[str] = None
     valid_fraction: float = 0.05
     separator: str = "newline"  # how context turns are joined: newline (ParlAI) or end_start (`__end__ __start__`)
     add_end: bool = False  # append `__end__` to each context

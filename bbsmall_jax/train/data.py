@@ -183,6 +183,11 @@ class PlannedBatch:
     position: Position  # this batch's position in the stream
     tokens: int  # real (non-pad) source + target tokens
 
+    @property
+    def after(self) -> Position:
+        """Where the stream stands once this batch is taken."""
+        return Position(self.position.epoch, self.position.index + 1)
+
 
 class Batcher:
     """Bucketed, shuffled, deterministic batches: epoch e's order depends only on (seed, e).
@@ -244,21 +249,26 @@ class Batcher:
             epoch, index = epoch + 1, 0
 
     def materialize(self, bucket: tuple[int, int], rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Right-padded int32 arrays: input_ids, attention_mask [R, S] and labels [R, T] (-100 on padding)."""
-        source_len, target_len = bucket
-        n = len(rows)
-        input_ids = np.full((n, source_len), self.pad_token_id, np.int32)
-        labels = np.full((n, target_len), -100, np.int32)
-        data = self.data
-        for r, row in enumerate(rows):
-            if row < 0:
-                continue
-            src, tgt = data.source_ids(row), data.target_ids(row)
-            input_ids[r, :len(src)] = src
-            labels[r, :len(tgt)] = tgt
-        lengths = data.source_lengths[np.maximum(rows, 0)] * (rows >= 0)
-        attention_mask = (np.arange(source_len)[None, :] < lengths[:, None]).astype(np.int32)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return padded_rows(self.data, bucket, rows, self.pad_token_id)
+
+
+def padded_rows(data: TokenizedExamples, bucket: tuple[int, int], rows: np.ndarray,
+                pad_token_id: int) -> dict[str, np.ndarray]:
+    """Right-padded int32 arrays of examples `rows` of `data` (-1: an empty row): input_ids, attention_mask
+    [R, S] and labels [R, T] (-100 on padding)."""
+    source_len, target_len = bucket
+    n = len(rows)
+    input_ids = np.full((n, source_len), pad_token_id, np.int32)
+    labels = np.full((n, target_len), -100, np.int32)
+    for r, row in enumerate(rows):
+        if row < 0:
+            continue
+        src, tgt = data.source_ids(row), data.target_ids(row)
+        input_ids[r, :len(src)] = src
+        labels[r, :len(tgt)] = tgt
+    lengths = data.source_lengths[np.maximum(rows, 0)] * (rows >= 0)
+    attention_mask = (np.arange(source_len)[None, :] < lengths[:, None]).astype(np.int32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class Prefetcher:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -11,16 +12,17 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
 
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.nn.layer_stacks import unstack_layers
-from bbsmall_jax.train import data as data_lib
+from bbsmall_jax.train import data as data_lib, streaming
 from bbsmall_jax.train.checkpoints import CheckpointStore, check_compatible
 from bbsmall_jax.train.config import ConfigError, TrainConfig
+from bbsmall_jax.train.corpus import ShardedCorpus
 from bbsmall_jax.train.flops import peak_flops, train_flops
 from bbsmall_jax.train.output_lock import output_lock
 from bbsmall_jax.train.packing import PackedBatcher
@@ -122,6 +124,32 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
         return _train_locked(cfg, output_dir, datasets, model_config, host_params)
 
 
+def _train_batches(cfg: TrainConfig, train, feeder: Feeder, pad_token_id: int, position):
+    """(planned batch, device batch) pairs from `position` on: of in-memory examples, planned ahead and
+    materialised in a background thread; of a sharded corpus, this process's rows from its stream."""
+    if isinstance(train, ShardedCorpus):
+        stream = streaming.StreamBatcher(train, feeder.local_rows, cfg.bucket_shapes, pad_token_id, cfg.packing,
+                                         position if isinstance(position, streaming.StreamState) else None)
+        return _Closing(((planned, feeder.place(planned.arrays)) for planned in stream), stream.close)
+    batcher = (PackedBatcher if cfg.packing else data_lib.Batcher)(train, cfg.batch_size, cfg.bucket_shapes,
+                                                                    cfg.seed, pad_token_id)
+    return data_lib.Prefetcher((feeder.train_batch(batcher, p) for p in batcher.plan(position)), cfg.prefetch)
+
+
+@dataclasses.dataclass
+class _Closing:
+    """An iterator with a `close` that releases what feeds it."""
+
+    iterator: Iterator
+    close: Callable[[], None]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.iterator)
+
+
 def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets],
                   model_config: Optional[BlenderbotSmallConfig], host_params: Optional[dict]) -> TrainResult:
     """`train`'s body, run while the main process holds the output directory's lock."""
@@ -131,6 +159,7 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
     mesh = make_mesh()
     micro = check_batch(cfg, mesh.size)
     store = CheckpointStore(os.path.join(output_dir, "checkpoints"), cfg.keep_checkpoints)
+    stream_dir = os.path.join(output_dir, "stream_state")  # each process's place in a sharded corpus
     batches = metrics_log = profiler = None
     try:
         resuming = bool(store.steps())
@@ -154,6 +183,8 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
             state = program.from_checkpoint(state)
             say(f"resuming from the checkpoint of step {latest} in {store.directory}")
             position = data_lib.Position(meta["epoch"], meta["index"])
+            if isinstance(datasets.train, ShardedCorpus):
+                position = streaming.load_state(stream_dir, latest, len(cfg.bucket_shapes))
         else:
             latest = None
             if host_params is None and cfg.init is not None:
@@ -169,18 +200,17 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
         peak, _ = peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
 
         pad = model_config.pad_token_id
-        batcher = PackedBatcher if cfg.packing else data_lib.Batcher
-        train_batches = batcher(datasets.train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, pad)
-        valid_batches = data_lib.Batcher(datasets.valid, micro, cfg.bucket_shapes, cfg.seed, pad,
-                                         drop_remainder=False)
+        # Built at the first evaluation. A sharded corpus's held-out shard is read in the background from the
+        # first step on, once compiling (which it would slow) is done.
+        valid_batches = functools.cache(lambda: data_lib.Batcher(datasets.validation(), micro, cfg.bucket_shapes,
+                                                                 cfg.seed, pad, drop_remainder=False))
         feeder = Feeder(mesh, micro, cfg.grad_accum_steps)
-        to_eval_batch = lambda planned: feeder.eval_batch(valid_batches, planned)
+        to_eval_batch = lambda planned: feeder.eval_batch(valid_batches(), planned)
 
         metrics_log, profiler = make_reporters(output_dir, step, cfg.profile_steps, is_main)
         if step >= cfg.max_steps:
             say(f"the checkpoint is at step {step} >= max_steps={cfg.max_steps}: nothing to train")
-        batches = data_lib.Prefetcher((feeder.train_batch(train_batches, p) for p in train_batches.plan(position)),
-                                      cfg.prefetch)
+        batches = _train_batches(cfg, datasets.train, feeder, pad, position)
         bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and is_main), unit="step",
                    dynamic_ncols=True, file=sys.stderr)
         pending: list[tuple[int, dict]] = []
@@ -195,7 +225,8 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
                 state, metrics = train_step(state, batch)
                 step += 1
                 profiler.after(step, state)
-                position = data_lib.Position(planned.position.epoch, planned.position.index + 1)
+                datasets.read_validation_ahead()
+                position = planned.after
                 pending.append((step, metrics))
                 window_tokens += planned.tokens
                 window_flops += train_flops(model_config, cfg.batch_size, *planned.bucket)
@@ -211,7 +242,7 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
                 _raise_if_diverged(host, last_good, store.directory)
                 record = {k: float(v) for k, v in host[-1][1].items() if k != "target_tokens"}
                 if do_eval:
-                    eval_loss, context_gain = evaluate(eval_step, state["params"], valid_batches, cfg.eval_batches,
+                    eval_loss, context_gain = evaluate(eval_step, state["params"], valid_batches(), cfg.eval_batches,
                                                        to_eval_batch)
                     record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 700.0)),
                                   eval_context_gain=context_gain)
@@ -222,7 +253,7 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
                     mfu = None if peak is None else window_flops / elapsed / (peak * mesh.size)
                     metrics_log.write({"step": step, **record, "tokens_per_sec": round(tokens_per_sec, 1),
                                        **({} if mfu is None else {"mfu": float(f"{mfu:.4g}")}),
-                                       "epoch": planned.position.epoch})
+                                       "epoch": position.epoch})
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
                                     **({} if mfu is None else {"mfu": f"{mfu:.1%}"}),
                                     **({"eval": f"{eval_loss:.4f}"} if do_eval else {}))
@@ -231,9 +262,12 @@ def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets
                     raise DivergedError(f"the params became NaN or infinite at step {step}; stopping. "
                                         + _kept_message(last_good, store.directory))
                 if do_save:
+                    if isinstance(position, streaming.StreamState):
+                        streaming.save_state(stream_dir, step, position)
                     store.save(step, program.to_checkpoint(state),
-                               {"step": step, "epoch": position.epoch, "index": position.index,
+                               {"step": step, "epoch": position.epoch, "index": getattr(position, "index", 0),
                                 "fingerprint": cfg.fingerprint(), "config": cfg.trajectory_dict()})
+                    streaming.prune_states(stream_dir, {step, *store.steps()})
                     last_good = step
                 if stop:
                     status = "stopped"

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bbsmall_jax.nn.model import shift_tokens_right
-from bbsmall_jax.train.data import Batcher, DataError
+from bbsmall_jax.train.data import Batcher, DataError, TokenizedExamples
 
 WINDOW = 64  # open rows an example may join: first fit among the newest, so packing stays linear in examples
 PACKED_KEYS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids", "decoder_positions")
@@ -41,6 +41,14 @@ def pack(source_lengths: np.ndarray, target_lengths: np.ndarray, order: np.ndarr
     return rows
 
 
+def row_matrix(rows: list[list[int]]) -> np.ndarray:
+    """Packed rows as a [rows, segments] matrix of example indices, -1 past each row's last."""
+    matrix = np.full((len(rows), max(map(len, rows))), -1, np.int64)
+    for r, examples in enumerate(rows):
+        matrix[r, :len(examples)] = examples
+    return matrix
+
+
 class PackedBatcher(Batcher):
     """`Batcher` whose batches are rows of packed examples: each bucket's examples of an epoch (in its shuffled
     order) packed into rows of that bucket's shape, `batch_size` rows a batch, the batches shuffled.
@@ -63,11 +71,7 @@ class PackedBatcher(Batcher):
             rows = pack(self.data.source_lengths, self.data.target_lengths, order[self.bucket_of[order] == b],
                         source_len, target_len)
             for k in range(len(rows) // self.batch_size):
-                batch = rows[k * self.batch_size:(k + 1) * self.batch_size]
-                matrix = np.full((self.batch_size, max(map(len, batch))), -1, np.int64)  # [rows, segments]
-                for r, examples in enumerate(batch):
-                    matrix[r, :len(examples)] = examples
-                plan.append((b, matrix))
+                plan.append((b, row_matrix(rows[k * self.batch_size:(k + 1) * self.batch_size])))
         if self.shuffle:
             plan = [plan[i] for i in rng.permutation(len(plan))]
         if not plan:
@@ -76,29 +80,34 @@ class PackedBatcher(Batcher):
         return plan
 
     def materialize(self, bucket: tuple[int, int], rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Right-padded int32 arrays of packed rows [R, segments]: input_ids, attention_mask and the encoder's
-        segment ids and positions [R, S]; labels (-100 on padding) and the decoder's segment ids and positions
-        [R, T]."""
-        source_len, target_len = bucket
-        n = len(rows)
-        out = {name: np.zeros((n, length), np.int32) for name, length in (
-            ("input_ids", source_len), ("encoder_segment_ids", source_len), ("encoder_positions", source_len),
-            ("labels", target_len), ("decoder_segment_ids", target_len), ("decoder_positions", target_len))}
-        out["input_ids"][:] = self.pad_token_id
-        out["labels"][:] = -100
-        for r, examples in enumerate(rows):
-            at = [0, 0]  # next free source and target column
-            for segment, example in enumerate(examples[examples >= 0], start=1):
-                for side, (ids, name) in enumerate(((self.data.source_ids(example), "input_ids"),
-                                                    (self.data.target_ids(example), "labels"))):
-                    span = slice(at[side], at[side] + len(ids))
-                    prefix = ("encoder", "decoder")[side]
-                    out[name][r, span] = ids
-                    out[f"{prefix}_segment_ids"][r, span] = segment
-                    out[f"{prefix}_positions"][r, span] = np.arange(len(ids))
-                    at[side] += len(ids)
-        out["attention_mask"] = (out["encoder_segment_ids"] > 0).astype(np.int32)
-        return out
+        return packed_rows(self.data, bucket, rows, self.pad_token_id)
+
+
+def packed_rows(data: TokenizedExamples, bucket: tuple[int, int], rows: np.ndarray,
+                pad_token_id: int) -> dict[str, np.ndarray]:
+    """Right-padded int32 arrays of packed rows [R, segments] of example indices into `data` (-1 past a row's
+    last): input_ids, attention_mask and the encoder's segment ids and positions [R, S]; labels (-100 on
+    padding) and the decoder's segment ids and positions [R, T]."""
+    source_len, target_len = bucket
+    n = len(rows)
+    out = {name: np.zeros((n, length), np.int32) for name, length in (
+        ("input_ids", source_len), ("encoder_segment_ids", source_len), ("encoder_positions", source_len),
+        ("labels", target_len), ("decoder_segment_ids", target_len), ("decoder_positions", target_len))}
+    out["input_ids"][:] = pad_token_id
+    out["labels"][:] = -100
+    for r, examples in enumerate(rows):
+        at = [0, 0]  # next free source and target column
+        for segment, example in enumerate(examples[examples >= 0], start=1):
+            for side, (ids, name) in enumerate(((data.source_ids(example), "input_ids"),
+                                                (data.target_ids(example), "labels"))):
+                span = slice(at[side], at[side] + len(ids))
+                prefix = ("encoder", "decoder")[side]
+                out[name][r, span] = ids
+                out[f"{prefix}_segment_ids"][r, span] = segment
+                out[f"{prefix}_positions"][r, span] = np.arange(len(ids))
+                at[side] += len(ids)
+    out["attention_mask"] = (out["encoder_segment_ids"] > 0).astype(np.int32)
+    return out
 
 
 def is_packed(batch: dict) -> bool:

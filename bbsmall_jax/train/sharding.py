@@ -66,11 +66,19 @@ class Feeder:
     def train_batch(self, batcher: data_lib.Batcher, planned: data_lib.PlannedBatch):
         # [A, local rows] example indices ([A, local rows, segments] of packed rows)
         rows = planned.rows.reshape((self.accum, self.micro) + planned.rows.shape[1:])[:, self.mine]
-        local = batcher.materialize(planned.bucket, rows.reshape((-1,) + rows.shape[2:]))
-        local = {k: v.reshape(rows.shape[:2] + v.shape[1:]) for k, v in local.items()}  # [A, local rows, L]
+        return planned, self.place(batcher.materialize(planned.bucket, rows.reshape((-1,) + rows.shape[2:])))
+
+    @property
+    def local_rows(self) -> int:
+        """The rows of a train batch this process supplies (over all accumulation steps)."""
+        return self.accum * len(self.mine)
+
+    def place(self, local: dict[str, np.ndarray]):
+        """This process's rows of a train batch, [A * local rows, L] arrays, as global [A, micro, L] arrays."""
+        local = {k: v.reshape((self.accum, len(self.mine)) + v.shape[1:]) for k, v in local.items()}
         shapes = {k: (self.accum, self.micro, v.shape[-1]) for k, v in local.items()}
         sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))
-        return planned, jax.make_array_from_process_local_data(sharding, local, shapes)
+        return jax.make_array_from_process_local_data(sharding, local, shapes)
 
     def eval_batch(self, batcher: data_lib.Batcher, planned: data_lib.PlannedBatch):
         local = batcher.materialize(planned.bucket, planned.rows[self.mine])  # [local rows, L]
