@@ -49,7 +49,7 @@ def random_90m(directory: str) -> str:
     import shutil
 
     from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForConditionalGeneration
-    from bbsmall_jax.cli.responder import DEMO_MODEL_DIR
+    from bbsmall_jax.runtime.models import DEMO_MODEL_DIR
     from bbsmall_jax.testing.reference_models import FULL_90M
 
     demo = BlenderbotSmallConfig.from_json_file(os.path.join(DEMO_MODEL_DIR, "config.json"))
@@ -72,7 +72,7 @@ def timed_run(responder, input_path: str, output_path: str, overlap: bool) -> fl
 def main():
     import jax
 
-    from bbsmall_jax.cli.responder import Responder, load_chat_model
+    from bbsmall_jax.runtime.responder import Responder, load_chat_model
 
     from bbsmall_jax.testing.machine import describe
 

@@ -67,7 +67,7 @@ def main(argv=None):
     parser.add_argument("--show", action="store_true", help="print every prompt and reply")
     args = parser.parse_args(argv)
 
-    from bbsmall_jax.cli.responder import Responder, load_chat_model
+    from bbsmall_jax.runtime.responder import Responder, load_chat_model
 
     prompts = PROMPT_SETS[args.prompts]
     responder = Responder(*load_chat_model(args.model))

@@ -44,7 +44,7 @@ def random_90m_directory(directory: str) -> tuple[str, list[np.ndarray]]:
 
 def demo_directory() -> tuple[str, list[np.ndarray]]:
     """The embedded demo model and chitchat-like prompts through its tokenizer."""
-    from bbsmall_jax.cli.responder import DEMO_MODEL_DIR
+    from bbsmall_jax.runtime.models import DEMO_MODEL_DIR
     from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
 
     tokenizer = BlenderbotSmallTokenizer.from_pretrained(DEMO_MODEL_DIR)

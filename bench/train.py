@@ -80,7 +80,7 @@ for task in os.listdir("/proc/self/task"):  # then every thread may run on any C
     except OSError:
         pass
 
-from bbsmall_jax.generation.plan import compute_dtype  # noqa: E402
+from bbsmall_jax.runtime.precision import compute_dtype  # noqa: E402
 from bbsmall_jax.testing.machine import describe as machine  # noqa: E402
 from bbsmall_jax.train import flops as flops_lib  # noqa: E402
 
@@ -185,15 +185,16 @@ def timed(fn) -> tuple[float, object]:
 
 def pipeline_rate(batch_size: int, source_len: int, target_len: int, examples: int) -> dict:
     """Examples/s of tokenizing chitchat (cold caches) and of batching it (plan, pad, device arrays)."""
-    from bbsmall_jax.cli.responder import DEMO_MODEL_DIR
+    from bbsmall_jax.runtime.models import DEMO_MODEL_DIR
     from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
+    from bbsmall_jax.runtime.examples import tokenize_examples
     from bbsmall_jax.train import data as data_lib
     from bbsmall_jax.train.sharding import Feeder, make_mesh
 
     train, _ = data_lib.load_examples("chitchat", None, 0.05, 0)
     train = train[:examples]
     tokenizer = BlenderbotSmallTokenizer.from_pretrained(DEMO_MODEL_DIR)
-    tokenize_s, tokenized = timed(lambda: data_lib.tokenize_examples(train, tokenizer, source_len, target_len))
+    tokenize_s, tokenized = timed(lambda: tokenize_examples(train, tokenizer, source_len, target_len))
     buckets = ((max(source_len // 4, 1), max(target_len // 4, 1)), (max(source_len // 2, 1), max(target_len // 2, 1)),
                (source_len, target_len))
     batcher = data_lib.Batcher(tokenized, batch_size, buckets, 0, tokenizer.pad_token_id)

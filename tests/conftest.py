@@ -70,7 +70,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def responder(model_dir):
     """A greedy, 8-token `Responder` over `model_dir`."""
-    from bbsmall_jax.cli.responder import Responder, load_chat_model
+    from bbsmall_jax.runtime.responder import Responder, load_chat_model
 
     model, tokenizer = load_chat_model(model_dir)
     return Responder(model, tokenizer, dict(num_beams=1, max_length=8, min_length=0))

@@ -15,7 +15,7 @@ from typing import Optional
 import pytest
 
 from bbsmall_jax.cli.batch import BatchError, run_batch
-from bbsmall_jax.cli.responder import Responder
+from bbsmall_jax.runtime.responder import Responder
 from bbsmall_jax.records import RecordError
 
 LINES = [json.dumps({"id": i, "text": f"hello there number {i}, how are you today?"}) for i in range(12)]

@@ -16,7 +16,8 @@ import bbsmall_jax as bb
 from bbsmall_jax.cli import main as cli
 from bbsmall_jax.cli.batch import run_batch
 from bbsmall_jax.cli.chat import ChatSession, run_repl
-from bbsmall_jax.cli.responder import DEMO_MODEL_DIR, Responder, load_chat_model
+from bbsmall_jax.runtime.models import DEMO_MODEL_DIR
+from bbsmall_jax.runtime.responder import Responder, load_chat_model
 
 FAST = ["--num-beams", "1", "--max-length", "8", "--min-length", "0"]
 
@@ -223,7 +224,7 @@ def test_generate_command_end_to_end(model_dir, tmp_path, capsys):
 
 
 def test_demo_names_the_embedded_model(tmp_path, monkeypatch, capsys):
-    from bbsmall_jax.cli.models import model_directory
+    from bbsmall_jax.runtime.models import model_directory
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").mkdir()

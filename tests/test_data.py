@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from bbsmall_jax.runtime.examples import DataError, Example, tokenize_examples
 from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.text.vocab_training import train_tokenizer
 from bbsmall_jax.testing.training import synthetic_examples
@@ -29,8 +30,8 @@ def test_jsonl_both_formats(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"context": ["hi", "hello there"], "response": "how are you?"}) + "\n\n"
                     + json.dumps({"text": "a\nb", "labels": ["c", "d"]}) + "\n")
-    assert data_lib.read_jsonl(path) == [data_lib.Example(("hi", "hello there"), "how are you?"),
-                                         data_lib.Example(("a", "b"), "c")]
+    assert data_lib.read_jsonl(path) == [Example(("hi", "hello there"), "how are you?"),
+                                         Example(("a", "b"), "c")]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -47,15 +48,15 @@ def test_jsonl_both_formats(tmp_path):
 def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "d.jsonl"
     path.write_text(content)
-    with pytest.raises(data_lib.DataError, match=message):
+    with pytest.raises(DataError, match=message):
         data_lib.read_jsonl(path)
 
 
 def test_unreadable_files(tmp_path):
-    with pytest.raises(data_lib.DataError, match="cannot read data file .*missing.jsonl"):
+    with pytest.raises(DataError, match="cannot read data file .*missing.jsonl"):
         data_lib.read_jsonl(tmp_path / "missing.jsonl")
     (tmp_path / "bin.jsonl").write_bytes(b'{"context": ["a"], "response": "b"}\n\xff\xfe\x00\n')
-    with pytest.raises(data_lib.DataError, match=r"bin\.jsonl:2: not valid UTF-8 \(byte 0xff at byte 1 of the line\)"):
+    with pytest.raises(DataError, match=r"bin\.jsonl:2: not valid UTF-8 \(byte 0xff at byte 1 of the line\)"):
         data_lib.read_jsonl(tmp_path / "bin.jsonl")
 
 
@@ -69,8 +70,8 @@ def test_chitchat_split_by_conversation(chitchat):
     assert data_lib.split_conversations(conversations, 0.05, seed=1)[1] != valid
     some = [c for c in valid if len(c) >= 3][:3]
     examples = data_lib.conversation_examples(some)
-    assert examples[:2] == [data_lib.Example((some[0][0],), some[0][1]),
-                            data_lib.Example((some[0][0], some[0][1]), some[0][2])]
+    assert examples[:2] == [Example((some[0][0],), some[0][1]),
+                            Example((some[0][0], some[0][1]), some[0][2])]
     assert len(examples) == sum(len(c) - 1 for c in some)
 
 
@@ -79,7 +80,7 @@ def test_contexts_equal_the_tokenizers_conversation_helper(chitchat, tokenizer):
     longest = max(train, key=len)  # hundreds of turns: contexts are left-truncated
     examples = data_lib.conversation_examples(train[:200] + [longest])
     for separator, add_end in (("newline", False), ("end_start", True)):
-        data = data_lib.tokenize_examples(examples, tokenizer, 48, 16, separator, add_end)
+        data = tokenize_examples(examples, tokenizer, 48, 16, separator, add_end)
         for i in np.random.default_rng(0).choice(len(data), 300, replace=False):
             example = examples[data.example_index[i]]
             expected = tokenizer.encode_conversation(list(example.context), 48, data_lib.SEPARATORS[separator],
@@ -91,8 +92,8 @@ def test_contexts_equal_the_tokenizers_conversation_helper(chitchat, tokenizer):
 
 
 def test_empty_contexts_are_dropped(tokenizer):
-    examples = [data_lib.Example(("   ",), "x"), data_lib.Example(("hello",), "hi"), data_lib.Example((), "y")]
-    data = data_lib.tokenize_examples(examples, tokenizer, 16, 8)
+    examples = [Example(("   ",), "x"), Example(("hello",), "hi"), Example((), "y")]
+    data = tokenize_examples(examples, tokenizer, 16, 8)
     assert len(data) == 1 and data.example_index.tolist() == [1]
 
 

@@ -24,7 +24,7 @@ import openai
 import pytest
 
 from bbsmall_jax.cli import main as cli
-from bbsmall_jax.cli.responder import Reply, Responder, enable_compilation_cache, load_chat_model
+from bbsmall_jax.runtime.responder import Reply, Responder, enable_compilation_cache, load_chat_model
 from bbsmall_jax.serve.batcher import Batcher, QueueFull
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.schemas import ApiError, parse_request, turns_of
@@ -306,7 +306,7 @@ def demo_reference():
     import torch
     import transformers
 
-    from bbsmall_jax.cli.responder import DEMO_MODEL_DIR
+    from bbsmall_jax.runtime.models import DEMO_MODEL_DIR
     from bbsmall_jax.testing.reference_models import scale_reference_decoder_embeddings
 
     model = transformers.BlenderbotSmallForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32)

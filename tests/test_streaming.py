@@ -19,7 +19,7 @@ from bbsmall_jax.testing.corpora import corpus_tokenizer, streaming_job, write_s
 from bbsmall_jax.testing.training import read_metrics, subprocess_env
 from bbsmall_jax.train import corpus as corpus_lib
 from bbsmall_jax.train.corpus import ShardedCorpus, StreamPosition, find_shards, read_examples, shard_records
-from bbsmall_jax.train.data import DataError, tokenize_examples
+from bbsmall_jax.runtime.examples import DataError, tokenize_examples
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def model_files(name: Optional[str]) -> str:
     """The directory holding a `--model`'s config.json (and generation_config.json when it has one): the demo
     model, a local directory, or a hub id's configs alone (from the cache, or fetched without weights)."""
     from bbsmall_jax.checkpoint.hub import resolve_directory
-    from bbsmall_jax.cli.models import DEMO_NAME, model_directory
+    from bbsmall_jax.runtime.models import DEMO_NAME, model_directory
 
     if name is None or name == DEMO_NAME or os.path.isdir(name):
         return model_directory(name)
@@ -74,7 +74,7 @@ def abstract_model(directory: str, dtype: str, backend: str):
     """The generation class over its config alone: float32 params as ShapeDtypeStructs, the model's
     generation defaults."""
     from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForConditionalGeneration, GenerationConfig
-    from bbsmall_jax.generation.plan import compute_dtype
+    from bbsmall_jax.runtime.precision import compute_dtype
     from bbsmall_jax.nn.model import build_module, init_params
 
     config_path = os.path.join(directory, "config.json")

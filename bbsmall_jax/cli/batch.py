@@ -31,7 +31,7 @@ from bbsmall_jax.atomic import atomic_file, write_atomic
 from bbsmall_jax.records import Dialogue, RecordError, decode_line, parse_record, read_lines
 
 if TYPE_CHECKING:  # the model's stack loads only when a run starts, after the paths are checked
-    from bbsmall_jax.cli.responder import Responder
+    from bbsmall_jax.runtime.responder import Responder
 
 
 class BatchError(ValueError):

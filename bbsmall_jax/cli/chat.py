@@ -10,7 +10,7 @@ import time
 from typing import Callable, Optional, TextIO
 
 from bbsmall_jax import startup_cache
-from bbsmall_jax.cli.responder import Responder
+from bbsmall_jax.runtime.responder import Responder
 from bbsmall_jax.generation.prepare import bucket_length
 
 COMMANDS = {"/help": "list these commands", "/reset": "start a new conversation",

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from bbsmall_jax.cli.generation_flags import add_generation_flags, generation_kwargs
+
 TOPOLOGY_HELP = ("a TPU topology as libtpu names it (v5e:2x2, v5e:4x4, v4:2x2x2, v5p:2x2x1, v6e:2x2) or a pod "
                  "slice (v5e-16, v4-32)")
 
@@ -21,8 +23,8 @@ def add_report_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dump", metavar="DIR", help="write the optimized HLO as DIR/PROGRAM.hlo.txt")
 
 
-def add_arguments(parser: argparse.ArgumentParser, add_generation_flags) -> None:
-    """The `bbsmall compile` flags; `add_generation_flags` adds the generation settings `generate` takes."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `bbsmall compile` flags, the generation settings `generate` takes among them."""
     parser.add_argument("program", choices=("train", "generate"),
                         help="train: the train step of --config's largest bucket; generate: batch inference")
     add_report_flags(parser)
@@ -75,7 +77,6 @@ def _train_config(path: str, overrides: list[str]):
 
 def _generation_settings(args: argparse.Namespace) -> dict:
     """The generation keyword arguments the flags set (the sampling seed does not change the program)."""
-    from bbsmall_jax.cli.main import generation_kwargs
 
     kwargs = generation_kwargs(args)
     kwargs.pop("prng_key", None)

@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from bbsmall_jax.checkpoint.hub import ModelNotFoundError
-from bbsmall_jax.cli.models import NAMES_HELP, model_directory
+from bbsmall_jax.runtime.models import NAMES_HELP, model_directory
 
 if TYPE_CHECKING:
     from bbsmall_jax.nn.config import BlenderbotSmallConfig

@@ -12,7 +12,7 @@ import sys
 
 from bbsmall_jax.cli.convert import convert
 from bbsmall_jax.generation.config import GenerationConfig
-from bbsmall_jax.cli.responder import DEMO_MODEL_DIR
+from bbsmall_jax.runtime.models import DEMO_MODEL_DIR
 
 # Decoding defaults of the demo: the checkpoint's recipe (beam search, no repeated trigrams, length
 # penalty), with narrower beams and shorter replies so it answers quickly on a laptop CPU.

@@ -7,7 +7,7 @@ import json
 import os
 import time
 
-from bbsmall_jax.cli.models import DEMO_NAME, model_directory
+from bbsmall_jax.runtime.models import DEMO_NAME, model_directory
 
 # What `bbsmall eval` assumes when neither a flag nor the run's train_config.yaml says: configs/demo.yaml's
 # tokenization and held-out split (its seed is TrainConfig's default).
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     settings = resolve_settings(args, directory, positions)
     examples = load_eval_examples(args.data, settings["valid_fraction"], settings["seed"], args.max_examples)
 
-    from bbsmall_jax.cli.responder import enable_compilation_cache, load_chat_model
+    from bbsmall_jax.runtime.responder import enable_compilation_cache, load_chat_model
     from bbsmall_jax.evaluation.run import EvalSettings, evaluate
 
     enable_compilation_cache()

@@ -20,7 +20,7 @@ def report(dtype: str = "auto") -> list[tuple[str, str]]:
     """(label, value) lines describing this machine as generation sees it."""
     import jax
 
-    from bbsmall_jax.cli.responder import compilation_cache_dir
+    from bbsmall_jax.runtime.responder import compilation_cache_dir
     from bbsmall_jax.generation import cpu_kernel, plan
 
     backend = jax.default_backend()

@@ -12,7 +12,8 @@ from bbsmall_jax import startup_cache
 from bbsmall_jax.cli import distributed
 from bbsmall_jax.cli.compile import add_arguments as add_compile_arguments
 from bbsmall_jax.cli.convert import add_arguments as add_convert_arguments
-from bbsmall_jax.cli.models import NAMES_HELP
+from bbsmall_jax.cli.generation_flags import add_generation_flags, generation_kwargs
+from bbsmall_jax.runtime.models import NAMES_HELP
 from bbsmall_jax.serve import flags as serve_flags
 
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, ImportError)
@@ -42,39 +43,13 @@ def _separator(value: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation (defaults: the model's generation_config.json)")
-    group.add_argument("--num-beams", type=int, help="beam width (1 = greedy)")
-    group.add_argument("--max-length", type=int, help="longest reply in tokens, start token included")
-    group.add_argument("--min-length", type=int, help="shortest reply in tokens, start token included")
-    group.add_argument("--sample", action="store_true", help="sample instead of beam/greedy search")
-    group.add_argument("--temperature", type=float, help="sampling temperature")
-    group.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    group.add_argument("--top-p", type=float, help="sample within the top-p probability mass")
-    group.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-
-
-def generation_kwargs(args: argparse.Namespace) -> dict:
-    """The `generate` keyword arguments that the flags set (unset flags keep the model's defaults)."""
-    kwargs = {name: getattr(args, name) for name in ("num_beams", "max_length", "min_length", "temperature",
-                                                     "top_k", "top_p") if getattr(args, name) is not None}
-    if args.sample:
-        import jax
-
-        kwargs.update(do_sample=True, prng_key=jax.random.PRNGKey(args.seed))
-        kwargs.setdefault("num_beams", 1)
-    elif any(name in kwargs for name in ("temperature", "top_k", "top_p")):
-        raise ValueError("--temperature/--top-k/--top-p only apply with --sample")
-    return kwargs
-
-
 def _responder(args: argparse.Namespace):
-    from bbsmall_jax.cli.models import model_directory
+    from bbsmall_jax.runtime.models import model_directory
     from bbsmall_jax.records import SEPARATORS
 
     directory = model_directory(args.model)  # a missing model and flag errors show before JAX loads
     kwargs = generation_kwargs(args)
-    from bbsmall_jax.cli.responder import Responder, enable_compilation_cache, load_chat_model
+    from bbsmall_jax.runtime.responder import Responder, enable_compilation_cache, load_chat_model
 
     enable_compilation_cache()
     model, tokenizer = load_chat_model(directory, args.dtype)
@@ -105,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     distributed.initialize(args)
     import jax
 
-    from bbsmall_jax.train.sharding import barrier
+    from bbsmall_jax.runtime.coordination import barrier
 
     summary = run_batch(_responder(args), args.input, args.output, batch_size=args.batch_size,
                         resume=args.resume, overwrite=args.overwrite, on_error=args.on_error,
@@ -118,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bbsmall_jax.cli.models import model_directory
+    from bbsmall_jax.runtime.models import model_directory
 
     serve_flags.check_flags(args)
     model_directory(args.model)  # a missing model and flag errors show before JAX loads
@@ -194,13 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat in the terminal")
     _add_model_flags(chat)
-    _add_generation_flags(chat)
+    add_generation_flags(chat)
     chat.add_argument("--once", metavar="TEXT", help="answer one message and exit")
     chat.set_defaults(run=cmd_chat)
 
     generate = commands.add_parser("generate", help="batch inference over a JSONL file")
     _add_model_flags(generate)
-    _add_generation_flags(generate)
+    add_generation_flags(generate)
     generate.add_argument("--input", required=True, help='JSONL, one {"context": [...]} or {"text": ...} per line')
     generate.add_argument("--output", required=True, help='JSONL written in input order, "reply" added')
     generate.add_argument("--batch-size", type=int, default=32,
@@ -225,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="OpenAI-compatible chat server with dynamic batching, metrics and "
                                 "a web chat page")
     _add_model_flags(serve)
-    _add_generation_flags(serve)
+    add_generation_flags(serve)
     serve_flags.add_flags(serve)
     serve.set_defaults(run=cmd_serve)
 
@@ -241,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_parser = commands.add_parser(
         "compile", help="compile train or generate for a TPU topology on any machine: memory, FLOPs, HBM "
                         "traffic, roofline, collectives (compiler estimates)")
-    add_compile_arguments(compile_parser, _add_generation_flags)
+    add_compile_arguments(compile_parser)
     compile_parser.set_defaults(run=cmd_compile)
 
     info = commands.add_parser("info", help="backend, devices, decoding path, CPU kernel, compile cache, versions")

@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bbsmall_jax.evaluation.candidates import choose_candidates
-from bbsmall_jax.evaluation.scoring import score_replies
+from bbsmall_jax.runtime.scoring import score_replies
 from bbsmall_jax.evaluation.text_metrics import distinct_n, mean_words, repetition
-from bbsmall_jax.train.data import Example, tokenize_examples
+from bbsmall_jax.runtime.examples import Example, tokenize_examples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], settings: EvalSettin
     `settings.candidates` (itself and distractors drawn from the other references) by mean token
     log-probability; generate replies to the first `settings.max_generate` contexts with the model's
     generation defaults and measure their variety."""
-    from bbsmall_jax.cli.responder import Responder
+    from bbsmall_jax.runtime.responder import Responder
 
     data = tokenize_examples(examples, tokenizer, settings.max_source_length, settings.max_target_length,
                              settings.separator, settings.add_end)

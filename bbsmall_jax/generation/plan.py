@@ -133,15 +133,6 @@ def _kernel_usable() -> bool:
     return reason is None
 
 
-def compute_dtype(name: str, backend: str) -> str:
-    """A compute dtype name, with "auto" resolved: bfloat16 on GPU and TPU, float32 on the CPU."""
-    if name == "auto":
-        return "float32" if backend == "cpu" else "bfloat16"
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
-    return name
-
-
 def default_plan(dtype=jnp.float32, rows: int = 1, devices: int = 1) -> DecodingPlan:
     """The plan the default backend gets."""
     return choose_plan(jax.default_backend(), dtype, rows, devices)

@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from bbsmall_jax.cli.responder import Reply, Responder
+from bbsmall_jax.runtime.responder import Reply, Responder
 from bbsmall_jax.serve.access import AccessControl, AccessPolicy
 from bbsmall_jax.serve.batcher import Batcher, Job, QueueFull
 from bbsmall_jax.serve.metrics import ServerMetrics

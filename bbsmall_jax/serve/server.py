@@ -10,8 +10,8 @@ from typing import Callable
 
 import uvicorn
 
-from bbsmall_jax.cli.models import DEMO_NAME
-from bbsmall_jax.cli.responder import Responder
+from bbsmall_jax.runtime.models import DEMO_NAME
+from bbsmall_jax.runtime.responder import Responder
 from bbsmall_jax.generation.prepare import bucket_length
 from bbsmall_jax.serve.access import AccessPolicy, parse_origins
 from bbsmall_jax.serve.app import Service, create_app

@@ -7,7 +7,7 @@ import tempfile
 
 import numpy as np
 
-from bbsmall_jax.train import data as data_lib
+from bbsmall_jax.runtime.examples import TokenizedExamples, ragged
 from bbsmall_jax.train.config import TrainConfig
 
 # One persistent XLA cache for the test process and its subprocesses: XLA:CPU compiles dominate these tests.
@@ -39,7 +39,7 @@ def subprocess_env(**extra) -> dict:
 
 
 def synthetic_examples(n: int, vocab_size: int, seed: int, max_source: int = 16,
-                       max_target: int = 8) -> data_lib.TokenizedExamples:
+                       max_target: int = 8) -> TokenizedExamples:
     """Learnable token data: the target is the reversed source (cut to fit) plus `__end__` (id 2)."""
     rng = np.random.default_rng(seed)
     sources, targets = [], []
@@ -47,7 +47,7 @@ def synthetic_examples(n: int, vocab_size: int, seed: int, max_source: int = 16,
         source = rng.integers(4, vocab_size, rng.integers(2, max_source + 1)).tolist()
         sources.append([source])
         targets.append([source[::-1][:max_target - 1] + [2]])
-    return data_lib.TokenizedExamples(*data_lib._ragged(sources), *data_lib._ragged(targets))
+    return TokenizedExamples(*ragged(sources), *ragged(targets))
 
 
 def synthetic_datasets(vocab_size: int = 101, n_train: int = 512, n_valid: int = 48):

@@ -116,7 +116,7 @@ class CheckpointStore:
 def _resolved(key: str, value):
     """A trajectory field's value as the run uses it: `dtype: auto` is the backend's compute dtype."""
     if key == "dtype" and value == "auto":
-        from bbsmall_jax.generation.plan import compute_dtype
+        from bbsmall_jax.runtime.precision import compute_dtype
 
         return compute_dtype(value, jax.default_backend())
     return value

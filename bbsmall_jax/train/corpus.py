@@ -25,7 +25,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from bbsmall_jax.records import Dialogue, RecordError, decode_line, dialogue_of, parse_record
-from bbsmall_jax.train.data import DataError, Example, Prefetcher, TokenizedExamples, read_jsonl
+from bbsmall_jax.runtime.examples import DataError, Example, TokenizedExamples
+from bbsmall_jax.train.data import Prefetcher, read_jsonl
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 CHUNK = 4096  # records read, tokenized and shuffled together

@@ -27,7 +27,8 @@ from bbsmall_jax.train.flops import peak_flops, train_flops
 from bbsmall_jax.train.output_lock import output_lock
 from bbsmall_jax.train.packing import PackedBatcher
 from bbsmall_jax.train.preparation import Datasets, build_model_config, export, prepare_datasets
-from bbsmall_jax.train.sharding import Feeder, barrier, gather_params, make_mesh, say
+from bbsmall_jax.runtime.coordination import barrier, say
+from bbsmall_jax.train.sharding import Feeder, gather_params, make_mesh
 from bbsmall_jax.train.program import build_program, check_batch
 from bbsmall_jax.train.steps import init_state
 from bbsmall_jax.train.summaries import make_reporters

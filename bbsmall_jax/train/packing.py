@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bbsmall_jax.nn.model import shift_tokens_right
-from bbsmall_jax.train.data import Batcher, DataError, TokenizedExamples
+from bbsmall_jax.runtime.examples import DataError, TokenizedExamples
+from bbsmall_jax.train.data import Batcher
 
 WINDOW = 64  # open rows an example may join: first fit among the newest, so packing stays linear in examples
 PACKED_KEYS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids", "decoder_positions")

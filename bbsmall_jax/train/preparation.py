@@ -13,9 +13,10 @@ import numpy as np
 
 from bbsmall_jax.atomic import atomic_directory, write_atomic
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
+from bbsmall_jax.runtime.examples import TokenizedExamples, tokenize_examples
 from bbsmall_jax.train import corpus as corpus_lib, data as data_lib
 from bbsmall_jax.train.config import ConfigError, TrainConfig
-from bbsmall_jax.train.sharding import say
+from bbsmall_jax.runtime.coordination import say
 
 
 @dataclasses.dataclass
@@ -23,9 +24,9 @@ class Datasets:
     """Tokenized training and validation examples plus the tokenizer that made them (None: synthetic data).
     A sharded corpus's training examples are a stream, read and tokenized as training goes."""
 
-    train: data_lib.TokenizedExamples | corpus_lib.ShardedCorpus
+    train: TokenizedExamples | corpus_lib.ShardedCorpus
     # A sharded corpus's: a function reading them, then (`read_validation_ahead`) a Future
-    valid: data_lib.TokenizedExamples | Callable[[], data_lib.TokenizedExamples] | concurrent.futures.Future
+    valid: TokenizedExamples | Callable[[], TokenizedExamples] | concurrent.futures.Future
     tokenizer: Any = None
 
     def read_validation_ahead(self) -> None:
@@ -35,7 +36,7 @@ class Datasets:
             self.valid = reader.submit(self.valid)
             reader.shutdown(wait=False)
 
-    def validation(self) -> data_lib.TokenizedExamples:
+    def validation(self) -> TokenizedExamples:
         """The validation examples (read now, or waited for, if they are not yet)."""
         self.read_validation_ahead()
         return self.valid.result() if isinstance(self.valid, concurrent.futures.Future) else self.valid
@@ -74,7 +75,7 @@ def prepare_datasets(cfg: TrainConfig, output_dir: str, resuming: bool,
         if cfg.valid_data:
             valid_examples = corpus_lib.read_examples(cfg.valid_data)
     tokenizer = _tokenizer(cfg, output_dir, resuming, model_config, train_examples)
-    tokenize = lambda examples: data_lib.tokenize_examples(
+    tokenize = lambda examples: tokenize_examples(
         examples, tokenizer, cfg.max_source_length, cfg.max_target_length, cfg.separator, cfg.add_end)
     if train_examples is None:
         train = corpus_lib.ShardedCorpus(train_shards, jax.process_index(), jax.process_count(), cfg.seed, tokenize)

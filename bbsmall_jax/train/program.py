@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bbsmall_jax.generation.plan import compute_dtype
+from bbsmall_jax.runtime.precision import compute_dtype
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.nn.layer_stacks import stack_layers, unstack_layers
 from bbsmall_jax.nn.model import build_module

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import jax
 import numpy as np
@@ -84,19 +83,3 @@ class Feeder:
         local = batcher.materialize(planned.bucket, planned.rows[self.mine])  # [local rows, L]
         shapes = {k: (self.micro, v.shape[-1]) for k, v in local.items()}
         return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P(DATA_AXIS)), local, shapes)
-
-
-def say(message: str) -> None:
-    """Print on process 0 (through tqdm, so progress bars stay intact)."""
-    if jax.process_index() == 0:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-
-
-def barrier(name: str) -> None:
-    """Wait for every process (a no-op in one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)

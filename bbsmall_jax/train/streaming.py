@@ -25,7 +25,8 @@ import numpy as np
 
 from bbsmall_jax.atomic import write_atomic
 from bbsmall_jax.train.corpus import ShardedCorpus, StreamPosition
-from bbsmall_jax.train.data import DataError, TokenizedExamples, padded_rows
+from bbsmall_jax.runtime.examples import DataError, TokenizedExamples
+from bbsmall_jax.train.data import padded_rows
 from bbsmall_jax.train.packing import pack, packed_rows, row_matrix
 
 Waiting = tuple[tuple[np.ndarray, np.ndarray], ...]  # (source ids, target ids) of each example in a buffer

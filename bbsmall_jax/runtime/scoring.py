@@ -13,7 +13,7 @@ import numpy as np
 
 from bbsmall_jax.generation.prepare import bucket_length
 from bbsmall_jax.nn.model import shift_tokens_right
-from bbsmall_jax.train.data import TokenizedExamples
+from bbsmall_jax.runtime.examples import TokenizedExamples
 
 IGNORED = -100  # label padding, as in training
 

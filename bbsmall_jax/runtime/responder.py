@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from bbsmall_jax.cli.models import DEMO_MODEL_DIR, model_directory  # noqa: F401 - DEMO_MODEL_DIR re-exported
-from bbsmall_jax.evaluation.scoring import TokenLogProbs, reply_token_log_probs
+from bbsmall_jax.runtime.models import model_directory
+from bbsmall_jax.runtime.scoring import TokenLogProbs, reply_token_log_probs
 from bbsmall_jax.generation.config import GLOBAL_DEFAULTS, GenerationConfig
 from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
 from bbsmall_jax.startup_cache import cache_dir as compilation_cache_dir
@@ -35,7 +35,7 @@ def load_chat_model(name: Optional[str] = None, dtype: str = "auto"):
     `dtype` "auto" computes in bfloat16 on GPU/TPU and float32 on the CPU."""
     import jax
 
-    from bbsmall_jax.generation.plan import compute_dtype
+    from bbsmall_jax.runtime.precision import compute_dtype
 
     dtype = compute_dtype(dtype, jax.default_backend())
     directory = model_directory(name)
