@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -29,7 +29,7 @@ from bbsmall_jax.train.packing import PackedBatcher
 from bbsmall_jax.train.preparation import Datasets, build_model_config, export, prepare_datasets
 from bbsmall_jax.runtime.coordination import barrier, say
 from bbsmall_jax.train.sharding import Feeder, gather_params, make_mesh
-from bbsmall_jax.train.program import build_program, check_batch
+from bbsmall_jax.train.program import TrainProgram, build_program, check_batch
 from bbsmall_jax.train.steps import init_state
 from bbsmall_jax.train.summaries import make_reporters
 
@@ -151,141 +151,207 @@ class _Closing:
         return next(self.iterator)
 
 
+@dataclasses.dataclass
+class _Run:
+    """A run once set up (`_set_up`): what its loop works with, and where it stands."""
+
+    cfg: TrainConfig
+    output_dir: str
+    model_config: BlenderbotSmallConfig
+    datasets: Datasets
+    mesh: jax.sharding.Mesh
+    program: TrainProgram
+    store: CheckpointStore
+    state: dict  # the train state pytree (params, optimizer state, step, rng)
+    step: int
+    position: data_lib.Position | streaming.StreamState  # where the data resumes after `step`
+    last_good: Optional[int]  # the newest checkpoint saved (or restored)
+    batches: Optional[Iterator] = None  # (planned batch, device batch) pairs
+    valid_batches: Optional[Callable[[], data_lib.Batcher]] = None
+    feeder: Optional[Feeder] = None
+    metrics_log: Any = None
+    profiler: Any = None
+    eval_loss: Optional[float] = None
+
+    @property
+    def stream_dir(self) -> str:
+        """Where each process keeps its place in a sharded corpus, a file per checkpoint."""
+        return os.path.join(self.output_dir, "stream_state")
+
+    def close(self) -> None:
+        for resource in (self.batches, self.metrics_log, self.profiler):
+            if resource is not None:
+                resource.close()
+
+
 def _train_locked(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets],
                   model_config: Optional[BlenderbotSmallConfig], host_params: Optional[dict]) -> TrainResult:
     """`train`'s body, run while the main process holds the output directory's lock."""
+    store = CheckpointStore(os.path.join(output_dir, "checkpoints"), cfg.keep_checkpoints)
+    run = None
+    try:
+        run = _set_up(cfg, output_dir, store, datasets, model_config, host_params)
+        status = _loop(run)
+        store.manager.wait_until_finished()
+        return TrainResult(run.step, status, _export(run) if status == "completed" else None, run.eval_loss)
+    finally:
+        if run is not None:
+            run.close()
+        store.close()
+
+
+def _set_up(cfg: TrainConfig, output_dir: str, store: CheckpointStore, datasets: Optional[Datasets],
+            model_config: Optional[BlenderbotSmallConfig], host_params: Optional[dict]) -> _Run:
+    """The run's config, data, program and state (restored from the newest good checkpoint, or initialised),
+    its batches and its reporters."""
+    resuming = bool(store.steps())
+    meta = store.newest_meta()
+    if meta is not None:  # early, before the data is prepared; each checkpoint is checked again on restore
+        check_compatible(meta, cfg, output_dir)
+    model_config = model_config or build_model_config(cfg, output_dir, resuming)
+    if max(cfg.max_source_length, cfg.max_target_length) > model_config.max_position_embeddings:
+        raise ConfigError(f"max_source_length/max_target_length ({cfg.max_source_length}/{cfg.max_target_length})"
+                          f" exceed the model's max_position_embeddings ({model_config.max_position_embeddings})")
+    datasets = datasets or prepare_datasets(cfg, output_dir, resuming, model_config)
+    barrier("datasets")
+    if jax.process_index() == 0:
+        cfg.save_yaml(os.path.join(output_dir, "train_config.yaml"))
+    mesh = make_mesh()
+    program = build_program(cfg, model_config, mesh, jax.default_backend())
+    run = _Run(cfg, output_dir, model_config, datasets, mesh, program, store, state=None, step=0,
+               position=data_lib.Position(), last_good=None)
+    if resuming:
+        _resume(run)
+    else:
+        if host_params is None and cfg.init is not None:
+            from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
+
+            host_params = jax.device_get(
+                BlenderbotSmallForConditionalGeneration.from_pretrained(cfg.init, config=model_config).params)
+        run.state = init_state(program.module, program.optimizer, program.abstract, cfg.seed, host_params,
+                               program.stacked)
+    micro, pad = check_batch(cfg, mesh.size), model_config.pad_token_id
+    # Built at the first evaluation. A sharded corpus's held-out shard is read in the background from the
+    # first step on, once compiling (which it would slow) is done.
+    run.valid_batches = functools.cache(lambda: data_lib.Batcher(datasets.validation(), micro, cfg.bucket_shapes,
+                                                                 cfg.seed, pad, drop_remainder=False))
+    run.feeder = Feeder(mesh, micro, cfg.grad_accum_steps)
+    run.metrics_log, run.profiler = make_reporters(output_dir, run.step, cfg.profile_steps, jax.process_index() == 0)
+    if run.step >= cfg.max_steps:
+        say(f"the checkpoint is at step {run.step} >= max_steps={cfg.max_steps}: nothing to train")
+    run.batches = _train_batches(cfg, datasets.train, run.feeder, pad, run.position)
+    return run
+
+
+def _resume(run: _Run) -> None:
+    """Restore the newest checkpoint that restores: the state, the step and the data's position."""
+    step, state, meta = _restore(run.store, run.program.checkpoint_abstract, run.cfg, run.output_dir,
+                                 jax.process_index() == 0)
+    say(f"resuming from the checkpoint of step {step} in {run.store.directory}")
+    run.state, run.step, run.last_good = run.program.from_checkpoint(state), step, step
+    if isinstance(run.datasets.train, ShardedCorpus):
+        run.position = streaming.load_state(run.stream_dir, step, len(run.cfg.bucket_shapes))
+    else:
+        run.position = data_lib.Position(meta["epoch"], meta["index"])
+
+
+@dataclasses.dataclass
+class _Window:
+    """The steps since the last log: their real tokens and model FLOPs, and when they started."""
+
+    tokens: int = 0
+    flops: float = 0.0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def _loop(run: _Run) -> str:
+    """Train up to max_steps; "completed", or "stopped" by a signal (after saving a checkpoint)."""
     from tqdm import tqdm
 
-    is_main = jax.process_index() == 0
-    mesh = make_mesh()
-    micro = check_batch(cfg, mesh.size)
-    store = CheckpointStore(os.path.join(output_dir, "checkpoints"), cfg.keep_checkpoints)
-    stream_dir = os.path.join(output_dir, "stream_state")  # each process's place in a sharded corpus
-    batches = metrics_log = profiler = None
-    try:
-        resuming = bool(store.steps())
-        meta = store.newest_meta()
-        if meta is not None:  # early, before the data is prepared; each checkpoint is checked again on restore
-            check_compatible(meta, cfg, output_dir)
-        model_config = model_config or build_model_config(cfg, output_dir, resuming)
-        if max(cfg.max_source_length, cfg.max_target_length) > model_config.max_position_embeddings:
-            raise ConfigError(f"max_source_length/max_target_length ({cfg.max_source_length}/{cfg.max_target_length})"
-                              f" exceed the model's max_position_embeddings ({model_config.max_position_embeddings})")
-        datasets = datasets or prepare_datasets(cfg, output_dir, resuming, model_config)
-        barrier("datasets")
-        if is_main:
-            cfg.save_yaml(os.path.join(output_dir, "train_config.yaml"))
+    cfg = run.cfg
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (cfg.progress and jax.process_index() == 0),
+               unit="step", dynamic_ncols=True, file=sys.stderr)
+    pending: list[tuple[int, dict]] = []  # (step, metrics on the device) since the last log or save
+    window = _Window()
+    with _Stopper() as stopper:
+        while run.step < cfg.max_steps:
+            planned, batch = next(run.batches)
+            run.profiler.before(run.step + 1)
+            run.state, metrics = run.program.train_step(run.state, batch)
+            run.step += 1
+            run.profiler.after(run.step, run.state)
+            run.datasets.read_validation_ahead()
+            run.position = planned.after
+            pending.append((run.step, metrics))
+            window.tokens += planned.tokens
+            window.flops += train_flops(run.model_config, cfg.batch_size, *planned.bucket)
+            bar.update(1)
+            stop = stopper.requested or (jax.process_count() > 1 and run.store.manager.reached_preemption(run.step))
+            do_eval = run.step % cfg.eval_every == 0 or run.step == cfg.max_steps
+            do_log = run.step % cfg.log_every == 0 or do_eval
+            do_save = run.step % cfg.save_every == 0 or run.step == cfg.max_steps or stop
+            if do_log or do_save:
+                _log_evaluate_save(run, jax.device_get(pending), window, bar, do_eval, do_log, do_save)
+                pending = []
+                window = _Window() if do_log else window
+            if stop:
+                say(f"stopped by a signal at step {run.step}; checkpoint saved; rerun the same command to resume")
+                bar.close()
+                return "stopped"
+    bar.close()
+    return "completed"
 
-        program = build_program(cfg, model_config, mesh, jax.default_backend())
-        optimizer, abstract = program.optimizer, program.abstract
-        restored = _restore(store, program.checkpoint_abstract, cfg, output_dir, is_main) if resuming else None
-        if restored is not None:
-            latest, state, meta = restored
-            state = program.from_checkpoint(state)
-            say(f"resuming from the checkpoint of step {latest} in {store.directory}")
-            position = data_lib.Position(meta["epoch"], meta["index"])
-            if isinstance(datasets.train, ShardedCorpus):
-                position = streaming.load_state(stream_dir, latest, len(cfg.bucket_shapes))
-        else:
-            latest = None
-            if host_params is None and cfg.init is not None:
-                from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
 
-                host_params = jax.device_get(
-                    BlenderbotSmallForConditionalGeneration.from_pretrained(cfg.init, config=model_config).params)
-            state = init_state(program.module, optimizer, abstract, cfg.seed, host_params, program.stacked)
-            position = data_lib.Position()
-        step = latest or 0
+def _log_evaluate_save(run: _Run, host: list[tuple[int, dict]], window: _Window, bar, do_eval: bool,
+                       do_log: bool, do_save: bool) -> None:
+    """At a logged or saved step: check the window's metrics, evaluate, log, and save a checkpoint."""
+    now = time.perf_counter()  # the window's steps are done; evaluation is not counted in its speed
+    _raise_if_diverged(host, run.last_good, run.store.directory)
+    record = {k: float(v) for k, v in host[-1][1].items() if k != "target_tokens"}
+    if do_eval:
+        to_device = lambda planned: run.feeder.eval_batch(run.valid_batches(), planned)
+        run.eval_loss, context_gain = evaluate(run.program.eval_step, run.state["params"], run.valid_batches(),
+                                               run.cfg.eval_batches, to_device)
+        record.update(eval_loss=run.eval_loss, eval_ppl=math.exp(min(run.eval_loss, 700.0)),
+                      eval_context_gain=context_gain)
+    if do_log:
+        elapsed = max(now - window.start, 1e-9)
+        tokens_per_sec = window.tokens / elapsed
+        peak, _ = peak_flops(jax.devices()[0].device_kind, run.cfg.peak_flops)
+        # Model FLOPs at the padded batch shapes over all devices' peak (train/flops.py).
+        mfu = None if peak is None else window.flops / elapsed / (peak * run.mesh.size)
+        run.metrics_log.write({"step": run.step, **record, "tokens_per_sec": round(tokens_per_sec, 1),
+                               **({} if mfu is None else {"mfu": float(f"{mfu:.4g}")}),
+                               "epoch": run.position.epoch})
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
+                        **({} if mfu is None else {"mfu": f"{mfu:.1%}"}),
+                        **({"eval": f"{run.eval_loss:.4f}"} if do_eval else {}))
+    if do_save:
+        _save(run)
 
-        train_step, eval_step, all_finite = program.train_step, program.eval_step, program.all_finite
-        peak, _ = peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
 
-        pad = model_config.pad_token_id
-        # Built at the first evaluation. A sharded corpus's held-out shard is read in the background from the
-        # first step on, once compiling (which it would slow) is done.
-        valid_batches = functools.cache(lambda: data_lib.Batcher(datasets.validation(), micro, cfg.bucket_shapes,
-                                                                 cfg.seed, pad, drop_remainder=False))
-        feeder = Feeder(mesh, micro, cfg.grad_accum_steps)
-        to_eval_batch = lambda planned: feeder.eval_batch(valid_batches(), planned)
+def _save(run: _Run) -> None:
+    """Save a checkpoint of the run as it stands (and each process's place in a sharded corpus beside it)."""
+    if not bool(run.program.all_finite(run.state["params"])):
+        raise DivergedError(f"the params became NaN or infinite at step {run.step}; stopping. "
+                            + _kept_message(run.last_good, run.store.directory))
+    position = run.position
+    if isinstance(position, streaming.StreamState):
+        streaming.save_state(run.stream_dir, run.step, position)
+    run.store.save(run.step, run.program.to_checkpoint(run.state),
+                   {"step": run.step, "epoch": position.epoch, "index": getattr(position, "index", 0),
+                    "fingerprint": run.cfg.fingerprint(), "config": run.cfg.trajectory_dict()})
+    streaming.prune_states(run.stream_dir, {run.step, *run.store.steps()})
+    run.last_good = run.step
 
-        metrics_log, profiler = make_reporters(output_dir, step, cfg.profile_steps, is_main)
-        if step >= cfg.max_steps:
-            say(f"the checkpoint is at step {step} >= max_steps={cfg.max_steps}: nothing to train")
-        batches = _train_batches(cfg, datasets.train, feeder, pad, position)
-        bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and is_main), unit="step",
-                   dynamic_ncols=True, file=sys.stderr)
-        pending: list[tuple[int, dict]] = []
-        last_good = latest
-        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-        eval_loss = None
-        status = "completed"
-        with _Stopper() as stopper:
-            while step < cfg.max_steps:
-                planned, batch = next(batches)
-                profiler.before(step + 1)
-                state, metrics = train_step(state, batch)
-                step += 1
-                profiler.after(step, state)
-                datasets.read_validation_ahead()
-                position = planned.after
-                pending.append((step, metrics))
-                window_tokens += planned.tokens
-                window_flops += train_flops(model_config, cfg.batch_size, *planned.bucket)
-                bar.update(1)
-                stop = stopper.requested or (jax.process_count() > 1 and store.manager.reached_preemption(step))
-                do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
-                do_log = step % cfg.log_every == 0 or do_eval
-                do_save = step % cfg.save_every == 0 or step == cfg.max_steps or stop
-                if not (do_log or do_save):
-                    continue
-                host, pending = jax.device_get(pending), []
-                now = time.perf_counter()  # the window's steps are done; evaluation is not counted in its speed
-                _raise_if_diverged(host, last_good, store.directory)
-                record = {k: float(v) for k, v in host[-1][1].items() if k != "target_tokens"}
-                if do_eval:
-                    eval_loss, context_gain = evaluate(eval_step, state["params"], valid_batches(), cfg.eval_batches,
-                                                       to_eval_batch)
-                    record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 700.0)),
-                                  eval_context_gain=context_gain)
-                if do_log:
-                    elapsed = max(now - window_start, 1e-9)
-                    tokens_per_sec = window_tokens / elapsed
-                    # Model FLOPs at the padded batch shapes over all devices' peak (train/flops.py).
-                    mfu = None if peak is None else window_flops / elapsed / (peak * mesh.size)
-                    metrics_log.write({"step": step, **record, "tokens_per_sec": round(tokens_per_sec, 1),
-                                       **({} if mfu is None else {"mfu": float(f"{mfu:.4g}")}),
-                                       "epoch": position.epoch})
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
-                                    **({} if mfu is None else {"mfu": f"{mfu:.1%}"}),
-                                    **({"eval": f"{eval_loss:.4f}"} if do_eval else {}))
-                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-                if do_save and not bool(all_finite(state["params"])):
-                    raise DivergedError(f"the params became NaN or infinite at step {step}; stopping. "
-                                        + _kept_message(last_good, store.directory))
-                if do_save:
-                    if isinstance(position, streaming.StreamState):
-                        streaming.save_state(stream_dir, step, position)
-                    store.save(step, program.to_checkpoint(state),
-                               {"step": step, "epoch": position.epoch, "index": getattr(position, "index", 0),
-                                "fingerprint": cfg.fingerprint(), "config": cfg.trajectory_dict()})
-                    streaming.prune_states(stream_dir, {step, *store.steps()})
-                    last_good = step
-                if stop:
-                    status = "stopped"
-                    say(f"stopped by a signal at step {step}; checkpoint saved; rerun the same command to resume")
-                    break
-        bar.close()
-        store.manager.wait_until_finished()
-        export_dir = None
-        if status == "completed":
-            host_params = unstack_layers(gather_params(state["params"], mesh))
-            if is_main:
-                export_dir = export(os.path.join(output_dir, "final"), model_config, host_params, datasets.tokenizer)
-                say(f"exported the final model to {export_dir}")
-            barrier("export")
-        return TrainResult(step, status, export_dir, eval_loss)
-    finally:
-        for resource in (batches, metrics_log, profiler):
-            if resource is not None:
-                resource.close()
-        store.close()
+
+def _export(run: _Run) -> Optional[str]:
+    """Write the final model in HF format (process 0; every process gathers the params); its directory."""
+    host_params = unstack_layers(gather_params(run.state["params"], run.mesh))
+    export_dir = None
+    if jax.process_index() == 0:
+        export_dir = export(os.path.join(run.output_dir, "final"), run.model_config, host_params,
+                            run.datasets.tokenizer)
+        say(f"exported the final model to {export_dir}")
+    barrier("export")
+    return export_dir
