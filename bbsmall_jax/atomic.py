@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import uuid
 from typing import Iterator, Union
 
 
@@ -19,9 +20,11 @@ def _fsync_directory(directory: str) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: Union[str, os.PathLike]) -> Iterator[str]:
-    """Yield a temporary path beside `path`; when the block succeeds it is synced and renamed onto `path`."""
+    """Yield a new temporary file's path beside `path` (a unique name, so concurrent writers of one path do not
+    meet); when the block succeeds it is synced and renamed onto `path`."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp"
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")  # the writer creates it: umask modes
     try:
         yield tmp
         with open(tmp, "rb+") as f:

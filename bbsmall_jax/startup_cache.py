@@ -102,17 +102,12 @@ def _read(path: str) -> Any:
 
 
 def _write(path: str, value: Any) -> None:
-    """Store `value` at `path` (a unique temporary file renamed over it; a failure only costs the cache)."""
-    import tempfile
+    """Store `value` at `path` (written atomically; a failure only costs the cache)."""
+    from bbsmall_jax.atomic import write_atomic
 
-    try:
+    with contextlib.suppress(Exception):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
-            pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(f.name, path)
-    except Exception:  # noqa: BLE001
-        with contextlib.suppress(Exception):
-            os.remove(f.name)
+        write_atomic(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def remember(kind: str, key: Any, compute: Callable[[], Any]) -> Any:

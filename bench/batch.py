@@ -50,7 +50,7 @@ def random_90m(directory: str) -> str:
 
     from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForConditionalGeneration
     from bbsmall_jax.runtime.models import DEMO_MODEL_DIR
-    from bbsmall_jax.testing.reference_models import FULL_90M
+    from bbsmall_jax.testing.shapes import FULL_90M
 
     demo = BlenderbotSmallConfig.from_json_file(os.path.join(DEMO_MODEL_DIR, "config.json"))
     config = BlenderbotSmallConfig(**dict(FULL_90M, vocab_size=demo.vocab_size))

@@ -57,8 +57,9 @@ import torch  # noqa: E402
 from bbsmall_jax import BlenderbotSmallForConditionalGeneration  # noqa: E402
 from bbsmall_jax.generation import plan as plan_lib  # noqa: E402
 from bbsmall_jax.testing.machine import describe as machine  # noqa: E402
-from bbsmall_jax.testing.reference_models import (FULL_90M, random_hf_model, save_hf_model,  # noqa: E402
+from bbsmall_jax.testing.reference_models import (random_hf_model, save_hf_model,  # noqa: E402
                                                   scale_reference_decoder_embeddings)
+from bbsmall_jax.testing.shapes import FULL_90M  # noqa: E402
 
 
 def greedy(batch):

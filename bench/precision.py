@@ -35,7 +35,8 @@ STRATEGIES = {"greedy": dict(num_beams=1, max_length=32, min_length=0),
 
 def random_90m_directory(directory: str) -> tuple[str, list[np.ndarray]]:
     """A default-initialised random 90M-shape checkpoint and random prompts of 8-40 tokens."""
-    from bbsmall_jax.testing.reference_models import FULL_90M, random_hf_model, save_hf_model
+    from bbsmall_jax.testing.reference_models import random_hf_model, save_hf_model
+    from bbsmall_jax.testing.shapes import FULL_90M
 
     save_hf_model(random_hf_model(**FULL_90M), directory)
     rng = np.random.default_rng(0)

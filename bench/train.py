@@ -82,11 +82,10 @@ for task in os.listdir("/proc/self/task"):  # then every thread may run on any C
 
 from bbsmall_jax.runtime.precision import compute_dtype  # noqa: E402
 from bbsmall_jax.testing.machine import describe as machine  # noqa: E402
+from bbsmall_jax.testing.shapes import FULL_90M  # noqa: E402
 from bbsmall_jax.train import flops as flops_lib  # noqa: E402
 
-FULL_90M_TRAINING = dict(vocab_size=54944, d_model=512, encoder_layers=8, decoder_layers=8,
-                         encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=2048,
-                         decoder_ffn_dim=2048, max_position_embeddings=512, scale_embedding=True, dropout=0.1)
+FULL_90M_TRAINING = dict(FULL_90M, dropout=0.1)
 SMALL = dict(FULL_90M_TRAINING, vocab_size=8192, encoder_layers=2, decoder_layers=2)
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, 0.01, 1.0
 

@@ -9,7 +9,7 @@ from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForCausalLM, Blend
 from bbsmall_jax.generation.plan import PORTABLE, choose_plan
 from bbsmall_jax.nn.cache import KVCache
 from bbsmall_jax.testing import compilations
-from bbsmall_jax.testing.reference_models import TINY
+from bbsmall_jax.testing.shapes import TINY
 
 
 @pytest.fixture(params=["portable", "cpu"])

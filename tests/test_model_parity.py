@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import bbsmall_jax as bb
-from bbsmall_jax.testing.reference_models import FULL_90M, random_hf_model, save_hf_model, scale_reference_decoder_embeddings, to_torch
+from bbsmall_jax.testing.reference_models import (random_hf_model, save_hf_model, scale_reference_decoder_embeddings,
+                                                  to_torch)
+from bbsmall_jax.testing.shapes import FULL_90M
 
 ATOL = 1e-4
 

@@ -6,7 +6,7 @@ import pytest
 
 from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForConditionalGeneration
 from bbsmall_jax.generation.plan import PATH_VARIABLE, PORTABLE, choose_plan
-from bbsmall_jax.testing.reference_models import TINY
+from bbsmall_jax.testing.shapes import TINY
 
 SETTINGS = [dict(max_length=10), dict(num_beams=3, max_length=10, no_repeat_ngram_size=2),
             dict(do_sample=True, top_p=0.9, top_k=5, max_length=10)]

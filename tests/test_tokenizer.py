@@ -477,5 +477,7 @@ def test_merges_cut_short_warn_with_the_count(trained_dir, tmp_path):
 
 
 def test_unavailable_hub_id_gives_clear_error():
-    with pytest.raises(OSError, match="not a local directory"):
+    with pytest.raises(OSError, match="could not fetch 'not a valid/hub id!!' from the Hugging Face hub"):
         BlenderbotSmallTokenizer.from_pretrained("not a valid/hub id!!")
+    with pytest.raises(OSError, match="no-such-dir: no such directory, and not a hub id"):
+        BlenderbotSmallTokenizer.from_pretrained("./no-such-dir")

@@ -62,7 +62,7 @@ def lower_train(cfg, topology: Topology, devices: Optional[int] = None) -> Lower
 def model_files(name: Optional[str]) -> str:
     """The directory holding a `--model`'s config.json (and generation_config.json when it has one): the demo
     model, a local directory, or a hub id's configs alone (from the cache, or fetched without weights)."""
-    from bbsmall_jax.checkpoint.hub import resolve_directory
+    from bbsmall_jax.hub import resolve_directory
     from bbsmall_jax.runtime.models import DEMO_NAME, model_directory
 
     if name is None or name == DEMO_NAME or os.path.isdir(name):

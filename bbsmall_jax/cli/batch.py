@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -406,7 +405,7 @@ def run_batch(responder: Responder, input_path: str, output_path: str, batch_siz
     `output_path` (the same bytes as one process writes), so the output must be on a filesystem they all see.
     """
     check_paths(input_path, output_path, resume, overwrite)
-    began, compiled = time.perf_counter(), compile_seconds()
+    began, compiled = time.perf_counter(), COMPILE_CLOCK.read()
     first, end = shares(count_lines(input_path), window, processes)[process_index]
     target = output_path if processes == 1 else part_path(output_path, process_index, processes)
     if processes > 1 and resume and os.path.exists(output_path) and not os.path.exists(target):
@@ -423,7 +422,7 @@ def run_batch(responder: Responder, input_path: str, output_path: str, batch_siz
     if done is None:
         print(f"{target} is complete (no unfinished run to resume)", file=log)
         done = {"replies": 0, "skipped": 0, "tokens": 0}
-    return _summary(responder, done, time.perf_counter() - began, compile_seconds() - compiled, processes,
+    return _summary(responder, done, time.perf_counter() - began, COMPILE_CLOCK.read() - compiled, processes,
                     output_path, log)
 
 
@@ -446,22 +445,25 @@ def _summary(responder: Responder, done: dict, seconds: float, compile_s: float,
     return summary
 
 
-_compile_seconds = 0.0
+class _CompileClock:
+    """Seconds this process has spent tracing, lowering and compiling JAX programs, from JAX's monitoring
+    events (the listener is registered on the first reading, once per process)."""
 
+    def __init__(self):
+        self.seconds = 0.0
+        self._listening = False
 
-@functools.lru_cache(maxsize=None)
-def _listen_to_compilations() -> None:
-    """Add up JAX's compilation events from now on (registered once per process)."""
-    import jax
-
-    def listen(name: str, seconds: float, **_) -> None:
-        global _compile_seconds
+    def _listen(self, name: str, seconds: float, **_) -> None:
         if name.startswith("/jax/core/compile/"):
-            _compile_seconds += seconds
-    jax.monitoring.register_event_duration_secs_listener(listen)
+            self.seconds += seconds
+
+    def read(self) -> float:
+        if not self._listening:
+            import jax
+
+            jax.monitoring.register_event_duration_secs_listener(self._listen)
+            self._listening = True
+        return self.seconds
 
 
-def compile_seconds() -> float:
-    """Seconds this process has spent tracing, lowering and compiling JAX programs since it first asked."""
-    _listen_to_compilations()
-    return _compile_seconds
+COMPILE_CLOCK = _CompileClock()  # one per process: JAX's listeners cannot be removed

@@ -8,7 +8,7 @@ import shutil
 import sys
 from typing import TYPE_CHECKING
 
-from bbsmall_jax.checkpoint.hub import ModelNotFoundError
+from bbsmall_jax.hub import ModelNotFoundError
 from bbsmall_jax.runtime.models import NAMES_HELP, model_directory
 
 if TYPE_CHECKING:

@@ -80,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "train.py") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     from bbsmall_jax.train.data import DataError
-    from bbsmall_jax.checkpoint.hub import ModelNotFoundError
+    from bbsmall_jax.hub import ModelNotFoundError
     from bbsmall_jax.train.config import ConfigError
 
     if args.compile_only != (args.topology is not None):

@@ -8,14 +8,14 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from bbsmall_jax import startup_cache
+from bbsmall_jax import meshes, startup_cache
 from bbsmall_jax.generation import plan as plan_lib
 from bbsmall_jax.generation.config import UNSUPPORTED, GenerationConfig
 from bbsmall_jax.generation.prepare import neutral, prepare
 from bbsmall_jax.generation.program import GenerateOutput, compile_program, finish, finish_traced
-from bbsmall_jax.generation.sharding import DATA_AXIS, data_mesh, device_count, input_shardings, place_inputs, replicated
+from bbsmall_jax.generation.sharding import data_mesh, device_count, input_shardings, place_inputs, replicated
 from bbsmall_jax.nn import validation as check
 
 Array = jax.Array
@@ -191,7 +191,7 @@ class GenerationMixin:
 
 def _mesh(devices: Sequence[jax.Device]):
     """The data mesh `generate` would make of these devices (None for one), wherever they are."""
-    return None if len(devices) == 1 else Mesh(np.array(devices), (DATA_AXIS,))
+    return None if len(devices) == 1 else meshes.data_mesh(devices)
 
 
 def _abstract(tree, mesh, device: jax.Device, shardings=None):

@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bbsmall_jax import meshes
 from bbsmall_jax.generation.prepare import Prepared
-
-DATA_AXIS = "data"
+from bbsmall_jax.meshes import DATA_AXIS
 
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Optional[Mesh]:
@@ -26,7 +25,7 @@ def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Optional[Mesh]:
     if len({d.process_index for d in devices}) > 1 or devices[0].process_index != jax.process_index():
         raise ValueError("generate shards over this process's own devices; give each process its share of the "
                          "inputs instead (as `bbsmall generate --num-processes` does)")
-    return Mesh(np.array(devices), (DATA_AXIS,))
+    return meshes.data_mesh(devices)
 
 
 def device_count(mesh: Optional[Mesh]) -> int:

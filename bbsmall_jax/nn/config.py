@@ -238,6 +238,6 @@ class BlenderbotSmallConfig:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike) -> "BlenderbotSmallConfig":
         """Read `config.json` from a directory, a file or a hub id."""
-        from bbsmall_jax.checkpoint.hub import resolve_file
+        from bbsmall_jax.hub import resolve_file
 
         return cls.from_json_file(resolve_file(path_or_hub_id, "config.json"))

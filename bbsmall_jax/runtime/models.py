@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from bbsmall_jax.checkpoint.hub import resolve_directory
+from bbsmall_jax.hub import resolve_directory
 
 DEMO_NAME = "demo"  # the embedded model; a directory of that name is `./demo`
 NAMES_HELP = ("a model directory (ours or transformers'), a hub id such as facebook/blenderbot_small-90M, or demo, "

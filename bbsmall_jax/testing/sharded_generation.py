@@ -28,7 +28,7 @@ def main() -> None:
 
     from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForConditionalGeneration
     from bbsmall_jax.generation.plan import PATH_VARIABLE
-    from bbsmall_jax.testing.reference_models import TINY
+    from bbsmall_jax.testing.shapes import TINY
 
     model = BlenderbotSmallForConditionalGeneration(BlenderbotSmallConfig(**dict(TINY, init_std=0.3)), seed=2)
     rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ import tempfile
 import numpy as np
 
 from bbsmall_jax.runtime.examples import TokenizedExamples, ragged
+from bbsmall_jax.testing.shapes import TINY
 from bbsmall_jax.train.config import TrainConfig
 
 # One persistent XLA cache for the test process and its subprocesses: XLA:CPU compiles dominate these tests.
@@ -15,9 +16,7 @@ COMPILE_CACHE = os.path.join(tempfile.gettempdir(), "bbsmall_jax_test_compile_ca
 CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
-TINY_MODEL = dict(vocab_size=101, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                  dropout=0.1, scale_embedding=True)  # reference_models.TINY's shape, with dropout
+TINY_MODEL = dict(TINY, dropout=0.1)  # the parity tests' tiny shape, with dropout
 
 
 def use_compile_cache() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForConditionalGeneration
-from bbsmall_jax.testing.reference_models import TINY
+from bbsmall_jax.testing.shapes import TINY
 
 GENERATION = {"greedy": dict(max_length=10), "beam": dict(max_length=10, num_beams=3),
               "sample": dict(max_length=10, do_sample=True, top_k=8)}

@@ -106,9 +106,10 @@ class BlenderbotSmallTokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> BlenderbotSmallTokenizer:
         """Load from a directory with vocab.json + merges.txt (+ config files), or from a Hugging Face Hub id."""
-        directory = os.fspath(name_or_path)
-        if not os.path.isdir(directory):
-            directory = _download(directory)
+        from bbsmall_jax.hub import resolve_directory
+
+        files = [ref.VOCAB_FILE, ref.MERGES_FILE, ref.CONFIG_FILE, ref.SPECIAL_TOKENS_FILE, ref.ADDED_TOKENS_FILE]
+        directory = resolve_directory(name_or_path, allow_patterns=files)
         config = ref.read_config(directory)
         options = {k: config[k] for k in _CONFIG_KEYS if k in config}
         options.update(kwargs)
@@ -295,16 +296,3 @@ def _as_id(index, position) -> int:
         where = "" if position is None else f" at position {position}"
         raise TypeError(f"token id{where} is {index!r}, not an integer")
     return int(index)
-
-
-def _download(repo_id: str) -> str:
-    """Local snapshot of a Hub repository's tokenizer files."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        files = [ref.VOCAB_FILE, ref.MERGES_FILE, ref.CONFIG_FILE, ref.SPECIAL_TOKENS_FILE, ref.ADDED_TOKENS_FILE]
-        return snapshot_download(repo_id, allow_patterns=files)
-    except Exception as e:  # offline, unknown repository, invalid id, package missing: one clear message
-        raise OSError(f"cannot load tokenizer {repo_id!r}: it is not a local directory and downloading it from the "
-                      f"Hugging Face Hub failed ({type(e).__name__}: {e}). Offline, pass a directory that holds "
-                      f"{ref.VOCAB_FILE} and {ref.MERGES_FILE}.") from e

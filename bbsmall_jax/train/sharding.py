@@ -8,15 +8,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bbsmall_jax.meshes import DATA_AXIS, data_mesh
+
 from bbsmall_jax.train import data as data_lib
 
-DATA_AXIS = "data"
-
-
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over every device of every process, ordered by process so each one's rows are contiguous."""
-    devices = sorted(devices if devices is not None else jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(np.array(devices), (DATA_AXIS,))
+    """The data mesh over `devices` (default: every device of every process)."""
+    return data_mesh(jax.devices() if devices is None else devices)
 
 
 MIN_SHARDED_ELEMENTS = 4096  # FSDP keeps smaller leaves (biases, LayerNorm scales) replicated

@@ -1,4 +1,5 @@
-"""Resolve a local directory or a Hugging Face hub id to files on disk."""
+"""Resolve a local directory or a Hugging Face hub id to files on disk: the one hub download of the project
+(models, tokenizers, configs), with one error type."""
 
 from __future__ import annotations
 
