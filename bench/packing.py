@@ -5,7 +5,7 @@ examples/s of training on them, packed, unpacked and in transformers' PyTorch lo
     python bench/packing.py --tokenizer DIR --config configs/blenderbot_small_90m.yaml
     python bench/packing.py --throughput                     # examples/s, the demo model's shape
 
-For each config: one epoch's batches as `train.py` plans them (`Batcher`, `PackedBatcher`), and the fraction
+For each config: one epoch's batches as `train.py` plans them (`BucketBatcher`, `PackedBatcher`), and the fraction
 of their source + target slots that hold real tokens, with the planning time of the packed epoch.
 
 `--throughput` trains a random-weight model (the demo model's shape, positions for the lengths) on chitchat
@@ -30,14 +30,14 @@ from bbsmall_jax.runtime.models import DEMO_MODEL_DIR
 from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
 from bbsmall_jax.train.config import load_config
 from bbsmall_jax.runtime.examples import tokenize_examples
-from bbsmall_jax.train.data import Batcher, chitchat_conversations, conversation_examples
+from bbsmall_jax.train.data import BucketBatcher, chitchat_conversations, conversation_examples
 from bbsmall_jax.train.packing import PackedBatcher
 
 
-def real_fraction(batcher: Batcher) -> tuple[float, int]:
+def real_fraction(batcher: BucketBatcher) -> tuple[float, int]:
     """(real source + target tokens over the slots of epoch 0's batches, the number of batches)."""
     real = slots = 0
-    plan = batcher.epoch_plan(0)
+    plan = batcher.epoch_batches(0)
     for bucket, rows in plan:
         source_len, target_len = batcher.buckets[bucket]
         real += int(batcher.lengths[rows[rows >= 0]].sum())
@@ -59,13 +59,13 @@ def our_side(data, cfg, model_config, packed: bool):
     program = build_program(cfg, model_config, mesh, jax.default_backend())
     state = {"now": init_state(program.module, program.optimizer, program.abstract, cfg.seed, None,
                                program.stacked)}
-    batcher = (PackedBatcher if packed else Batcher)(data, cfg.batch_size, cfg.bucket_shapes, cfg.seed, 0)
-    feeder, planned = Feeder(mesh, cfg.batch_size, 1), batcher.plan()
+    batcher = (PackedBatcher if packed else BucketBatcher)(data, cfg.batch_size, cfg.bucket_shapes, cfg.seed, 0)
+    feeder, scheduled = Feeder(mesh, cfg.batch_size, 1), batcher.schedule()
 
     def steps(count: int, until_buckets: int = 0) -> int:
         examples, seen = 0, set()
         while count > 0 or len(seen) < until_buckets:
-            plan, batch = feeder.train_batch(batcher, next(planned))
+            plan, batch = feeder.train_batch(batcher, next(scheduled))
             state["now"], metrics = program.train_step(state["now"], batch)
             float(metrics["loss"])  # waits for the step
             examples += int((plan.rows >= 0).sum())
@@ -183,7 +183,7 @@ def main() -> None:
         if lengths not in tokenized:
             tokenized[lengths] = tokenize_examples(examples, tokenizer, *lengths, separator=cfg.separator)
         data = tokenized[lengths]
-        unpacked, batches = real_fraction(Batcher(data, cfg.batch_size, cfg.bucket_shapes, cfg.seed, 0))
+        unpacked, batches = real_fraction(BucketBatcher(data, cfg.batch_size, cfg.bucket_shapes, cfg.seed, 0))
         start = time.perf_counter()
         packed, packed_batches = real_fraction(PackedBatcher(data, cfg.batch_size, cfg.bucket_shapes, cfg.seed, 0))
         seconds = time.perf_counter() - start

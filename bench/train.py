@@ -196,17 +196,17 @@ def pipeline_rate(batch_size: int, source_len: int, target_len: int, examples: i
     tokenize_s, tokenized = timed(lambda: tokenize_examples(train, tokenizer, source_len, target_len))
     buckets = ((max(source_len // 4, 1), max(target_len // 4, 1)), (max(source_len // 2, 1), max(target_len // 2, 1)),
                (source_len, target_len))
-    batcher = data_lib.Batcher(tokenized, batch_size, buckets, 0, tokenizer.pad_token_id)
+    batcher = data_lib.BucketBatcher(tokenized, batch_size, buckets, 0, tokenizer.pad_token_id)
     feeder = Feeder(make_mesh(jax.devices()[:1]), batch_size, 1)  # one device, as the timed step
-    planned = list(zip(range(max(2000 // batch_size, 20)), batcher.plan()))
+    scheduled = list(zip(range(max(2000 // batch_size, 20)), batcher.schedule()))
 
     def batch_all():
-        for _, p in planned:
+        for _, p in scheduled:
             jax.block_until_ready(feeder.train_batch(batcher, p)[1])
 
     batch_s, _ = timed(batch_all)
     return {"examples": len(train), "tokenize": len(train) / tokenize_s,
-            "batch": len(planned) * batch_size / batch_s, "vocab": len(tokenizer)}
+            "batch": len(scheduled) * batch_size / batch_s, "vocab": len(tokenizer)}
 
 
 def print_pipeline(rate: dict, step_examples_per_s: float | None) -> None:

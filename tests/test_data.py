@@ -98,40 +98,40 @@ def test_empty_contexts_are_dropped(tokenizer):
 
 
 def _batcher(data, **kwargs):
-    return data_lib.Batcher(data, 8, [(6, 4), (12, 8)], seed=3, pad_token_id=0, **kwargs)
+    return data_lib.BucketBatcher(data, 8, [(6, 4), (12, 8)], seed=3, pad_token_id=0, **kwargs)
 
 
 def test_batches_are_static_bucketed_and_right_padded():
     data = synthetic_examples(300, 50, seed=0, max_source=12, max_target=8)
     batcher = _batcher(data)
     shapes = set()
-    for planned in itertools.islice(batcher.plan(), 60):
-        batch = batcher.materialize(planned.bucket, planned.rows)
-        source_len, target_len = planned.bucket
+    for scheduled in itertools.islice(batcher.schedule(), 60):
+        batch = batcher.materialize(scheduled.bucket, scheduled.rows)
+        source_len, target_len = scheduled.bucket
         assert batch["input_ids"].shape == batch["attention_mask"].shape == (8, source_len)
         assert batch["labels"].shape == (8, target_len)
-        for r, row in enumerate(planned.rows):
+        for r, row in enumerate(scheduled.rows):
             src, tgt = data.source_ids(row), data.target_ids(row)
             assert batch["input_ids"][r, :len(src)].tolist() == src.tolist()
             assert (batch["input_ids"][r, len(src):] == 0).all()
             assert batch["attention_mask"][r].tolist() == [1] * len(src) + [0] * (source_len - len(src))
             assert (batch["labels"][r, len(tgt):] == -100).all()
-        smaller = [b for b in batcher.buckets if b < planned.bucket]
+        smaller = [b for b in batcher.buckets if b < scheduled.bucket]
         if smaller:  # the smallest bucket that fits
-            lengths = data.source_lengths[planned.rows], data.target_lengths[planned.rows]
+            lengths = data.source_lengths[scheduled.rows], data.target_lengths[scheduled.rows]
             assert all(((lengths[0] > s) | (lengths[1] > t)).all() for s, t in smaller)
-        shapes.add(planned.bucket)
+        shapes.add(scheduled.bucket)
     assert shapes == {(6, 4), (12, 8)}
 
 
 def test_batches_are_deterministic_and_resumable():
     data = synthetic_examples(300, 50, seed=0, max_source=12, max_target=8)
-    rows = lambda planned: [p.rows.tolist() for p in planned]
+    rows = lambda scheduled: [p.rows.tolist() for p in scheduled]
     first = list(itertools.islice(_batcher(data).plan(), 100))  # > 2 epochs
     assert rows(first) == rows(itertools.islice(_batcher(data).plan(), 100))
     epoch_length = len(_batcher(data))
     assert rows(first[:epoch_length]) != rows(first[epoch_length:2 * epoch_length])  # reshuffled each epoch
-    other_seed = data_lib.Batcher(data, 8, [(6, 4), (12, 8)], seed=4, pad_token_id=0)
+    other_seed = data_lib.BucketBatcher(data, 8, [(6, 4), (12, 8)], seed=4, pad_token_id=0)
     assert rows(first[:10]) != rows(itertools.islice(other_seed.plan(), 10))
     for k in (7, epoch_length, epoch_length + 5):  # resume mid-epoch and at an epoch boundary
         resumed = itertools.islice(_batcher(data).plan(first[k].position), 100 - k)
@@ -144,18 +144,18 @@ def test_batches_are_deterministic_and_resumable():
 def test_evaluation_batches_cover_everything_once():
     data = synthetic_examples(45, 50, seed=0, max_source=12, max_target=8)
     batcher = _batcher(data, drop_remainder=False)
-    planned = list(itertools.islice(batcher.plan(), len(batcher)))
-    rows = np.concatenate([p.rows for p in planned])
+    scheduled = list(itertools.islice(batcher.schedule(), len(batcher)))
+    rows = np.concatenate([p.rows for p in scheduled])
     assert sorted(rows[rows >= 0].tolist()) == list(range(45))
-    filler = batcher.materialize(planned[-1].bucket, np.full(8, -1))
+    filler = batcher.materialize(scheduled[-1].bucket, np.full(8, -1))
     assert (filler["labels"] == -100).all() and (filler["attention_mask"] == 0).all()
 
 
 def test_pipeline_outpaces_the_training_step():
     """Batches of the tiny config's shapes are made far faster than its training step runs (~30 ms)."""
     data = synthetic_examples(20000, 1000, seed=0, max_source=64, max_target=32)
-    batcher = data_lib.Batcher(data, 32, [(32, 16), (64, 32)], seed=0, pad_token_id=0)
-    batches = data_lib.Prefetcher((batcher.materialize(p.bucket, p.rows) for p in batcher.plan()), 4)
+    batcher = data_lib.BucketBatcher(data, 32, [(32, 16), (64, 32)], seed=0, pad_token_id=0)
+    batches = data_lib.Prefetcher((batcher.materialize(p.bucket, p.rows) for p in batcher.schedule()), 4)
     next(batches)
     start = time.perf_counter()
     for _ in range(300):

@@ -13,7 +13,7 @@ import pytest
 
 from bbsmall_jax.nn.model import build_module, init_params
 from bbsmall_jax.testing.training import read_metrics, shared_job, subprocess_env, use_compile_cache
-from bbsmall_jax.train.data import Batcher
+from bbsmall_jax.train.data import BucketBatcher
 from bbsmall_jax.train.loop import train
 from bbsmall_jax.train.packing import PackedBatcher, pack
 from bbsmall_jax.train.plan import default_plan
@@ -39,11 +39,11 @@ def test_packed_plan_is_deterministic_and_covers_the_epoch():
     cfg, datasets, _ = shared_job(packing=True)
     batcher = PackedBatcher(datasets.train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, 0)
     again = PackedBatcher(datasets.train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, 0)
-    plan = batcher.epoch_plan(0)
-    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(plan, again.epoch_plan(0)))
+    plan = batcher.epoch_batches(0)
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(plan, again.epoch_batches(0)))
     examples = np.concatenate([rows[rows >= 0] for _, rows in plan])
     assert len(set(examples.tolist())) == len(examples) > 0.9 * len(datasets.train)  # the remainder dropped
-    assert not np.array_equal(batcher.epoch_plan(1)[0][1], plan[0][1])
+    assert not np.array_equal(batcher.epoch_batches(1)[0][1], plan[0][1])
     with pytest.raises(ValueError, match="for training"):
         PackedBatcher(datasets.train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, 0, drop_remainder=False)
 
@@ -53,12 +53,12 @@ def test_packed_rows_give_the_loss_gradients_and_logits_of_the_examples_alone():
     module = build_module(model_config, "seq2seq_lm")
     params = init_params(module, jax.random.PRNGKey(3))
     packer = PackedBatcher(datasets.train, 8, cfg.bucket_shapes, cfg.seed, 0)
-    index, rows = packer.epoch_plan(0)[0]
+    index, rows = packer.epoch_batches(0)[0]
     bucket = packer.buckets[index]
     assert (rows >= 0).sum(axis=1).min() >= 2  # every row packs several examples
     packed = {k: jnp.asarray(v) for k, v in packer.materialize(bucket, rows).items()}
     examples = rows[rows >= 0]
-    alone = {k: jnp.asarray(v) for k, v in Batcher(datasets.train, len(examples), cfg.bucket_shapes, cfg.seed, 0)
+    alone = {k: jnp.asarray(v) for k, v in BucketBatcher(datasets.train, len(examples), cfg.bucket_shapes, cfg.seed, 0)
              .materialize(bucket, examples).items()}
     plan = default_plan()
 

@@ -25,7 +25,7 @@ import pytest
 
 from bbsmall_jax.cli import main as cli
 from bbsmall_jax.runtime.responder import Reply, Responder, enable_compilation_cache, load_chat_model
-from bbsmall_jax.serve.batcher import Batcher, QueueFull
+from bbsmall_jax.serve.batcher import RequestBatcher, QueueFull
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.schemas import ApiError, parse_request, turns_of
 from bbsmall_jax.serve.settings import Defaults, Settings
@@ -182,7 +182,7 @@ class StubResponder:
 
 def test_batcher_groups_by_settings_and_length_bucket():
     responder = StubResponder()
-    batcher = Batcher(responder, ServerMetrics(), max_batch=4, max_wait_ms=50, batch_buckets=(1, 2, 4))
+    batcher = RequestBatcher(responder, ServerMetrics(), max_batch=4, max_wait_ms=50, batch_buckets=(1, 2, 4))
     short, other = Settings(False, 1, None, None, 16, 1, None), Settings(False, 1, None, None, 20, 1, None)
 
     async def scenario():
@@ -218,7 +218,7 @@ def test_batcher_groups_by_settings_and_length_bucket():
 
 def test_batcher_pads_to_buckets_and_refuses_a_full_queue():
     responder = StubResponder()
-    batcher = Batcher(responder, ServerMetrics(), max_batch=8, max_wait_ms=30, max_queue=3, batch_buckets=(1, 8))
+    batcher = RequestBatcher(responder, ServerMetrics(), max_batch=8, max_wait_ms=30, max_queue=3, batch_buckets=(1, 8))
     settings = Settings(False, 1, None, None, 16, 1, None)
 
     async def scenario():

@@ -68,8 +68,8 @@ def one_device_losses(one_device_run):
 
 
 def _batches(cfg, datasets, count):
-    batcher = data_lib.Batcher(datasets.train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, 0)
-    return [batcher.materialize(p.bucket, p.rows) for p, _ in zip(batcher.plan(), range(count))]
+    batcher = data_lib.BucketBatcher(datasets.train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, 0)
+    return [batcher.materialize(p.bucket, p.rows) for p, _ in zip(batcher.schedule(), range(count))]
 
 
 # The accelerators' plan (layers under lax.scan, the vocabulary-tiled loss, rbg dropout keys) run on the CPU in

@@ -29,19 +29,26 @@ def shift_tokens_right(labels: Array, pad_token_id: int, decoder_start_token_id:
     return jnp.where(shifted == -100, pad_token_id, shifted)
 
 
+def label_log_probs(logits: Array, labels: Array) -> tuple[Array, Array]:
+    """(log_softmax(logits) at each label [...], 0 where the label is -100; the mask of real labels [...]), in
+    float32: the one token log-probability of the project (losses, eval scores, the server's logprobs)."""
+    valid = labels != -100
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, picked - jax.nn.logsumexp(logits, axis=-1), 0.0), valid
+
+
 def cross_entropy_loss(logits: Array, labels: Array, label_smoothing: float = 0.0) -> Array:
     """Mean cross-entropy over positions whose label is not -100 (0 when there are none).
 
     With `label_smoothing` it equals torch's `CrossEntropyLoss(label_smoothing=...)`.
     """
-    valid = labels != -100
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    safe_labels = jnp.where(valid, labels, 0)
-    nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+    log_probs, valid = label_log_probs(logits, labels)
+    nll = -log_probs
     if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(axis=-1)
-    count = valid.sum()
-    return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(count, 1)
+        mean_log_prob = logits.astype(jnp.float32).mean(axis=-1) - jax.nn.logsumexp(logits.astype(jnp.float32), -1)
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * mean_log_prob
+    return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(valid.sum(), 1)
 
 
 def _run_layer_drop(module: nn.Module, rate: float, deterministic: bool, skip_value, run):

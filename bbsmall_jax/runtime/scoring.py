@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bbsmall_jax.generation.prepare import bucket_length
-from bbsmall_jax.nn.model import shift_tokens_right
+from bbsmall_jax.nn.model import label_log_probs, shift_tokens_right
 from bbsmall_jax.runtime.examples import TokenizedExamples
 
 IGNORED = -100  # label padding, as in training
@@ -48,19 +48,12 @@ def _reply_logits(module, params, input_ids, attention_mask, labels):
     return module.apply(variables, hidden, method="logits")  # [B * C, T, V] float32
 
 
-def _target_log_probs(logits, targets):
-    """log_softmax(logits)[..., targets] [B, T] and the mask of real targets (not IGNORED)."""
-    valid = targets != IGNORED
-    target = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]  # [B, T]
-    return jnp.where(valid, target - jax.nn.logsumexp(logits, axis=-1), 0.0), valid
-
-
 def _score_batch(module, params, input_ids, attention_mask, labels):
     """(summed log-prob, tokens, argmax hits), each [B, C], of the replies labels [B, C, T] to the contexts
     input_ids [B, S]."""
     logits = _reply_logits(module, params, input_ids, attention_mask, labels)
     flat = labels.reshape(-1, labels.shape[-1])  # [B * C, T]
-    log_prob, valid = _target_log_probs(logits, flat)
+    log_prob, valid = label_log_probs(logits, flat)
     correct = valid & (jnp.argmax(logits, axis=-1) == flat)
     shape = labels.shape[:2]
     return log_prob.sum(-1).reshape(shape), valid.sum(-1).reshape(shape), correct.sum(-1).reshape(shape)
@@ -155,7 +148,7 @@ def _token_log_probs(module, params, input_ids, attention_mask, labels):
     """(log-prob of each reply token [B, T], the MAX_TOP largest log-probs and their ids [B, T, MAX_TOP]) of the
     replies labels [B, T] (IGNORED beyond each) to the contexts input_ids [B, S]."""
     logits = _reply_logits(module, params, input_ids, attention_mask, labels[:, None])  # [B, T, V]
-    chosen, _ = _target_log_probs(logits, labels)
+    chosen, _ = label_log_probs(logits, labels)
     top, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), min(MAX_TOP, logits.shape[-1]))
     return chosen, top, top_ids
 

@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from bbsmall_jax.runtime.responder import Reply, Responder
 from bbsmall_jax.serve.access import AccessControl, AccessPolicy
-from bbsmall_jax.serve.batcher import Batcher, Job, QueueFull
+from bbsmall_jax.serve.batcher import RequestBatcher, Job, QueueFull
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.schemas import (ApiError, ChatCompletionRequest, chunk_body, completion_body, error_body,
                                        logprobs_body, parse_request, stop_strings, token_log_prob, turns_of, usage)
@@ -41,7 +41,7 @@ class Service:
     """What the endpoints share: the model's responder and batcher, defaults, limits, metrics and state."""
 
     responder: Responder
-    batcher: Batcher
+    batcher: RequestBatcher
     metrics: ServerMetrics
     defaults: Defaults
     model_id: str

@@ -65,7 +65,7 @@ def power_of_two_buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(1 << i for i in range(max(max_batch - 1, 0).bit_length() + 1))
 
 
-class Batcher:
+class RequestBatcher:
     """A queue of Jobs and the worker thread that owns the model: warm-up first, then batch after batch."""
 
     def __init__(self, responder: Responder, metrics: ServerMetrics, max_batch: int = 32, max_wait_ms: float = 10,

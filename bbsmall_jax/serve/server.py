@@ -15,7 +15,7 @@ from bbsmall_jax.runtime.responder import Responder
 from bbsmall_jax.generation.prepare import bucket_length
 from bbsmall_jax.serve.access import AccessPolicy, parse_origins
 from bbsmall_jax.serve.app import Service, create_app
-from bbsmall_jax.serve.batcher import Batcher, power_of_two_buckets
+from bbsmall_jax.serve.batcher import RequestBatcher, power_of_two_buckets
 from bbsmall_jax.serve.flags import parse_sizes
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.settings import Defaults
@@ -48,7 +48,7 @@ def build_service(args: argparse.Namespace, responder: Responder) -> Service:
     buckets = (parse_sizes(args.batch_buckets, "--batch-buckets") if args.batch_buckets
                else power_of_two_buckets(args.max_batch))
     metrics = ServerMetrics()
-    batcher = Batcher(responder, metrics, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+    batcher = RequestBatcher(responder, metrics, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_queue=args.max_queue, batch_buckets=buckets,
                       warmup=[(settings, length) for length in lengths], seed=args.seed)
     access = AccessPolicy(args.api_key, parse_origins(args.allowed_origins), args.host)

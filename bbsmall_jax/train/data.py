@@ -81,7 +81,7 @@ class Position:
 
 
 @dataclasses.dataclass(frozen=True)
-class PlannedBatch:
+class ScheduledBatch:
     """One batch before it is materialised: its bucket and its example rows (-1 for filler rows)."""
 
     bucket: tuple[int, int]  # (source_len, target_len)
@@ -95,7 +95,7 @@ class PlannedBatch:
         return Position(self.position.epoch, self.position.index + 1)
 
 
-class Batcher:
+class BucketBatcher:
     """Bucketed, shuffled, deterministic batches: epoch e's order depends only on (seed, e).
 
     Each example goes to the smallest bucket (source_len, target_len) it fits; batches are drawn
@@ -114,42 +114,42 @@ class Batcher:
             raise DataError(f"an example is longer than the largest bucket {self.buckets[-1]}")
         self.bucket_of = fits.argmax(axis=1)
         self.lengths = src + tgt
-        self._plans: dict[int, list[tuple[int, np.ndarray]]] = {}
+        self._epochs: dict[int, list[tuple[int, np.ndarray]]] = {}
 
-    def epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+    def epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """[(bucket index, rows)] of one epoch."""
-        if epoch not in self._plans:
+        if epoch not in self._epochs:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(len(self.data)) if self.shuffle else np.arange(len(self.data))
-            plan = []
+            batches = []
             for b in range(len(self.buckets)):
                 rows = order[self.bucket_of[order] == b]
                 n_full = len(rows) // self.batch_size
                 for k in range(n_full):
-                    plan.append((b, rows[k * self.batch_size:(k + 1) * self.batch_size]))
+                    batches.append((b, rows[k * self.batch_size:(k + 1) * self.batch_size]))
                 rest = rows[n_full * self.batch_size:]
                 if len(rest) and not self.drop_remainder:
-                    plan.append((b, np.concatenate([rest, np.full(self.batch_size - len(rest), -1)])))
+                    batches.append((b, np.concatenate([rest, np.full(self.batch_size - len(rest), -1)])))
             if self.shuffle:
-                plan = [plan[i] for i in rng.permutation(len(plan))]
-            if not plan:
+                batches = [batches[i] for i in rng.permutation(len(batches))]
+            if not batches:
                 raise DataError(f"{len(self.data)} examples make no full batch of {self.batch_size}")
-            self._plans = {epoch: plan}  # keep one epoch's plan
-        return self._plans[epoch]
+            self._epochs = {epoch: batches}  # keep one epoch's
+        return self._epochs[epoch]
 
     def __len__(self) -> int:
         """Batches per epoch."""
-        return len(self.epoch_plan(0))
+        return len(self.epoch_batches(0))
 
-    def plan(self, start: Position = Position()) -> Iterator[PlannedBatch]:
-        """Planned batches from `start` on, endlessly over epochs (one epoch when not shuffling)."""
+    def schedule(self, start: Position = Position()) -> Iterator[ScheduledBatch]:
+        """Scheduled batches from `start` on, endlessly over epochs (one epoch when not shuffling)."""
         epoch, index = start.epoch, start.index
         while True:
-            plan = self.epoch_plan(epoch)
-            for i in range(index, len(plan)):
-                b, rows = plan[i]
+            batches = self.epoch_batches(epoch)
+            for i in range(index, len(batches)):
+                b, rows = batches[i]
                 real = rows[rows >= 0]
-                yield PlannedBatch(self.buckets[b], rows, Position(epoch, i), int(self.lengths[real].sum()))
+                yield ScheduledBatch(self.buckets[b], rows, Position(epoch, i), int(self.lengths[real].sum()))
             if not self.shuffle:
                 return
             epoch, index = epoch + 1, 0

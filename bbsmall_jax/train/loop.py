@@ -101,12 +101,12 @@ def _restore(store: CheckpointStore, abstract, cfg: TrainConfig, output_dir: str
     return restored
 
 
-def evaluate(eval_step, params, batcher: data_lib.Batcher, max_batches: int, to_device) -> tuple[float, float]:
+def evaluate(eval_step, params, batcher: data_lib.BucketBatcher, max_batches: int, to_device) -> tuple[float, float]:
     """(mean token NLL, context gain) over the validation batches (all, or the first `max_batches` of a fixed
     order). The context gain is the mean NLL with each example's context swapped for another's, less the
     true NLL: near 0 when the model ignores its context."""
     count = len(batcher) if not max_batches else min(max_batches, len(batcher))
-    sums = [eval_step(params, to_device(p)) for p in itertools.islice(batcher.plan(), count)]
+    sums = [eval_step(params, to_device(p)) for p in itertools.islice(batcher.schedule(), count)]
     total, tokens, shuffled = (float(sum(np.asarray(s[i], np.float64) for s in sums)) for i in (0, 1, 2))
     return total / max(tokens, 1.0), (shuffled - total) / max(tokens, 1.0)
 
@@ -126,15 +126,15 @@ def train(cfg: TrainConfig, output_dir: str, datasets: Optional[Datasets] = None
 
 
 def _train_batches(cfg: TrainConfig, train, feeder: Feeder, pad_token_id: int, position):
-    """(planned batch, device batch) pairs from `position` on: of in-memory examples, planned ahead and
+    """(scheduled batch, device batch) pairs from `position` on: of in-memory examples, scheduled ahead and
     materialised in a background thread; of a sharded corpus, this process's rows from its stream."""
     if isinstance(train, ShardedCorpus):
         stream = streaming.StreamBatcher(train, feeder.local_rows, cfg.bucket_shapes, pad_token_id, cfg.packing,
                                          position if isinstance(position, streaming.StreamState) else None)
-        return _Closing(((planned, feeder.place(planned.arrays)) for planned in stream), stream.close)
-    batcher = (PackedBatcher if cfg.packing else data_lib.Batcher)(train, cfg.batch_size, cfg.bucket_shapes,
+        return _Closing(((scheduled, feeder.place(scheduled.arrays)) for scheduled in stream), stream.close)
+    batcher = (PackedBatcher if cfg.packing else data_lib.BucketBatcher)(train, cfg.batch_size, cfg.bucket_shapes,
                                                                     cfg.seed, pad_token_id)
-    return data_lib.Prefetcher((feeder.train_batch(batcher, p) for p in batcher.plan(position)), cfg.prefetch)
+    return data_lib.Prefetcher((feeder.train_batch(batcher, p) for p in batcher.schedule(position)), cfg.prefetch)
 
 
 @dataclasses.dataclass
@@ -166,8 +166,8 @@ class _Run:
     step: int
     position: data_lib.Position | streaming.StreamState  # where the data resumes after `step`
     last_good: Optional[int]  # the newest checkpoint saved (or restored)
-    batches: Optional[Iterator] = None  # (planned batch, device batch) pairs
-    valid_batches: Optional[Callable[[], data_lib.Batcher]] = None
+    batches: Optional[Iterator] = None  # (scheduled batch, device batch) pairs
+    valid_batches: Optional[Callable[[], data_lib.BucketBatcher]] = None
     feeder: Optional[Feeder] = None
     metrics_log: Any = None
     profiler: Any = None
@@ -233,7 +233,7 @@ def _set_up(cfg: TrainConfig, output_dir: str, store: CheckpointStore, datasets:
     micro, pad = check_batch(cfg, mesh.size), model_config.pad_token_id
     # Built at the first evaluation. A sharded corpus's held-out shard is read in the background from the
     # first step on, once compiling (which it would slow) is done.
-    run.valid_batches = functools.cache(lambda: data_lib.Batcher(datasets.validation(), micro, cfg.bucket_shapes,
+    run.valid_batches = functools.cache(lambda: data_lib.BucketBatcher(datasets.validation(), micro, cfg.bucket_shapes,
                                                                  cfg.seed, pad, drop_remainder=False))
     run.feeder = Feeder(mesh, micro, cfg.grad_accum_steps)
     run.metrics_log, run.profiler = make_reporters(output_dir, run.step, cfg.profile_steps, jax.process_index() == 0)
@@ -275,16 +275,16 @@ def _loop(run: _Run) -> str:
     window = _Window()
     with _Stopper() as stopper:
         while run.step < cfg.max_steps:
-            planned, batch = next(run.batches)
+            scheduled, batch = next(run.batches)
             run.profiler.before(run.step + 1)
             run.state, metrics = run.program.train_step(run.state, batch)
             run.step += 1
             run.profiler.after(run.step, run.state)
             run.datasets.read_validation_ahead()
-            run.position = planned.after
+            run.position = scheduled.after
             pending.append((run.step, metrics))
-            window.tokens += planned.tokens
-            window.flops += train_flops(run.model_config, cfg.batch_size, *planned.bucket)
+            window.tokens += scheduled.tokens
+            window.flops += train_flops(run.model_config, cfg.batch_size, *scheduled.bucket)
             bar.update(1)
             stop = stopper.requested or (jax.process_count() > 1 and run.store.manager.reached_preemption(run.step))
             do_eval = run.step % cfg.eval_every == 0 or run.step == cfg.max_steps
@@ -309,7 +309,7 @@ def _log_evaluate_save(run: _Run, host: list[tuple[int, dict]], window: _Window,
     _raise_if_diverged(host, run.last_good, run.store.directory)
     record = {k: float(v) for k, v in host[-1][1].items() if k != "target_tokens"}
     if do_eval:
-        to_device = lambda planned: run.feeder.eval_batch(run.valid_batches(), planned)
+        to_device = lambda scheduled: run.feeder.eval_batch(run.valid_batches(), scheduled)
         run.eval_loss, context_gain = evaluate(run.program.eval_step, run.state["params"], run.valid_batches(),
                                                run.cfg.eval_batches, to_device)
         record.update(eval_loss=run.eval_loss, eval_ppl=math.exp(min(run.eval_loss, 700.0)),

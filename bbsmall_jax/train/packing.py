@@ -15,7 +15,7 @@ import numpy as np
 
 from bbsmall_jax.nn.model import shift_tokens_right
 from bbsmall_jax.runtime.examples import DataError, TokenizedExamples
-from bbsmall_jax.train.data import Batcher
+from bbsmall_jax.train.data import BucketBatcher
 
 WINDOW = 64  # open rows an example may join: first fit among the newest, so packing stays linear in examples
 PACKED_KEYS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids", "decoder_positions")
@@ -50,11 +50,11 @@ def row_matrix(rows: list[list[int]]) -> np.ndarray:
     return matrix
 
 
-class PackedBatcher(Batcher):
-    """`Batcher` whose batches are rows of packed examples: each bucket's examples of an epoch (in its shuffled
+class PackedBatcher(BucketBatcher):
+    """`BucketBatcher` whose batches are rows of packed examples: each bucket's examples of an epoch (in its shuffled
     order) packed into rows of that bucket's shape, `batch_size` rows a batch, the batches shuffled.
 
-    A planned batch's `rows` is [batch_size, segments] example indices (-1 past a row's last). Deterministic:
+    A scheduled batch's `rows` is [batch_size, segments] example indices (-1 past a row's last). Deterministic:
     epoch e's batches depend only on (seed, e), so a resumed run continues with the same batches."""
 
     def __init__(self, *args, **kwargs):
@@ -62,23 +62,23 @@ class PackedBatcher(Batcher):
         if not self.drop_remainder:
             raise ValueError("packed batches are for training: evaluation keeps one example per row")
 
-    def epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        if epoch in self._plans:
-            return self._plans[epoch]
+    def epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        if epoch in self._epochs:
+            return self._epochs[epoch]
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.data)) if self.shuffle else np.arange(len(self.data))
-        plan = []
+        batches = []
         for b, (source_len, target_len) in enumerate(self.buckets):
             rows = pack(self.data.source_lengths, self.data.target_lengths, order[self.bucket_of[order] == b],
                         source_len, target_len)
             for k in range(len(rows) // self.batch_size):
-                plan.append((b, row_matrix(rows[k * self.batch_size:(k + 1) * self.batch_size])))
+                batches.append((b, row_matrix(rows[k * self.batch_size:(k + 1) * self.batch_size])))
         if self.shuffle:
-            plan = [plan[i] for i in rng.permutation(len(plan))]
-        if not plan:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if not batches:
             raise DataError(f"{len(self.data)} examples make no full batch of {self.batch_size} packed rows")
-        self._plans = {epoch: plan}
-        return plan
+        self._epochs = {epoch: batches}
+        return batches
 
     def materialize(self, bucket: tuple[int, int], rows: np.ndarray) -> dict[str, np.ndarray]:
         return packed_rows(self.data, bucket, rows, self.pad_token_id)

@@ -60,10 +60,10 @@ class Feeder:
         self.mesh, self.micro, self.accum = mesh, micro, accum
         self.mine = local_rows(mesh, micro)
 
-    def train_batch(self, batcher: data_lib.Batcher, planned: data_lib.PlannedBatch):
+    def train_batch(self, batcher: data_lib.BucketBatcher, scheduled: data_lib.ScheduledBatch):
         # [A, local rows] example indices ([A, local rows, segments] of packed rows)
-        rows = planned.rows.reshape((self.accum, self.micro) + planned.rows.shape[1:])[:, self.mine]
-        return planned, self.place(batcher.materialize(planned.bucket, rows.reshape((-1,) + rows.shape[2:])))
+        rows = scheduled.rows.reshape((self.accum, self.micro) + scheduled.rows.shape[1:])[:, self.mine]
+        return scheduled, self.place(batcher.materialize(scheduled.bucket, rows.reshape((-1,) + rows.shape[2:])))
 
     @property
     def local_rows(self) -> int:
@@ -77,7 +77,7 @@ class Feeder:
         sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))
         return jax.make_array_from_process_local_data(sharding, local, shapes)
 
-    def eval_batch(self, batcher: data_lib.Batcher, planned: data_lib.PlannedBatch):
-        local = batcher.materialize(planned.bucket, planned.rows[self.mine])  # [local rows, L]
+    def eval_batch(self, batcher: data_lib.BucketBatcher, scheduled: data_lib.ScheduledBatch):
+        local = batcher.materialize(scheduled.bucket, scheduled.rows[self.mine])  # [local rows, L]
         shapes = {k: (self.micro, v.shape[-1]) for k, v in local.items()}
         return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P(DATA_AXIS)), local, shapes)
