@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from bbsmall_jax.atomic import atomic_file
 from bbsmall_jax.checkpoint.names import flax_msgpack_to_state_dict
+from bbsmall_jax.jsonfiles import read_json_object
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -36,11 +36,9 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _load_sharded_safetensors(index_path: str) -> dict[str, np.ndarray]:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index_path}: not a safetensors index with a weight_map ({err})") from err
+    weight_map = read_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path}: not a safetensors index (no weight_map object)")
     tensors: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
         tensors.update(_load_safetensors(os.path.join(os.path.dirname(index_path), shard)))

@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterator, Optional, TextIO
 
 from bbsmall_jax.atomic import atomic_file, write_atomic
+from bbsmall_jax.jsonfiles import read_json_object
 from bbsmall_jax.records import Dialogue, RecordError, decode_line, parse_record, read_lines
 
 if TYPE_CHECKING:  # the model's stack loads only when a run starts, after the paths are checked
@@ -118,10 +119,9 @@ class _Output:
     def read_progress(self, first: int) -> Progress:
         """The sidecar's progress, checked against the output file (this run reads input lines from `first`)."""
         try:
-            with open(self.sidecar, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise self.damaged(f"not valid JSON: {err}") from None
+            data = read_json_object(self.sidecar)
+        except ValueError as err:
+            raise self.damaged(str(err).removeprefix(f"{self.sidecar}").lstrip(":, ")) from None
         progress = Progress.from_json_data(data)
         if progress is None:
             raise self.damaged(f"expected {{\"next_line\": >= 1, \"bytes\": >= 0, \"input_sha256\": ..., "

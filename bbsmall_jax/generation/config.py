@@ -6,7 +6,8 @@ import dataclasses
 import os
 from typing import Any, Optional, Union
 
-from bbsmall_jax.nn.config import BlenderbotSmallConfig, read_json_object, write_json_file
+from bbsmall_jax.jsonfiles import read_json_object, write_json_file
+from bbsmall_jax.nn.config import BlenderbotSmallConfig
 
 TokenIds = Union[int, tuple, None]
 

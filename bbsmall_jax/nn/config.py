@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 from typing import Any, Union
 
-from bbsmall_jax.atomic import write_atomic
+from bbsmall_jax.jsonfiles import read_json_object, write_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -21,24 +20,6 @@ _ATTRIBUTE_MAP = {
     "hidden_size": "d_model",
     "num_hidden_layers": "encoder_layers",
 }
-
-
-def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON file holding one object; a malformed file raises naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def write_json_file(directory: str | os.PathLike, filename: str, data: dict[str, Any]) -> str:
-    """Write `data` as indented, key-sorted JSON to `directory/filename` (atomically); returns the path."""
-    os.makedirs(directory, exist_ok=True)
-    return write_atomic(os.path.join(directory, filename), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # Run-time settings transformers' configs carry for every model; kept in `extra` when set.

@@ -7,6 +7,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from bbsmall_jax.jsonfiles import read_json_object
+
 # Unicode White_Space, which is what `\s` means in the `regex` module transformers uses.
 # The stdlib's `\s` (and str.split) also treat U+001C..U+001F as whitespace; the reference does not.
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -130,14 +132,8 @@ def read_config(directory: str) -> dict:
 
 
 def _read_json(path: str) -> dict:
-    """A JSON file's content, {} when it does not exist."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    """A JSON file's object, {} when the file does not exist."""
+    return read_json_object(path) if os.path.exists(path) else {}
 
 
 def to_json(obj) -> str:

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from bbsmall_jax.atomic import write_atomic
+from bbsmall_jax.jsonfiles import read_json_object
 from bbsmall_jax.train.corpus import ShardedCorpus, StreamPosition
 from bbsmall_jax.runtime.examples import DataError, TokenizedExamples
 from bbsmall_jax.train.data import padded_rows
@@ -166,14 +167,18 @@ def load_state(directory: str, step: int, buckets: int) -> StreamState:
     """This process's stream state of checkpoint `step`; DataError naming the file when it is missing or bad."""
     path = _state_path(directory, step, jax.process_index())
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return StreamState.from_json(data, buckets, jax.process_count(), path)
+        data = read_json_object(path)
     except FileNotFoundError:
         raise DataError(f"{path} is missing: the checkpoint of step {step} cannot say where this process's "
                         "share of the sharded corpus stood") from None
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    try:
+        return StreamState.from_json(data, buckets, jax.process_count(), path)
+    except DataError:
+        raise
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: not a stream state ({err})") from None
+        raise DataError(f"{path}: not a stream state ({type(err).__name__}: {err})") from None
 
 
 def prune_states(directory: str, keep: Sequence[int]) -> None:
