@@ -8,7 +8,6 @@ They also carry transformers' Flax surface (`encode`, `decode`, `init_cache`, `p
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Optional
 
@@ -422,7 +421,7 @@ BlenderbotSmallForCausalLMModule = BlenderbotSmallDecoderOnly
 def _param_shapes(config: BlenderbotSmallConfig, head: Head) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Path -> shape of every param of a head's module, kept in the process and on disk (tracing the module's
     init takes most of a second). Read only: the same dict is returned to every caller."""
-    return startup_cache.remember("param_shapes", (json.dumps(config.to_dict(), sort_keys=True, default=str), head),
+    return startup_cache.remember("param_shapes", (config.identity(), head),
                                   lambda: param_shapes(build_module(config, head)))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Optional, Sequence
 
 import jax
@@ -51,8 +50,7 @@ class GenerationMixin:
 
     def _program_identity(self) -> tuple:
         """What the generation programs are made from besides their static settings and argument shapes."""
-        config = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
-        return type(self).__name__, config, str(jax.numpy.dtype(self.dtype))
+        return type(self).__name__, self.config.identity(), str(jax.numpy.dtype(self.dtype))
 
     def _decoding_weights(self, params, plan: plan_lib.DecodingPlan) -> tuple:
         """The plan's copies of the weights, kept for later calls with the same params and layout."""

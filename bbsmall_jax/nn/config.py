@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -188,6 +189,10 @@ class BlenderbotSmallConfig:
         if config.extra:
             logger.debug("config keys kept but not used by the model: %s", sorted(config.extra))
         return config
+
+    def identity(self) -> str:
+        """The config as one canonical JSON string: the key of what is built or compiled from it."""
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
 
     def to_dict(self) -> dict[str, Any]:
         """The `config.json` dict transformers reads (`extra` keys merged back in)."""

@@ -77,7 +77,7 @@ class Responder:
     def settings(self) -> dict:
         """What the replies depend on, as JSON data: the weights file, the config, dtype, generation and context."""
         model, source = self.model, getattr(self.model, "_loaded_from", None)
-        config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
+        config = model.config.identity().encode()
         raw = {"model": source and os.path.realpath(source), "config_sha256": hashlib.sha256(config).hexdigest(),
                "dtype": str(np.dtype(model.dtype)), "generation": self.generation_kwargs,
                "max_context_tokens": self.max_context_tokens, "turn_separator": self.turn_separator}
