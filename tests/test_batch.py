@@ -14,7 +14,8 @@ from typing import Optional
 
 import pytest
 
-from bbsmall_jax.cli.batch import BatchError, run_batch
+from bbsmall_jax.cli.batch import run_batch
+from bbsmall_jax.cli.batch_output import BatchError
 from bbsmall_jax.runtime.responder import Responder
 from bbsmall_jax.records import RecordError
 

@@ -21,12 +21,12 @@ LINES[9], LINES[17] = "", "{not json"  # a blank line and a bad one, passed over
 # at a known point: after its first committed window, never after it has finished.
 HOLD_AFTER_COMMIT = """
 import time
-from bbsmall_jax.cli import batch
-commit = batch._Output.commit
+from bbsmall_jax.cli import batch_output
+commit = batch_output.Output.commit
 def hold(self, *args):
     commit(self, *args)
     time.sleep(600)
-batch._Output.commit = hold
+batch_output.Output.commit = hold
 from bbsmall_jax.cli.main import entry
 entry()
 """
