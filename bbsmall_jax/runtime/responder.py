@@ -149,6 +149,6 @@ class Responder:
 
     def with_log_probs(self, contexts: Sequence[list[int]], replies: Sequence[Reply]) -> list[Reply]:
         """`replies[i]` (to the id context `contexts[i]`) with the model's log-probability of each of its tokens
-        and of the most likely alternatives (`evaluation.scoring.reply_token_log_probs`), in one call."""
+        and of the most likely alternatives (`runtime.scoring.reply_token_log_probs`), in one call."""
         scored = reply_token_log_probs(self.model, list(contexts), [list(reply.token_ids) for reply in replies])
         return [dataclasses.replace(reply, log_probs=log_probs) for reply, log_probs in zip(replies, scored)]
