@@ -128,7 +128,7 @@ def test_eval_bad_line_names_file_and_line(model_dir, tmp_path, capsys):
 def test_reply_token_log_probs_match_transformers_in_any_chunking(model_dir, chat_model, monkeypatch):
     """Each reply token's log-probability and the MAX_TOP best at its position, against transformers; calls
     cut to one row by a small logits budget give the same numbers as one call."""
-    from bbsmall_jax.evaluation import scoring
+    from bbsmall_jax.runtime import scoring
 
     model, tokenizer = chat_model
     hf = transformers.BlenderbotSmallForConditionalGeneration.from_pretrained(model_dir).eval()

@@ -18,7 +18,7 @@ from bbsmall_jax.nn.model import shift_tokens_right
 from bbsmall_jax.testing.reference_models import TINY, to_torch
 from bbsmall_jax.train.steps import loss_sum
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from bbsmall_jax.train.checkpoints import CheckpointStore, check_compatible
 from bbsmall_jax.train.output_lock import OutputInUseError, output_lock
 from bbsmall_jax.testing.training import read_metrics, use_compile_cache
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 use_compile_cache()

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from bbsmall_jax.records import SEPARATORS
 from bbsmall_jax.runtime.examples import DataError, Example, tokenize_examples
 from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.text.vocab_training import train_tokenizer
@@ -82,7 +83,7 @@ def test_contexts_equal_the_tokenizers_conversation_helper(chitchat, tokenizer):
         data = tokenize_examples(examples, tokenizer, 48, 16, separator, add_end)
         for i in np.random.default_rng(0).choice(len(data), 300, replace=False):
             example = examples[data.example_index[i]]
-            expected = tokenizer.encode_conversation(list(example.context), 48, data_lib.SEPARATORS[separator],
+            expected = tokenizer.encode_conversation(list(example.context), 48, SEPARATORS[separator],
                                                      add_end)
             assert data.source_ids(i).tolist() == expected
             response = tokenizer(example.response)["input_ids"] + [tokenizer.eos_token_id]
@@ -126,14 +127,14 @@ def test_batches_are_static_bucketed_and_right_padded():
 def test_batches_are_deterministic_and_resumable():
     data = synthetic_examples(300, 50, seed=0, max_source=12, max_target=8)
     rows = lambda scheduled: [p.rows.tolist() for p in scheduled]
-    first = list(itertools.islice(_batcher(data).plan(), 100))  # > 2 epochs
-    assert rows(first) == rows(itertools.islice(_batcher(data).plan(), 100))
+    first = list(itertools.islice(_batcher(data).schedule(), 100))  # > 2 epochs
+    assert rows(first) == rows(itertools.islice(_batcher(data).schedule(), 100))
     epoch_length = len(_batcher(data))
     assert rows(first[:epoch_length]) != rows(first[epoch_length:2 * epoch_length])  # reshuffled each epoch
     other_seed = data_lib.BucketBatcher(data, 8, [(6, 4), (12, 8)], seed=4, pad_token_id=0)
-    assert rows(first[:10]) != rows(itertools.islice(other_seed.plan(), 10))
+    assert rows(first[:10]) != rows(itertools.islice(other_seed.schedule(), 10))
     for k in (7, epoch_length, epoch_length + 5):  # resume mid-epoch and at an epoch boundary
-        resumed = itertools.islice(_batcher(data).plan(first[k].position), 100 - k)
+        resumed = itertools.islice(_batcher(data).schedule(first[k].position), 100 - k)
         assert rows(resumed) == rows(first[k:])
     # Training drops each bucket's remainder; an epoch uses every example at most once.
     epoch_rows = np.concatenate([p.rows for p in first[:epoch_length]])
