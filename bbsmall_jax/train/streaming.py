@@ -2,10 +2,10 @@
 
 Each example of the stream waits in the buffer of the smallest bucket (source_len, target_len) it fits. A
 step takes this process's rows from one bucket's buffer: the first buffer to hold enough examples (packed:
-enough for more than its rows, so that the rows taken are closed). With several processes, each reading its
-own shards, the step's bucket must be the same everywhere: once a process has a full buffer the processes
-exchange which buffers are full (one small all-gather a step), take a bucket full everywhere if there is
-one, and otherwise all fill the bucket that most processes have full.
+enough that packing it fills more rows than a step takes; the oldest rows are taken). With several
+processes, each reading its own shards, the step's bucket must be the same everywhere: once a process has a
+full buffer the processes exchange which buffers are full (one small all-gather a step), take a bucket full
+everywhere if there is one, and otherwise all fill the bucket that most processes have full.
 
 Everything here is a deterministic function of the stream, so a `StreamState` (the stream's position and the
 token ids of the examples waiting in the buffers) saved with a checkpoint resumes exactly. Each process
