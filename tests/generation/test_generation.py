@@ -13,7 +13,7 @@ from bbsmall_jax import BlenderbotSmallForCausalLM, BlenderbotSmallForConditiona
 from bbsmall_jax.testing import compilations
 from bbsmall_jax.testing.reference_models import assert_same, generation_reference, random_hf_model, save_hf_model, to_torch
 
-pytestmark = pytest.mark.usefixtures("decode_path")  # every test on both decoding paths
+both_paths = pytest.mark.usefixtures("decode_path")  # a test that decodes runs on both decoding paths
 
 CASES = [
     dict(max_length=20),
@@ -29,6 +29,7 @@ CASES = [
 ]
 
 
+@both_paths
 @pytest.mark.parametrize("kwargs", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_tokens_identical_to_transformers(models, prompts, kwargs):
     hf, ours = models
@@ -74,6 +75,7 @@ def test_save_and_load_keep_the_generation_config(models, tmp_path):
         ours.generation_config = None
 
 
+@both_paths
 def test_generation_config_argument_and_kwargs_override_defaults(models, prompts):
     hf, ours = models
     ids, mask = prompts
@@ -86,6 +88,7 @@ def test_generation_config_argument_and_kwargs_override_defaults(models, prompts
     np.testing.assert_array_equal(got, ref)
 
 
+@both_paths
 def test_scores_match_transformers(models, prompts):
     hf, ours = models
     ids, mask = prompts
@@ -105,6 +108,7 @@ def test_scores_match_transformers(models, prompts):
             np.testing.assert_allclose(got.sequences_scores, ref.sequences_scores.numpy(), atol=1e-4)
 
 
+@both_paths
 def test_params_argument_generates_with_those_weights(models, prompts, tmp_path):
     """The decoding copies of the weights are kept between calls; other params must not reuse them."""
     hf, ours = models
@@ -120,6 +124,7 @@ def test_params_argument_generates_with_those_weights(models, prompts, tmp_path)
     assert_same(hf, ours, ids, mask, **kwargs)
 
 
+@both_paths
 def test_decoder_only_generation_matches_transformers(tmp_path):
     hf = generation_reference("decoder_only", tmp_path, seed=2)
     ours = BlenderbotSmallForCausalLM.from_pretrained(tmp_path)
@@ -135,6 +140,7 @@ def test_decoder_only_generation_matches_transformers(tmp_path):
 SAMPLING = dict(max_length=24, no_repeat_ngram_size=3, forced_eos_token_id=None)  # the compiled greedy case 2
 
 
+@both_paths
 def test_sampling_top_k_1_is_greedy(models, prompts):
     _, ours = models
     greedy = np.asarray(ours.generate(*prompts, **SAMPLING))
@@ -142,6 +148,7 @@ def test_sampling_top_k_1_is_greedy(models, prompts):
     np.testing.assert_array_equal(one, greedy)  # top_k=1 leaves only the argmax
 
 
+@both_paths
 def test_sampling_is_reproducible_and_restricted_to_the_top_k(models, prompts):
     _, ours = models
 
@@ -162,6 +169,7 @@ def test_sampling_is_reproducible_and_restricted_to_the_top_k(models, prompts):
             assert kept[np.arange(len(chosen)), chosen][alive].all()
 
 
+@both_paths
 def test_bf16_compute_generates(tmp_path, prompts):
     hf = random_hf_model(seed=6, init_std=0.3)
     save_hf_model(hf, tmp_path)
@@ -214,6 +222,7 @@ def test_unsupported_options_are_neutral_only_at_their_transformers_default():
     assert neutral(None) and not neutral(False)  # without the option's name only None is known to change nothing
 
 
+@both_paths
 def test_unsupported_options_as_keywords_are_neutral_at_their_default(models, prompts):
     hf, ours = models
     assert_same(hf, ours, *prompts, max_length=8, typical_p=1.0, renormalize_logits=False)
@@ -221,6 +230,7 @@ def test_unsupported_options_as_keywords_are_neutral_at_their_default(models, pr
         ours.generate(*prompts, max_length=8, renormalize_logits=True)
 
 
+@both_paths
 def test_unsupported_option_in_a_generation_config_file(models, prompts):
     _, ours = models
     neutral = GenerationConfig.from_dict({"max_length": 6, "renormalize_logits": False, "typical_p": 1.0,
