@@ -73,12 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert as the parsed arguments say; 1 on an error (printed on one line)."""
+    """Convert as the parsed arguments say; 2 on an error in what was given (printed on one line), as the other
+    commands exit on bad input."""
     try:
         head = convert(args.source, args.output, args.dtype, args.overwrite)
     except (ModelNotFoundError, FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
         print(f"convert: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {head} ({args.dtype}) to {args.output}")
     return 0
 

@@ -234,7 +234,7 @@ def test_demo_names_the_embedded_model(tmp_path, monkeypatch, capsys):
     with open(os.path.join(DEMO_MODEL_DIR, "config.json")) as original, open("copy/config.json") as copy:
         assert json.load(original)["d_model"] == json.load(copy)["d_model"]
     assert os.path.isfile("copy/vocab.json") and "wrote" in capsys.readouterr().out
-    assert cli.main(["convert", "demo", "copy"]) == 1  # a directory holding files needs --overwrite
+    assert cli.main(["convert", "demo", "copy"]) == 2  # a directory holding files needs --overwrite
     assert "copy is not empty; pass --overwrite" in capsys.readouterr().err
     assert cli.main(["convert", "demo", "copy", "--overwrite"]) == 0
 
