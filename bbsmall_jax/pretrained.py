@@ -17,14 +17,14 @@ import numpy as np
 from flax import traverse_util
 
 from bbsmall_jax import startup_cache
-from bbsmall_jax.nn import validation as check
-from bbsmall_jax.nn.config import BlenderbotSmallConfig
-from bbsmall_jax.checkpoint.names import flax_to_hf, hf_to_flax
-from bbsmall_jax.generation.generate import GenerationMixin
-from bbsmall_jax.generation.config import GenerationConfig
 from bbsmall_jax.checkpoint.files import find_weights_file, load_state_dict, save_safetensors
+from bbsmall_jax.checkpoint.names import flax_to_hf, hf_to_flax
+from bbsmall_jax.generation.config import GenerationConfig
+from bbsmall_jax.generation.generate import GenerationMixin
 from bbsmall_jax.hub import resolve_directory
+from bbsmall_jax.nn import validation as check
 from bbsmall_jax.nn.cache import KVCache
+from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.nn.model import (BlenderbotSmallDecoderOnly, BlenderbotSmallSeq2Seq, Head, build_module, init_params,
                                   param_shapes)
 from bbsmall_jax.nn.outputs import CausalLMOutput, DecoderOutputWithPast, EncoderOutput, ModelOutput

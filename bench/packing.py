@@ -26,10 +26,10 @@ import time
 
 import numpy as np
 
+from bbsmall_jax.runtime.examples import tokenize_examples
 from bbsmall_jax.runtime.models import DEMO_MODEL_DIR
 from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
 from bbsmall_jax.train.config import load_config
-from bbsmall_jax.runtime.examples import tokenize_examples
 from bbsmall_jax.train.data import BucketBatcher, chitchat_conversations, conversation_examples
 from bbsmall_jax.train.packing import PackedBatcher
 

@@ -8,8 +8,8 @@ import numpy as np
 
 from bbsmall_jax import pretrained, startup_cache
 from bbsmall_jax.cli.chat import COMPILING, FINISHING, ChatSession, run_repl
-from bbsmall_jax.runtime.responder import Responder
 from bbsmall_jax.generation.prepare import bucket_length, default_key
+from bbsmall_jax.runtime.responder import Responder
 
 
 def chat(responder, text):

@@ -10,8 +10,8 @@ import time
 from typing import Callable, Optional, TextIO
 
 from bbsmall_jax import startup_cache
-from bbsmall_jax.runtime.responder import Responder
 from bbsmall_jax.generation.prepare import bucket_length
+from bbsmall_jax.runtime.responder import Responder
 
 COMMANDS = {"/help": "list these commands", "/reset": "start a new conversation",
             "/quit": "leave (also /exit, Ctrl-D; Ctrl-C at the prompt)"}

@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bbsmall_jax.evaluation.candidates import choose_candidates
-from bbsmall_jax.runtime.scoring import score_replies
 from bbsmall_jax.evaluation.text_metrics import distinct_n, mean_words, repetition
 from bbsmall_jax.runtime.examples import Example, tokenize_examples
+from bbsmall_jax.runtime.scoring import score_replies
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,8 @@ from flax import traverse_util
 from bbsmall_jax.nn.cache import KVCache
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.nn.layer_stacks import STACKED
-from bbsmall_jax.nn.layout import replicated, rows_sharded
 from bbsmall_jax.nn.layers import DecoderLayer, EncoderLayer, key_mask, layer_norm, mask_to_bias
+from bbsmall_jax.nn.layout import replicated, rows_sharded
 from bbsmall_jax.nn.outputs import CausalLMOutput, DecoderOutput, EncoderOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 
 Array = jax.Array

@@ -11,10 +11,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from bbsmall_jax.runtime.models import model_directory
-from bbsmall_jax.runtime.scoring import TokenLogProbs, reply_token_log_probs
 from bbsmall_jax.generation.config import GLOBAL_DEFAULTS, GenerationConfig
 from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
+from bbsmall_jax.runtime.models import model_directory
+from bbsmall_jax.runtime.scoring import TokenLogProbs, reply_token_log_probs
 from bbsmall_jax.startup_cache import cache_dir as compilation_cache_dir
 from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
 

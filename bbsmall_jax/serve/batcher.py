@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from bbsmall_jax.runtime.responder import Reply, Responder
 from bbsmall_jax.generation.prepare import bucket_length
+from bbsmall_jax.runtime.responder import Reply, Responder
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.settings import Settings
 

@@ -10,9 +10,9 @@ from typing import Callable
 
 import uvicorn
 
+from bbsmall_jax.generation.prepare import bucket_length
 from bbsmall_jax.runtime.models import DEMO_NAME
 from bbsmall_jax.runtime.responder import Responder
-from bbsmall_jax.generation.prepare import bucket_length
 from bbsmall_jax.serve.access import AccessPolicy, parse_origins
 from bbsmall_jax.serve.app import Service, create_app
 from bbsmall_jax.serve.batcher import RequestBatcher, power_of_two_buckets

@@ -19,6 +19,7 @@ import numpy as np
 
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.nn.layer_stacks import unstack_layers
+from bbsmall_jax.runtime.coordination import barrier, say
 from bbsmall_jax.train import data as data_lib, streaming
 from bbsmall_jax.train.checkpoints import CheckpointStore, check_compatible
 from bbsmall_jax.train.config import ConfigError, TrainConfig
@@ -27,9 +28,8 @@ from bbsmall_jax.train.flops import peak_flops, train_flops
 from bbsmall_jax.train.output_lock import output_lock
 from bbsmall_jax.train.packing import PackedBatcher
 from bbsmall_jax.train.preparation import Datasets, build_model_config, export, prepare_datasets
-from bbsmall_jax.runtime.coordination import barrier, say
-from bbsmall_jax.train.sharding import Feeder, gather_params, make_mesh
 from bbsmall_jax.train.program import TrainProgram, build_program, check_batch
+from bbsmall_jax.train.sharding import Feeder, gather_params, make_mesh
 from bbsmall_jax.train.steps import init_state
 from bbsmall_jax.train.summaries import make_reporters
 

@@ -13,10 +13,10 @@ import numpy as np
 
 from bbsmall_jax.atomic import atomic_directory, write_atomic
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
+from bbsmall_jax.runtime.coordination import say
 from bbsmall_jax.runtime.examples import TokenizedExamples, tokenize_examples
 from bbsmall_jax.train import corpus as corpus_lib, data as data_lib
 from bbsmall_jax.train.config import ConfigError, TrainConfig
-from bbsmall_jax.runtime.coordination import say
 
 
 @dataclasses.dataclass

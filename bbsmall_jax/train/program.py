@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bbsmall_jax.runtime.precision import compute_dtype
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.nn.layer_stacks import stack_layers, unstack_layers
 from bbsmall_jax.nn.model import build_module
+from bbsmall_jax.runtime.precision import compute_dtype
 from bbsmall_jax.train.config import ConfigError, TrainConfig
 from bbsmall_jax.train.packing import PACKED_KEYS
 from bbsmall_jax.train.plan import TrainingPlan, choose_plan

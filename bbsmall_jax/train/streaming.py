@@ -25,8 +25,8 @@ import numpy as np
 
 from bbsmall_jax.atomic import write_atomic
 from bbsmall_jax.jsonfiles import read_json_object
-from bbsmall_jax.train.corpus import ShardedCorpus, StreamPosition
 from bbsmall_jax.runtime.examples import DataError, TokenizedExamples
+from bbsmall_jax.train.corpus import ShardedCorpus, StreamPosition
 from bbsmall_jax.train.data import padded_rows
 from bbsmall_jax.train.packing import pack, packed_rows, row_matrix
 

@@ -16,8 +16,8 @@ import pytest
 
 from bbsmall_jax.cli.batch import run_batch
 from bbsmall_jax.cli.batch_output import BatchError
-from bbsmall_jax.runtime.responder import Responder
 from bbsmall_jax.records import RecordError
+from bbsmall_jax.runtime.responder import Responder
 
 LINES = [json.dumps({"id": i, "text": f"hello there number {i}, how are you today?"}) for i in range(12)]
 

@@ -10,12 +10,12 @@ import transformers
 
 from bbsmall_jax.cli import main as cli
 from bbsmall_jax.cli.evaluate import format_report
-from bbsmall_jax.runtime.responder import load_chat_model
 from bbsmall_jax.evaluation.candidates import choose_candidates
 from bbsmall_jax.evaluation.run import EvalSettings, evaluate
+from bbsmall_jax.runtime.examples import Example, tokenize_examples
+from bbsmall_jax.runtime.responder import load_chat_model
 from bbsmall_jax.runtime.scoring import score_replies
 from bbsmall_jax.testing.reference_models import scale_reference_decoder_embeddings
-from bbsmall_jax.runtime.examples import Example, tokenize_examples
 
 SOURCE, TARGET = 48, 32  # context and reply limits
 WORDS = ("hello how are you today i am fine thanks what do like to eat pizza dogs cats music movies play games "

@@ -8,8 +8,8 @@ import torch
 from transformers.generation import logits_process as hf
 
 from bbsmall_jax.generation import cpu_path
-from bbsmall_jax.generation import search as decoding
 from bbsmall_jax.generation import logits_processors as lp
+from bbsmall_jax.generation import search as decoding
 from bbsmall_jax.generation.plan import PORTABLE
 PAD, START, EOS, A, B, C = 0, 1, 2, 3, 4, 5
 VOCAB = 6

@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import BlenderbotSmallTokenizer as HFTokenizer
 
-from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
-from bbsmall_jax.text.word_encoder import _pieces
 from bbsmall_jax.text.reference import WORD_RE, word_pieces
+from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
 from bbsmall_jax.text.vocab_training import train_tokenizer
+from bbsmall_jax.text.word_encoder import _pieces
 
 # transformers encodes ~5k utterances/s on a 2-core machine: all 258k would take about a minute, so the
 # parity test checks every distinct word in chunks and then this many whole utterances.

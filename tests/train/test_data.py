@@ -8,9 +8,9 @@ import pytest
 
 from bbsmall_jax.records import SEPARATORS
 from bbsmall_jax.runtime.examples import DataError, Example, tokenize_examples
-from bbsmall_jax.train import data as data_lib
-from bbsmall_jax.text.vocab_training import train_tokenizer
 from bbsmall_jax.testing.training import synthetic_examples
+from bbsmall_jax.text.vocab_training import train_tokenizer
+from bbsmall_jax.train import data as data_lib
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ import time
 import numpy as np
 import pytest
 
+from bbsmall_jax.runtime.examples import DataError, tokenize_examples
 from bbsmall_jax.testing import loopback_coordinator
 from bbsmall_jax.testing.corpora import corpus_tokenizer, streaming_job, write_shards
 from bbsmall_jax.testing.training import read_metrics, subprocess_env
 from bbsmall_jax.train import corpus as corpus_lib
 from bbsmall_jax.train.corpus import ShardedCorpus, StreamPosition, find_shards, read_examples, shard_records
-from bbsmall_jax.runtime.examples import DataError, tokenize_examples
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, where train.py is

@@ -17,18 +17,18 @@ import pytest
 import torch
 
 from bbsmall_jax import BlenderbotSmallForConditionalGeneration
-from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.checkpoint.names import flax_to_hf
-from bbsmall_jax.train.config import ConfigError
 from bbsmall_jax.nn.layer_stacks import stack_layers, unstack_layers
 from bbsmall_jax.nn.model import build_module, cross_entropy_loss, init_params
+from bbsmall_jax.train import data as data_lib
 from bbsmall_jax.train.checkpoints import CheckpointStore
-from bbsmall_jax.train.loop import DivergedError, TrainingError, train
-from bbsmall_jax.train.sharding import make_mesh
+from bbsmall_jax.train.config import ConfigError
 from bbsmall_jax.train.flops import peak_flops, train_flops
+from bbsmall_jax.train.loop import DivergedError, TrainingError, train
 from bbsmall_jax.train.loss import lm_head_loss, tile_count
 from bbsmall_jax.train.plan import TrainingPlan, choose_plan
 from bbsmall_jax.train.program import build_program
+from bbsmall_jax.train.sharding import make_mesh
 from bbsmall_jax.train.summaries import TAGS
 from bbsmall_jax.train.steps import (abstract_state, init_state, learning_rate_schedule, loss_sum, make_eval_step,
                                      make_optimizer, make_train_step, zero_frozen)

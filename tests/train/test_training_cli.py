@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import pytest
 
 from bbsmall_jax.cli.train import EXIT_USAGE, main
-from bbsmall_jax.train.config import ConfigError, load_config, parse_override
-from bbsmall_jax.train.checkpoints import CheckpointStore, check_compatible
-from bbsmall_jax.train.output_lock import OutputInUseError, output_lock
 from bbsmall_jax.testing.training import read_metrics, use_compile_cache
+from bbsmall_jax.train.checkpoints import CheckpointStore, check_compatible
+from bbsmall_jax.train.config import ConfigError, load_config, parse_override
+from bbsmall_jax.train.output_lock import OutputInUseError, output_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
