@@ -116,26 +116,31 @@ class BucketBatcher:
         self.lengths = src + tgt
         self._epochs: dict[int, list[tuple[int, np.ndarray]]] = {}
 
+    ROWS = ""  # what a batch's rows are, in errors (" packed rows" for `PackedBatcher`)
+
     def epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """[(bucket index, rows)] of one epoch."""
         if epoch not in self._epochs:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(len(self.data)) if self.shuffle else np.arange(len(self.data))
-            batches = []
-            for b in range(len(self.buckets)):
-                rows = order[self.bucket_of[order] == b]
-                n_full = len(rows) // self.batch_size
-                for k in range(n_full):
-                    batches.append((b, rows[k * self.batch_size:(k + 1) * self.batch_size]))
-                rest = rows[n_full * self.batch_size:]
-                if len(rest) and not self.drop_remainder:
-                    batches.append((b, np.concatenate([rest, np.full(self.batch_size - len(rest), -1)])))
+            batches = [(b, rows) for b in range(len(self.buckets))
+                       for rows in self.bucket_batches(b, order[self.bucket_of[order] == b])]
             if self.shuffle:
                 batches = [batches[i] for i in rng.permutation(len(batches))]
             if not batches:
-                raise DataError(f"{len(self.data)} examples make no full batch of {self.batch_size}")
+                raise DataError(f"{len(self.data)} examples make no full batch of {self.batch_size}{self.ROWS}")
             self._epochs = {epoch: batches}  # keep one epoch's
         return self._epochs[epoch]
+
+    def bucket_batches(self, bucket: int, examples: np.ndarray) -> list[np.ndarray]:
+        """The batches' rows [batch_size] of one bucket's `examples`, in order: full batches, then (unless
+        dropping the remainder) the rest filled with empty rows (-1)."""
+        n_full = len(examples) // self.batch_size
+        batches = [examples[k * self.batch_size:(k + 1) * self.batch_size] for k in range(n_full)]
+        rest = examples[n_full * self.batch_size:]
+        if len(rest) and not self.drop_remainder:
+            batches.append(np.concatenate([rest, np.full(self.batch_size - len(rest), -1)]))
+        return batches
 
     def __len__(self) -> int:
         """Batches per epoch."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bbsmall_jax.nn.model import shift_tokens_right
-from bbsmall_jax.runtime.examples import DataError, TokenizedExamples
+from bbsmall_jax.runtime.examples import TokenizedExamples
 from bbsmall_jax.train.data import BucketBatcher
 
 WINDOW = 64  # open rows an example may join: first fit among the newest, so packing stays linear in examples
@@ -57,28 +57,18 @@ class PackedBatcher(BucketBatcher):
     A scheduled batch's `rows` is [batch_size, segments] example indices (-1 past a row's last). Deterministic:
     epoch e's batches depend only on (seed, e), so a resumed run continues with the same batches."""
 
+    ROWS = " packed rows"
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not self.drop_remainder:
             raise ValueError("packed batches are for training: evaluation keeps one example per row")
 
-    def epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        if epoch in self._epochs:
-            return self._epochs[epoch]
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.data)) if self.shuffle else np.arange(len(self.data))
-        batches = []
-        for b, (source_len, target_len) in enumerate(self.buckets):
-            rows = pack(self.data.source_lengths, self.data.target_lengths, order[self.bucket_of[order] == b],
-                        source_len, target_len)
-            for k in range(len(rows) // self.batch_size):
-                batches.append((b, row_matrix(rows[k * self.batch_size:(k + 1) * self.batch_size])))
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        if not batches:
-            raise DataError(f"{len(self.data)} examples make no full batch of {self.batch_size} packed rows")
-        self._epochs = {epoch: batches}
-        return batches
+    def bucket_batches(self, bucket: int, examples: np.ndarray) -> list[np.ndarray]:
+        """One bucket's `examples` packed, in order, into rows of its shape; full batches of them only."""
+        rows = pack(self.data.source_lengths, self.data.target_lengths, examples, *self.buckets[bucket])
+        return [row_matrix(rows[k * self.batch_size:(k + 1) * self.batch_size])
+                for k in range(len(rows) // self.batch_size)]
 
     def materialize(self, bucket: tuple[int, int], rows: np.ndarray) -> dict[str, np.ndarray]:
         return packed_rows(self.data, bucket, rows, self.pad_token_id)
