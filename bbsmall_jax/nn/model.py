@@ -46,7 +46,8 @@ def cross_entropy_loss(logits: Array, labels: Array, label_smoothing: float = 0.
     log_probs, valid = label_log_probs(logits, labels)
     nll = -log_probs
     if label_smoothing:
-        mean_log_prob = logits.astype(jnp.float32).mean(axis=-1) - jax.nn.logsumexp(logits.astype(jnp.float32), -1)
+        logits = logits.astype(jnp.float32)
+        mean_log_prob = logits.mean(axis=-1) - jax.nn.logsumexp(logits, axis=-1)  # the mean of log_softmax
         nll = (1.0 - label_smoothing) * nll - label_smoothing * mean_log_prob
     return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(valid.sum(), 1)
 

@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from bbsmall_jax.runtime.responder import Reply, Responder
 from bbsmall_jax.serve.access import AccessControl, AccessPolicy
-from bbsmall_jax.serve.batcher import RequestBatcher, Job, QueueFull
+from bbsmall_jax.serve.batcher import Job, QueueFull, RequestBatcher
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.schemas import (ApiError, ChatCompletionRequest, chunk_body, completion_body, error_body,
                                        logprobs_body, parse_request, stop_strings, token_log_prob, turns_of, usage)

@@ -49,8 +49,8 @@ def build_service(args: argparse.Namespace, responder: Responder) -> Service:
                else power_of_two_buckets(args.max_batch))
     metrics = ServerMetrics()
     batcher = RequestBatcher(responder, metrics, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                      max_queue=args.max_queue, batch_buckets=buckets,
-                      warmup=[(settings, length) for length in lengths], seed=args.seed)
+                             max_queue=args.max_queue, batch_buckets=buckets,
+                             warmup=[(settings, length) for length in lengths], seed=args.seed)
     access = AccessPolicy(args.api_key, parse_origins(args.allowed_origins), args.host)
     return Service(responder, batcher, metrics, defaults, model_id(args), max_body_bytes=args.max_body_bytes,
                    drain_timeout=args.drain_timeout, access=access, body_timeout=args.body_timeout,

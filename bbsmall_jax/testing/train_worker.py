@@ -38,6 +38,7 @@ def main():
     if jax.process_index() == 0:
         print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(), "losses": results}))
 
+
 def streamed(args):
     """The shared job on a sharded corpus, whole and killed-then-resumed, in this process and its peers."""
     import shutil
@@ -60,7 +61,8 @@ def streamed(args):
     multihost_utils.sync_global_devices("cut")
     train(cfg, cut)
     shards = prepare_datasets(cfg, cut, True, cfg.model_config()).train.shards
-    share = multihost_utils.process_allgather(np.array([int(os.path.basename(path).split(".")[0][len("part-"):]) for path in shards]))
+    numbers = [int(os.path.basename(path).split(".")[0][len("part-"):]) for path in shards]  # part-00003.jsonl: 3
+    share = multihost_utils.process_allgather(np.array(numbers))
     if jax.process_index() == 0:
         print(json.dumps({"processes": jax.process_count(), "shards": np.asarray(share).tolist(),
                           "whole": [r["loss"] for r in read_metrics(whole)],

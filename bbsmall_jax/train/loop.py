@@ -129,26 +129,21 @@ def _train_batches(cfg: TrainConfig, train, feeder: Feeder, pad_token_id: int, p
     """(scheduled batch, device batch) pairs from `position` on: of in-memory examples, scheduled ahead and
     materialised in a background thread; of a sharded corpus, this process's rows from its stream."""
     if isinstance(train, ShardedCorpus):
-        stream = streaming.StreamBatcher(train, feeder.local_rows, cfg.bucket_shapes, pad_token_id, cfg.packing,
-                                         position if isinstance(position, streaming.StreamState) else None)
-        return _Closing(((scheduled, feeder.place(scheduled.arrays)) for scheduled in stream), stream.close)
-    batcher = (PackedBatcher if cfg.packing else data_lib.BucketBatcher)(train, cfg.batch_size, cfg.bucket_shapes,
-                                                                    cfg.seed, pad_token_id)
+        return _streamed_batches(streaming.StreamBatcher(
+            train, feeder.local_rows, cfg.bucket_shapes, pad_token_id, cfg.packing,
+            position if isinstance(position, streaming.StreamState) else None), feeder)
+    batcher_class = PackedBatcher if cfg.packing else data_lib.BucketBatcher
+    batcher = batcher_class(train, cfg.batch_size, cfg.bucket_shapes, cfg.seed, pad_token_id)
     return data_lib.Prefetcher((feeder.train_batch(batcher, p) for p in batcher.schedule(position)), cfg.prefetch)
 
 
-@dataclasses.dataclass
-class _Closing:
-    """An iterator with a `close` that releases what feeds it."""
-
-    iterator: Iterator
-    close: Callable[[], None]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self.iterator)
+def _streamed_batches(stream: streaming.StreamBatcher, feeder: Feeder) -> Iterator:
+    """The stream's batches placed on the devices; closing the generator stops the stream's reader."""
+    try:
+        for scheduled in stream:
+            yield scheduled, feeder.place(scheduled.arrays)
+    finally:
+        stream.close()
 
 
 @dataclasses.dataclass
@@ -233,8 +228,8 @@ def _set_up(cfg: TrainConfig, output_dir: str, store: CheckpointStore, datasets:
     micro, pad = check_batch(cfg, mesh.size), model_config.pad_token_id
     # Built at the first evaluation. A sharded corpus's held-out shard is read in the background from the
     # first step on, once compiling (which it would slow) is done.
-    run.valid_batches = functools.cache(lambda: data_lib.BucketBatcher(datasets.validation(), micro, cfg.bucket_shapes,
-                                                                 cfg.seed, pad, drop_remainder=False))
+    run.valid_batches = functools.cache(lambda: data_lib.BucketBatcher(
+        datasets.validation(), micro, cfg.bucket_shapes, cfg.seed, pad, drop_remainder=False))
     run.feeder = Feeder(mesh, micro, cfg.grad_accum_steps)
     run.metrics_log, run.profiler = make_reporters(output_dir, run.step, cfg.profile_steps, jax.process_index() == 0)
     if run.step >= cfg.max_steps:
@@ -272,7 +267,7 @@ def _loop(run: _Run) -> str:
     bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (cfg.progress and jax.process_index() == 0),
                unit="step", dynamic_ncols=True, file=sys.stderr)
     pending: list[tuple[int, dict]] = []  # (step, metrics on the device) since the last log or save
-    window = _Window()
+    window, status = _Window(), "completed"
     with _Stopper() as stopper:
         while run.step < cfg.max_steps:
             scheduled, batch = next(run.batches)
@@ -296,10 +291,10 @@ def _loop(run: _Run) -> str:
                 window = _Window() if do_log else window
             if stop:
                 say(f"stopped by a signal at step {run.step}; checkpoint saved; rerun the same command to resume")
-                bar.close()
-                return "stopped"
+                status = "stopped"
+                break
     bar.close()
-    return "completed"
+    return status
 
 
 def _log_evaluate_save(run: _Run, host: list[tuple[int, dict]], window: _Window, bar, do_eval: bool,
@@ -336,12 +331,14 @@ def _save(run: _Run) -> None:
         raise DivergedError(f"the params became NaN or infinite at step {run.step}; stopping. "
                             + _kept_message(run.last_good, run.store.directory))
     position = run.position
-    if isinstance(position, streaming.StreamState):
+    streamed = isinstance(position, streaming.StreamState)
+    if streamed:
         streaming.save_state(run.stream_dir, run.step, position)
     run.store.save(run.step, run.program.to_checkpoint(run.state),
-                   {"step": run.step, "epoch": position.epoch, "index": getattr(position, "index", 0),
+                   {"step": run.step, "epoch": position.epoch, "index": 0 if streamed else position.index,
                     "fingerprint": run.cfg.fingerprint(), "config": run.cfg.trajectory_dict()})
-    streaming.prune_states(run.stream_dir, {run.step, *run.store.steps()})
+    if streamed:  # the states of the checkpoints the store no longer keeps
+        streaming.prune_states(run.stream_dir, {run.step, *run.store.steps()})
     run.last_good = run.step
 
 

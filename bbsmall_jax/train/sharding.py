@@ -9,8 +9,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bbsmall_jax.meshes import DATA_AXIS, data_mesh
-
 from bbsmall_jax.train import data as data_lib
+
 
 def make_mesh(devices=None) -> Mesh:
     """The data mesh over `devices` (default: every device of every process)."""
