@@ -107,7 +107,7 @@ def attend_cached_one(attention: Attention, query: Array, key: Array, value: Arr
             return out, jnp.concatenate([weights[:, :width], left_out, weights[:, width:]], axis=1)
         return run
 
-    which = jnp.minimum(jnp.sum(cache.index > jnp.asarray(widths)), len(widths) - 1)
+    which = jnp.minimum(jnp.sum(jnp.max(cache.index) > jnp.asarray(widths)), len(widths) - 1)  # the furthest row's
     out, weights = _finish(attention, *jax.lax.switch(which, [branch(w) for w in widths], cache.entries,
                                                      cache.origins, cache_bias))
     return out, Attention.place_new_weights(weights, size, cache.index)

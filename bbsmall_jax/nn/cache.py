@@ -15,7 +15,8 @@ from bbsmall_jax.nn.config import BlenderbotSmallConfig
 class KVCache:
     """Preallocated self-attention keys/values plus the cross-attention keys/values projected once.
 
-    `index` is the position the next decoder token is written to (one for all layers).
+    `index` is the position the next decoder token is written to (one for all layers): [] for rows that
+    move together, or [B] for rows at their own positions (a decode engine's slots; one token per write).
 
     The self-attention keys and values of every layer are one buffer, `entries`, with heads merged
     ([.., H * Dh]: split, head_dim 32 would fill a quarter of each 128-wide TPU tile). Two layouts, a
@@ -31,7 +32,7 @@ class KVCache:
     """
 
     entries: jax.Array  # self-attention keys and values, [2, L, B, max_len, D] or time-major [max_len, 2L, B, D]
-    index: jax.Array  # [] int32
+    index: jax.Array  # [] int32, or [B] int32: each row's own position
     # cross-attention entries [L, G, S, H, Dh], G = B or dividing it: each group of B / G consecutive rows
     # (the beams of one batch element) shares one; None for a decoder without encoder
     cross_key: Optional[jax.Array] = None
@@ -78,12 +79,15 @@ class KVCache:
         `output`: an array computed from every read of the old buffers (the decoder's output). With
         `ordered_writes` the write position is made to depend on it, which shows XLA's CPU backend that the
         reads come first, so it updates the buffers in place instead of copying both on every step.
+        With a per-row index [B], each row's one new token goes to its own position (a scatter).
         """
         index = self.index
         if self.ordered_writes:  # min(isnan(.), 0) is always 0, but XLA cannot fold it away
             index = index + jnp.minimum(jnp.isnan(jnp.sum(output)).astype(jnp.int32), 0)
         new = jnp.stack([key, value]).astype(self.entries.dtype)  # [2, L, B, T, H, Dh]
         new = new.reshape(new.shape[:4] + (-1,))  # [2, L, B, T, D]
+        if jnp.ndim(index) == 1:
+            return self._write_per_row(new, index)
         if self.time_major:
             new = jnp.transpose(new.reshape((-1,) + new.shape[2:]), (2, 0, 1, 3))  # [T, 2L, B, D]
             start = (index, 0, 0, 0)
@@ -95,22 +99,41 @@ class KVCache:
         return self.replace(entries=jax.lax.dynamic_update_slice(self.entries, new, start),
                             index=self.index + key.shape[2], origins=origins)
 
+    def _write_per_row(self, new: jax.Array, index: jax.Array) -> "KVCache":
+        """`write` of one token per row, new [2, L, B, 1, D], row b's at its own position index[b]."""
+        if new.shape[3] != 1:
+            raise ValueError(f"a cache with a position per row takes one new token per row, got {new.shape[3]}")
+        rows = jnp.arange(self.rows, dtype=jnp.int32)
+        new = new[:, :, :, 0]  # [2, L, B, D]
+        if self.time_major:  # entries [T, 2L, B, D]: (position, row) pairs pick [B] blocks of [2L, D]
+            block = jnp.transpose(new.reshape((-1,) + new.shape[2:]), (1, 0, 2))  # [B, 2L, D]
+            entries = self.entries.at[index, :, rows, :].set(block, mode="drop")
+        else:  # entries [2, L, B, T, D]: (row, position) pairs pick [2, L, B, D]
+            entries = self.entries.at[:, :, rows, index, :].set(new, mode="drop")
+        origins = self.origins
+        if origins is not None:
+            origins = origins.at[rows, self.index].set(rows, mode="drop")
+        return self.replace(entries=entries, index=self.index + 1, origins=origins)
+
     def reorder(self, batch_indices: jax.Array) -> "KVCache":
         """Row b takes over the self-attention history of row `batch_indices[b]` (beam search's reorder).
 
         With `origins` only they are gathered; otherwise the buffer is. Cross-attention entries are
         left alone: beams never move between batch elements, so they are the same for every beam of one.
         """
+        moved = self
+        if jnp.ndim(self.index) == 1:  # each row's position goes with its history
+            moved = self.replace(index=jnp.take(self.index, batch_indices, mode="clip"))
         if self.origins is not None:
-            return self.replace(origins=jnp.take(self.origins, batch_indices, axis=0, mode="clip"))
+            return moved.replace(origins=jnp.take(self.origins, batch_indices, axis=0, mode="clip"))
         # mode="clip": the indices are in range, and XLA's clipping gather is several times faster than "fill".
         # One gather per layer, on its leading axis: a single gather along the rows' axis makes XLA lay the
         # buffer out row-major, and every per-layer read of it then copies the whole buffer to slice it.
         if self.time_major:
-            return self.replace(entries=jnp.take(self.entries, batch_indices, axis=2, mode="clip"))
-        moved = [[jnp.take(self.entries[kind, layer], batch_indices, axis=0, mode="clip")
-                  for layer in range(self.layers)] for kind in range(2)]
-        return self.replace(entries=jnp.stack([jnp.stack(kind) for kind in moved]))
+            return moved.replace(entries=jnp.take(self.entries, batch_indices, axis=2, mode="clip"))
+        by_layer = [[jnp.take(self.entries[kind, layer], batch_indices, axis=0, mode="clip")
+                     for layer in range(self.layers)] for kind in range(2)]
+        return moved.replace(entries=jnp.stack([jnp.stack(kind) for kind in by_layer]))
 
     def history(self, layer: int, width: int) -> tuple[jax.Array, jax.Array]:
         """Every row's keys and values in the first `width` positions of one layer: [B, width, D] each.

@@ -165,10 +165,13 @@ class Attention(nn.Module):
 
     @staticmethod
     def place_new_weights(weights: Array, size: int, cache_index: Array) -> Array:
-        """[B, H, T, K + T] -> [B, H, T, K]: the masked cache positions from `cache_index` on have weight 0;
-        the new tokens' weights go there."""
+        """[B, H, T, K + T] -> [B, H, T, K]: the masked cache positions from `cache_index` ([] or per row [B])
+        on have weight 0; the new tokens' weights go there."""
         old_weights, new_weights = jnp.split(weights, [size], axis=-1)
-        return jax.lax.dynamic_update_slice(old_weights, new_weights, (0, 0, 0, cache_index))
+        place = lambda old, new, at: jax.lax.dynamic_update_slice(old, new, (0,) * (old.ndim - 1) + (at,))
+        if jnp.ndim(cache_index) == 1:
+            return jax.vmap(place)(old_weights, new_weights, cache_index)
+        return place(old_weights, new_weights, cache_index)
 
     def __call__(self, hidden: Array, key_value_states: Optional[Array] = None, bias: Optional[Array] = None,
                  deterministic: bool = True) -> tuple[Array, Array]:

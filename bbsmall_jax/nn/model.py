@@ -133,7 +133,10 @@ class _Stack(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
 
     def _positions(self, position_ids: Optional[Array], offset, length: int) -> Array:
-        """Learned position embeddings: [T, D] of positions offset..offset+T-1, or [B, T, D] at `position_ids`."""
+        """Learned position embeddings: [T, D] of positions offset..offset+T-1, or [B, T, D] at `position_ids`
+        or from a per-row `offset` [B]."""
+        if position_ids is None and jnp.ndim(offset) == 1:
+            position_ids = offset[:, None] + jnp.arange(length, dtype=offset.dtype)  # [B, T]
         if position_ids is not None:
             return self.embed_positions(position_ids)
         return jax.lax.dynamic_slice_in_dim(self.embed_positions.embedding, offset, length).astype(self.dtype)
@@ -202,7 +205,8 @@ class Decoder(_Stack):
                              cache: Optional[KVCache]) -> tuple[Array, Optional[Array]]:
         """Biases among the T input tokens (causal, [B or 1, 1, T, T]) and over the cached keys.
 
-        The cache bias [B or 1, 1, 1, max_len] allows the keys before `cache.index` (None without a cache).
+        The cache bias [B or 1, 1, 1, max_len] allows the keys before `cache.index` (None without a cache;
+        [B, ...] for a per-row index).
         Both take key padding from `attention_mask`: [B, T] without a cache, [B, max_len] with one; without a
         cache it may also be a full mask [B, T, T] (packed sequences), combined with the causal one.
         """
@@ -212,8 +216,11 @@ class Decoder(_Stack):
             if attention_mask is not None:
                 allowed = allowed & key_mask(attention_mask)
             return mask_to_bias(allowed), None
-        cached = (jnp.arange(cache.max_length) < cache.index)[None, None, None, :]  # [1, 1, 1, K]
+        index = jnp.reshape(cache.index, (-1, 1, 1, 1))  # [B or 1, 1, 1, 1]
+        cached = jnp.arange(cache.max_length)[None, None, None, :] < index  # [B or 1, 1, 1, K]
         if attention_mask is not None:
+            if jnp.ndim(cache.index) == 1:
+                raise ValueError("an attention_mask over the cache needs one index for all rows")
             mask = attention_mask.astype(bool)
             cached = cached & mask[:, None, None, :]
             allowed = allowed & jax.lax.dynamic_slice_in_dim(mask, cache.index, length, axis=1)[:, None, None, :]
