@@ -1,13 +1,15 @@
-"""Benchmark `bbsmall serve`: closed-loop clients against the server with batching on and off, side by side.
+"""Benchmark `bbsmall serve`: the decode engine against static batches, under open-loop Poisson arrivals.
 
-Two servers start on free loopback ports, one with `--max-batch 64` and one with `--max-batch 1`. For each
-number of concurrent clients, each client sends a chat completion, waits for it, and sends the next until
-the level's time is up; the two servers take turns level by level. Reported per level (medians over the
-repeats): replies/s, p50 and p99 latency, and the mean batch size and generate time from /metrics.
+Two servers start on free loopback ports: `--scheduler engine` and `--scheduler batch --max-batch 64`. A load
+level of n clients' worth sends requests at n / L per second, L being the single-request latency of the batch
+server (measured first, median of 20 requests one at a time), with exponential gaps: arrivals do not wait for
+replies, so a slow server builds a queue, as under real traffic. Every request is a streamed greedy chat
+completion (`temperature: 0`); its time to first token is when the first chunk with text arrives (static
+batches send the whole reply at once), its latency when the stream ends. The servers take turns level by
+level; per level and server: replies/s, time to first token p50/p99, latency p50/p99 (medians over rounds).
 
-The clients are keep-alive HTTP/1.1 connections on asyncio streams, not an HTTP library: on a small machine
-the load generator shares the cores with the server, and a general-purpose async client costs several times
-more CPU per request (enough to starve the batches it is meant to fill).
+The clients are raw asyncio connections, not an HTTP library: on a small machine the load generator shares
+the cores with the server, and a general-purpose async client costs several times more CPU per request.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import statistics
 import sys
@@ -30,18 +33,18 @@ from bbsmall_jax.testing.server import ServeProcess, ServerFailed
 PROMPTS = [f"{opening} {topic}?" for opening in ("hi! do you like", "what do you think about")
            for topic in ("dogs", "cats", "pizza", "music", "football", "rain", "books", "movies", "school", "work",
                          "coffee", "travel", "summer", "games", "cars", "cooking")]
+TEXT = re.compile(rb'"content": "[^"]')  # a chunk carrying reply text (the role chunk's content is "")
 
 
 def parse_args():
-    """The benchmark's flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="--model for the servers (default: the embedded demo model)")
-    parser.add_argument("--clients", default="1,8,32,64", help="concurrent clients per level")
-    parser.add_argument("--seconds", type=float, default=10.0, help="load time per level and server")
+    parser.add_argument("--clients", default="1,8,32,64", help="load levels, in clients' worth")
+    parser.add_argument("--seconds", type=float, default=15.0, help="arrival time per level and server")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all levels (medians are reported)")
-    parser.add_argument("--max-batch", type=int, default=64, help="--max-batch of the batching server")
     parser.add_argument("--server-flags", default="--num-beams 1 --max-length 32",
                         help="generation flags both servers get (default: greedy, up to 31 tokens)")
+    parser.add_argument("--slots", type=int, default=64, help="the engine's slots (and the batcher's --max-batch)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")
     return parser.parse_args()
 
@@ -59,119 +62,107 @@ class Server(ServeProcess):
         except ServerFailed as err:
             raise SystemExit(f"{self.name} {err}") from None
 
-    def batches(self) -> tuple[float, float, float]:
-        """(generate calls, conversations, seconds generating) so far, from /metrics."""
-        text = httpx.get(self.url + "/metrics", timeout=30).text
-        return tuple(float(re.search(rf"^{name} (\S+)$", text, re.M).group(1)) for name in (
-            "bbsmall_batch_size_count", "bbsmall_batch_size_sum", "bbsmall_generate_duration_seconds_sum"))
 
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection to the server."""
-
-    def __init__(self, port: int):
-        self.port, self.reader, self.writer = port, None, None
-
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        """(status, body) of a POST; reconnects when the server closed the connection."""
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        await self.writer.drain()
-        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        status = int(head.split(" ", 2)[1])
-        length = int(re.search(r"^content-length:\s*(\d+)", head, re.I | re.M).group(1))
-        data = await self.reader.readexactly(length)
-        if re.search(r"^connection:\s*close", head, re.I | re.M):
-            self.close()
-        return status, data
-
-    def close(self) -> None:
-        """Close the connection (the next post reconnects)."""
-        if self.writer is not None:
-            self.writer.close()
-            self.reader = self.writer = None
-
-
-async def closed_loop(port: int, model: str, clients: int, seconds: float, timeout: float) -> dict:
-    """`clients` loops of request-then-wait for `seconds`; replies/s and latencies of what completed."""
-    latencies, failures = [], 0
+async def streamed_request(port: int, body: bytes) -> tuple[float, float]:
+    """(time to the first chunk with text, time to the end of the stream) of one streamed POST, in seconds;
+    raises on anything but a complete 200 stream."""
     began = time.perf_counter()
-    stop_at = began + seconds
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.split(b"\r\n")[0].decode())
+        first, received = None, b""
+        while True:  # chunked transfer encoding
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                break
+            data = await reader.readexactly(size + 2)
+            received += data
+            if first is None and TEXT.search(data):
+                first = time.perf_counter() - began
+        if not received.rstrip().endswith(b"data: [DONE]") or b'"error"' in received:
+            raise RuntimeError("the stream did not complete")
+        done = time.perf_counter() - began
+        return (done if first is None else first), done
+    finally:
+        writer.close()
 
-    async def one_client(index: int) -> None:
+
+def request_body(model: str, index: int) -> bytes:
+    return json.dumps({"model": model, "stream": True, "temperature": 0,
+                       "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]}).encode()
+
+
+async def open_loop(port: int, model: str, rate: float, seconds: float, timeout: float, seed: int) -> dict:
+    """Poisson arrivals at `rate` per second for `seconds`; replies/s over the time to the last reply, and the
+    quantiles of what completed."""
+    rng, results, failures = random.Random(seed), [], 0
+    began = time.perf_counter()
+
+    async def one(index: int) -> None:
         nonlocal failures
-        connection, turn = Connection(port), index
         try:
-            while time.perf_counter() < stop_at:
-                body = json.dumps({"model": model, "messages": [
-                    {"role": "user", "content": PROMPTS[turn % len(PROMPTS)]}]}).encode()
-                start = time.perf_counter()
-                status, data = await asyncio.wait_for(connection.post("/v1/chat/completions", body), timeout)
-                if status == 200 and json.loads(data)["choices"][0]["message"]["content"]:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    failures += 1
-                turn += clients
-        finally:
-            connection.close()
+            results.append(await asyncio.wait_for(streamed_request(port, request_body(model, index)), timeout))
+        except Exception:  # noqa: BLE001 - counted, reported
+            failures += 1
 
-    await asyncio.gather(*(one_client(i) for i in range(clients)))
+    tasks, at, index = [], 0.0, 0
+    while True:
+        at += rng.expovariate(rate)
+        if at >= seconds:
+            break
+        await asyncio.sleep(max(0.0, began + at - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(index)))
+        index += 1
+    await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - began
-    latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")  # noqa: E731
-    return {"replies_per_s": len(latencies) / elapsed, "p50": pick(0.50), "p99": pick(0.99),
-            "replies": len(latencies), "failures": failures}
+    first = sorted(r[0] for r in results)
+    whole = sorted(r[1] for r in results)
+    pick = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
+    return {"replies_per_s": len(results) / elapsed, "ttft_p50": pick(first, 0.5), "ttft_p99": pick(first, 0.99),
+            "p50": pick(whole, 0.5), "p99": pick(whole, 0.99), "replies": len(results), "failures": failures}
 
 
-def measure(server: Server, model: str, clients: int, args) -> dict:
-    """One level on one server, with its mean batch size."""
-    calls_before, rows_before, seconds_before = server.batches()
-    result = asyncio.run(closed_loop(server.port, model, clients, args.seconds, args.timeout))
-    calls_after, rows_after, seconds_after = server.batches()
-    calls = calls_after - calls_before
-    result["mean_batch"] = (rows_after - rows_before) / calls if calls else float("nan")
-    result["generate_s"] = (seconds_after - seconds_before) / calls if calls else float("nan")
-    return result
-
-
-def median(runs: list[dict], key: str) -> float:
-    """The median of one measure over the rounds."""
-    return statistics.median(run[key] for run in runs)
-
-
-def speedup(on: list[dict], off: list[dict]) -> float:
-    """The median over rounds of on/off replies/s (each round's pair ran back to back on the same machine)."""
-    return statistics.median(a["replies_per_s"] / b["replies_per_s"] for a, b in zip(on, off))
+def single_latency(server: Server, model: str, timeout: float) -> float:
+    """The median latency of 20 requests sent one at a time."""
+    async def run():
+        return [(await asyncio.wait_for(streamed_request(server.port, request_body(model, i)), timeout))[1]
+                for i in range(20)]
+    return statistics.median(asyncio.run(run()))
 
 
 def main() -> int:
-    """Start both servers, run every level on each in turns, report."""
     args = parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     common = args.server_flags.split() + (["--model", args.model] if args.model else [])
-    model = "bbsmall-demo" if args.model is None else None
     log_dir = tempfile.mkdtemp(prefix="bbsmall-bench-serve-")
     print(f"machine: {machine()}")
     print(f"servers: {' '.join(common)}; logs in {log_dir}", flush=True)
-    servers = {"on": Server("on", common + ["--max-batch", str(args.max_batch), "--warmup-lengths", "16"], log_dir),
-               "off": Server("off", common + ["--max-batch", "1", "--warmup-lengths", "16"], log_dir)}
+    servers = {"engine": Server("engine", common + ["--scheduler", "engine", "--slots", str(args.slots)], log_dir),
+               "batch": Server("batch", common + ["--scheduler", "batch", "--max-batch", str(args.slots),
+                                                  "--warmup-lengths", "16"], log_dir)}
     try:
         for server in servers.values():
             server.wait_ready()
-        model = model or httpx.get(servers["on"].url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        runs = {(mode, n): [] for mode in servers for n in levels}
+        model = httpx.get(servers["engine"].url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        unit = single_latency(servers["batch"], model, args.timeout)
+        print(f"single-request latency of static batches: {unit:.3f} s; n clients' worth = n / {unit:.3f} "
+              "requests/s", flush=True)
+        runs = {(name, n): [] for name in servers for n in levels}
         for repeat in range(args.repeats):
             for n in levels:
-                order = ("on", "off") if repeat % 2 == 0 else ("off", "on")
-                for mode in order:
-                    runs[mode, n].append(measure(servers[mode], model, n, args))
-                    r = runs[mode, n][-1]
-                    print(f"  round {repeat + 1}, {n} clients, batching {mode}: {r['replies_per_s']:.1f} replies/s, "
-                          f"p50 {r['p50']:.3f} s, p99 {r['p99']:.3f} s, mean batch {r['mean_batch']:.1f} "
-                          f"({r['generate_s']:.3f} s per generate call), "
-                          f"{r['failures']} failed", flush=True)
+                order = list(servers) if repeat % 2 == 0 else list(servers)[::-1]
+                for name in order:
+                    r = asyncio.run(open_loop(servers[name].port, model, n / unit, args.seconds, args.timeout,
+                                              seed=repeat * 1000 + n))
+                    runs[name, n].append(r)
+                    print(f"  round {repeat + 1}, {n} clients' worth, {name}: {r['replies_per_s']:.1f} replies/s, "
+                          f"first token p50 {r['ttft_p50']:.3f} s p99 {r['ttft_p99']:.3f} s, latency p50 "
+                          f"{r['p50']:.3f} s p99 {r['p99']:.3f} s, {r['failures']} failed", flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -182,24 +173,23 @@ def main() -> int:
 
 def report(runs: dict, levels: list[int], args) -> None:
     """The side-by-side table and the targets at 32 clients."""
-    print(f"\nmedians of {args.repeats} rounds, {args.seconds:.0f} s per level and server (speed-up: the median "
-          "of the rounds' on/off ratios)\n")
-    print("| clients | replies/s on | replies/s off | speed-up | p50 on (s) | p99 on (s) | p50 off (s) | "
-          "p99 off (s) | mean batch on | mean batch off | generate call on (s) | generate call off (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    med = lambda name, n, key: statistics.median(r[key] for r in runs[name, n])  # noqa: E731
+    print(f"\nmedians of {args.repeats} rounds, {args.seconds:.0f} s of arrivals per level and server\n")
+    print("| clients' worth | replies/s engine | replies/s batch | first token p50 engine (s) | first token p99 "
+          "engine (s) | first token p50 batch (s) | latency p50 engine (s) | latency p99 engine (s) | "
+          "latency p50 batch (s) | latency p99 batch (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in levels:
-        on, off = runs["on", n], runs["off", n]
-        print(f"| {n} | {median(on, 'replies_per_s'):.1f} | {median(off, 'replies_per_s'):.1f} | "
-              f"{speedup(on, off):.2f}x | {median(on, 'p50'):.3f} | "
-              f"{median(on, 'p99'):.3f} | {median(off, 'p50'):.3f} | {median(off, 'p99'):.3f} | "
-              f"{median(on, 'mean_batch'):.1f} | {median(off, 'mean_batch'):.1f} | "
-              f"{median(on, 'generate_s'):.3f} | {median(off, 'generate_s'):.3f} |")
+        print(f"| {n} | {med('engine', n, 'replies_per_s'):.1f} | {med('batch', n, 'replies_per_s'):.1f} | "
+              f"{med('engine', n, 'ttft_p50'):.3f} | {med('engine', n, 'ttft_p99'):.3f} | "
+              f"{med('batch', n, 'ttft_p50'):.3f} | {med('engine', n, 'p50'):.3f} | {med('engine', n, 'p99'):.3f} | "
+              f"{med('batch', n, 'p50'):.3f} | {med('batch', n, 'p99'):.3f} |")
     if 32 in levels and 1 in levels:
-        ratio = speedup(runs["on", 32], runs["off", 32])
-        single, p99 = median(runs["on", 1], "p50"), median(runs["on", 32], "p99")
-        print(f"\n32 clients: {ratio:.2f}x the replies/s of batching off (target >= 4x: "
-              f"{'met' if ratio >= 4 else 'not met'}); p99 {p99:.3f} s = {p99 / single:.2f}x the single-client "
-              f"latency {single:.3f} s (target <= 2x: {'met' if p99 <= 2 * single else 'not met'})")
+        for name in ("engine", "batch"):
+            ratio = med(name, 32, "p99") / med(name, 1, "p99")
+            print(f"{name}: p99 at 32 clients' worth = {ratio:.2f}x the single-client p99")
+        print(f"engine at 32: {med('engine', 32, 'replies_per_s') / med('batch', 32, 'replies_per_s'):.2f}x the "
+              f"batch server's replies/s; first token p50 {med('engine', 32, 'ttft_p50') * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

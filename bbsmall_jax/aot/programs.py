@@ -2,7 +2,8 @@
 
 Nothing is allocated and no weights, tokenizer or data are read: params, state and batches are
 `jax.ShapeDtypeStruct`s with the shardings the real run gives them, and the programs come from the same
-builders the real run uses (`train/program.py`, `GenerationMixin.lower_generate`), with the TPU's plans.
+builders the real run uses (`train/program.py`, `GenerationMixin.lower_generate`, the decode engine's
+`engine_programs.py`), with the TPU's plans.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ FIRST_ORDINARY_TOKEN = 4  # ids below are special tokens; the inputs' values do 
 class LoweredProgram:
     """A program lowered for some devices, and what it is."""
 
-    name: str  # "train" or "generate"
+    name: str  # "train", "generate" or "engine-step"
     lowered: jax.stages.Lowered
     topology: Topology
     devices: int
@@ -111,6 +112,40 @@ def lower_generate(model_name: Optional[str], topology: Topology, devices: Optio
     plan = model.decoding_plan(batch_size * max(settings.num_beams, 1), len(chosen), chosen[0].platform)
     return LoweredProgram("generate", lowered, topology, len(chosen), _hosts(chosen), description, plan.describe(),
                           time.perf_counter() - start)
+
+
+def lower_engine_step(model_name: Optional[str], topology: Topology, devices: Optional[int], slots: int,
+                      source_length: int, steps: int = 8, dtype: str = "auto",
+                      **generation_kwargs) -> LoweredProgram:
+    """The decode engine's `step` program (`steps` decoding steps for `slots` slots, contexts of up to
+    `source_length` tokens) as `bbsmall serve` would run it on the topology's first devices (default: one
+    host's), over an abstract state laid out as the engine lays it out."""
+    from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+    from bbsmall_jax import meshes
+    from bbsmall_jax.generation import engine_programs
+    from bbsmall_jax.generation.engine import engine_spec
+
+    chosen = topology.first(devices) if devices is not None else _one_host(topology)
+    model = abstract_model(model_files(model_name), dtype, chosen[0].platform)
+    spec = engine_spec(model, generation_kwargs, slots=slots, group_width=None, steps=steps, max_length=None,
+                       max_context=source_length, devices=len(chosen), backend=chosen[0].platform)
+    mesh = None if len(chosen) == 1 else meshes.data_mesh(chosen)
+    start = time.perf_counter()
+    state = jax.eval_shape(lambda: engine_programs.empty_state(spec, model.module))
+    layout = (jax.tree_util.tree_map(lambda _: SingleDeviceSharding(chosen[0]), state) if mesh is None
+              else engine_programs.state_shardings(state, mesh))
+    everywhere = SingleDeviceSharding(chosen[0]) if mesh is None else NamedSharding(mesh, PartitionSpec())
+    place = lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)  # noqa: E731
+    params = jax.tree_util.tree_map(lambda x: place(x, everywhere), model.params)
+    weights = jax.tree_util.tree_map(lambda x: place(x, everywhere), spec.plan.decoding_weights(model.params))
+    step = engine_programs.compile_programs(model.module, spec)["step"]
+    lowered = step.lower(params, weights, jax.tree_util.tree_map(place, state, layout), spec=spec, mesh=mesh)
+    description = (f"engine step: {spec.slots} slots (lanes of {spec.group_width}), {steps} decoding steps, "
+                   f"{spec.buffer_length} positions, source {spec.source_length}, "
+                   f"{jnp.dtype(model.dtype).name} compute")
+    return LoweredProgram("engine-step", lowered, topology, len(chosen), _hosts(chosen), description,
+                          spec.plan.describe(), time.perf_counter() - start)
 
 
 def _hosts(devices) -> int:

@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Optional, TextIO
 
 from bbsmall_jax.atomic import atomic_file
 from bbsmall_jax.cli.batch_output import check_paths, count_lines
@@ -43,13 +43,15 @@ def _merge(parts: list[str], output_path: str) -> None:
 def run_batch(responder: Responder, input_path: str, output_path: str, batch_size: int = 32,
               resume: bool = False, overwrite: bool = False, on_error: str = "skip", window: int = 512,
               log: TextIO = sys.stderr, show_progress: bool = True, overlap: bool = True,
-              processes: int = 1, process_index: int = 0, barrier=None) -> dict:
+              processes: int = 1, process_index: int = 0, barrier=None, engine_steps: Optional[int] = 8) -> dict:
     """Reply to every record of `input_path`, writing `output_path` in input order; returns a summary.
 
     Blank lines are passed over; a bad line is reported with its number and skipped, or ends the run
     under `on_error="fail"` after committing the replies before it. With several processes each answers
     its share of whole windows into its own part file; after `barrier()` process 0 joins the parts into
     `output_path` (the same bytes as one process writes), so the output must be on a filesystem they all see.
+    With `engine_steps` (default) the records flow through the decode engine's `batch_size` slots, `engine_steps`
+    decoding steps per call; with None, through static `generate` batches of `batch_size`.
     """
     check_paths(input_path, output_path, resume, overwrite)
     began, compiled = time.perf_counter(), COMPILE_CLOCK.read()
@@ -59,7 +61,7 @@ def run_batch(responder: Responder, input_path: str, output_path: str, batch_siz
         done = None  # joined by an earlier run
     else:
         done = answer(responder, input_path, target, first, end, batch_size, resume, overwrite, on_error, window,
-                       log, show_progress, overlap)
+                      log, show_progress, overlap, engine_steps)
     if processes > 1:
         barrier("bbsmall-generate-parts")
         parts = [part_path(output_path, p, processes) for p in range(processes)]

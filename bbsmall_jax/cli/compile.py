@@ -25,8 +25,9 @@ def add_report_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `bbsmall compile` flags, the generation settings `generate` takes among them."""
-    parser.add_argument("program", choices=("train", "generate"),
-                        help="train: the train step of --config's largest bucket; generate: batch inference")
+    parser.add_argument("program", choices=("train", "generate", "engine-step"),
+                        help="train: the train step of --config's largest bucket; generate: batch inference; "
+                             "engine-step: the decode engine's decoding step (bbsmall serve), --batch-size slots")
     add_report_flags(parser)
     group = parser.add_argument_group("train")
     group.add_argument("--config", help="training config YAML (as train.py takes)")
@@ -37,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "fetched or read from the cache), or demo (default)")
     group.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                        help="compute dtype (auto: bfloat16 on TPU)")
-    group.add_argument("--batch-size", type=int, default=32, help="contexts per generate call (default 32)")
+    group.add_argument("--batch-size", type=int, default=32,
+                       help="contexts per generate call, or the engine's slots (default 32)")
+    group.add_argument("--engine-steps", type=int, default=8, help="engine-step: decoding steps per call (default 8)")
     group.add_argument("--source-length", type=int, default=64, help="context tokens (default 64)")
     group.add_argument("--max-new-tokens", type=int, help="reply tokens (default: the model's max_length)")
     add_generation_flags(parser)
@@ -57,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--config and key=value overrides are for `compile train`")
     kwargs = _generation_settings(args)
     topology = load(args.topology)
+    if args.program == "engine-step":
+        return _report(lambda: programs.lower_engine_step(args.model, topology, args.devices, args.batch_size,
+                                                          args.source_length, args.engine_steps, args.dtype,
+                                                          **kwargs), args)
     return _report(lambda: programs.lower_generate(args.model, topology, args.devices, args.batch_size,
                                                    args.source_length, args.dtype, **kwargs), args)
 

@@ -70,7 +70,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    for flag in ("batch_size", "window"):
+    for flag in ("batch_size", "window", "engine_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     from bbsmall_jax.cli.batch import check_paths, run_batch
@@ -86,7 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         resume=args.resume, overwrite=args.overwrite, on_error=args.on_error,
                         window=args.window, show_progress=not args.quiet and jax.process_index() == 0,
                         overlap=not args.no_overlap, processes=jax.process_count(),
-                        process_index=jax.process_index(), barrier=barrier)
+                        process_index=jax.process_index(), barrier=barrier,
+                        engine_steps=args.engine_steps if args.scheduler == "engine" else None)
     if args.summary_json:
         print(json.dumps(summary))
     return 0
@@ -178,9 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_flags(generate)
     generate.add_argument("--input", required=True, help='JSONL, one {"context": [...]} or {"text": ...} per line')
     generate.add_argument("--output", required=True, help='JSONL written in input order, "reply" added')
+    generate.add_argument("--scheduler", choices=("engine", "batch"), default="engine",
+                          help="engine (default): records flow through decode slots, each starting when one is "
+                               "free; batch: whole generate calls of similar-length records")
     generate.add_argument("--batch-size", type=int, default=32,
-                          help="conversations per generate call (default 32; padded to a power of two, and to a "
-                               "multiple of the devices)")
+                          help="engine: its slots; batch: conversations per generate call, padded to a power of "
+                               "two and to a multiple of the devices (default 32)")
+    generate.add_argument("--engine-steps", type=int, default=8,
+                          help="engine: decoding steps per program call (default 8)")
     generate.add_argument("--window", type=int, default=512,
                           help="input lines sorted by length and committed together (default 512): a kill "
                                "loses at most one window")

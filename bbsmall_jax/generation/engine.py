@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -27,7 +27,7 @@ import numpy as np
 from bbsmall_jax import startup_cache
 from bbsmall_jax.generation import engine_programs as programs
 from bbsmall_jax.generation import logits_processors as lp
-from bbsmall_jax.generation import search
+from bbsmall_jax.generation import sharding
 from bbsmall_jax.generation.prepare import MIN_BUCKET, Prepared, bucket_length, buffer_length, prepare
 from bbsmall_jax.generation.engine_programs import BEAM, GREEDY, SAMPLE, Admission, EngineSpec, SlotSettings
 
@@ -45,6 +45,7 @@ class EngineRequest:
     lane: Optional[int] = None  # the lane of its group (beam search, several sampled rows)
     tokens: list = dataclasses.field(default_factory=list)  # per row: the tokens so far (greedy, sampled)
     result: Optional[list[list[int]]] = None  # per returned row: the start token and the generated tokens
+    error: Optional[BaseException] = None  # why it ended without a result (`DecodeEngine.abort`)
     cancelled: bool = False
 
     @property
@@ -59,48 +60,32 @@ class EngineRequest:
 
     @property
     def done(self) -> bool:
-        return self.result is not None or self.cancelled
+        return self.result is not None or self.error is not None or self.cancelled
 
 
 class DecodeEngine:
     """A fixed set of decoding slots over one encoder-decoder model (see the module's docstring).
 
-    slots: decoded in every step (S); group_width: the largest beam search or sampled `n` (a lane's slots);
-    steps: decoding steps per call; max_length: the longest reply (start token included) a request may ask
-    for (default: the model's max_length setting); max_context: the longest context, in tokens.
+    slots: decoded in every step (S, rounded up to a multiple of group_width times the devices);
+    group_width: the largest beam search or sampled `n` (a lane's slots; default: the settings' num_beams or
+    num_return_sequences); steps: decoding steps per call; max_length: the longest reply (start token
+    included) a request may ask for (default: the model's max_length setting); max_context: the longest
+    context, in tokens; devices: the slots are split over them in blocks of whole lanes (default: this
+    process's devices), the weights replicated.
     """
 
     def __init__(self, model, generation_kwargs: Optional[dict] = None, *, slots: int = 32,
                  group_width: Optional[int] = None, steps: int = 8, max_length: Optional[int] = None,
-                 max_context: Optional[int] = None):
-        if model.head == "decoder_only":
-            raise ValueError("the decode engine serves the encoder-decoder model; use generate() for the "
-                             "decoder-only one")
+                 max_context: Optional[int] = None, devices: Optional[Sequence[jax.Device]] = None):
         self.model, self.generation_kwargs = model, dict(generation_kwargs or {})
-        base = self._prepare([model.config.pad_token_id], {"num_beams": 1, "do_sample": False,
-                                                          "num_return_sequences": 1})
-        cfg, _ = model._resolve_generation_config(None, dict(self.generation_kwargs))
-        width = group_width if group_width is not None else max(cfg.num_beams, cfg.num_return_sequences, 1)
-        _check_positive(slots=slots, steps=steps, group_width=width)
-        if slots % width:
-            raise ValueError(f"slots ({slots}) must be a multiple of group_width ({width}), the slots of a lane")
-        positions = model.config.max_position_embeddings
-        longest = max_length if max_length is not None else self._prepare(
-            [model.config.pad_token_id], {}).search.max_length
-        context = positions if max_context is None else max_context
-        _check_positive(max_length=longest, max_context=context)
-        plan = model.decoding_plan(slots)
-        self.spec = EngineSpec(
-            slots=slots, group_width=width, steps=steps, buffer_length=buffer_length(int(longest), positions),
-            source_length=bucket_length(min(context, positions), positions),
-            processors=_without_warpers(base.spec.processors), top_k=int(cfg.top_k or 0),
-            repetition_penalty=float(cfg.repetition_penalty), eos_token_ids=base.spec.eos_token_ids,
-            pad_token_id=base.spec.pad_token_id, start_token_id=int(base.inputs["sequences"][0, 0]),
-            early_stopping=cfg.early_stopping, plan=plan)
+        self.mesh = sharding.data_mesh(devices)
+        self.spec = engine_spec(model, self.generation_kwargs, slots=slots, group_width=group_width, steps=steps,
+                                max_length=max_length, max_context=max_context,
+                                devices=sharding.device_count(self.mesh))
         self._programs = programs.compile_programs(model.module, self.spec)
-        self._weights = model._decoding_weights(model.params, plan)
-        self.state = programs.empty_state(self.spec, model.module)
-        self._owner: list[Optional[EngineRequest]] = [None] * slots
+        self._params, self._weights = model._placed_weights(model.params, self.spec.plan, self.mesh)
+        self.state = self._empty_state()
+        self._owner: list[Optional[EngineRequest]] = [None] * self.spec.slots
         self._groups: list[Optional[EngineRequest]] = [None] * self.spec.lanes  # each lane's group
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._lock = threading.Lock()
@@ -108,10 +93,7 @@ class DecodeEngine:
     # ---- requests
 
     def _prepare(self, ids, overrides: dict, prng_key=None) -> Prepared:
-        cfg, default_max_length = self.model._resolve_generation_config(None, {**self.generation_kwargs,
-                                                                              **overrides})
-        return prepare(self.model.config, True, cfg, default_max_length, np.asarray([ids], np.int32),
-                       prng_key=prng_key)
+        return prepare_request(self.model, {**self.generation_kwargs, **overrides}, ids, prng_key)
 
     def submit(self, ids, *, prng_key=None, on_token: Optional[TokenCallback] = None,
                on_finish: Optional[Callable[[EngineRequest], None]] = None, **overrides) -> EngineRequest:
@@ -162,6 +144,25 @@ class DecodeEngine:
     def slots_in_use(self) -> int:
         return sum(owner is not None for owner in self._owner)
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet in slots."""
+        return len(self._waiting)
+
+    def abort(self, error: BaseException) -> None:
+        """End every request, waiting or decoding, with `error` (their `on_finish` called), and start over with
+        every slot free: after a failed program call, the state may be lost."""
+        with self._lock:
+            requests = list(self._waiting) + list({owner for owner in self._owner if owner is not None})
+            self._waiting.clear()
+        self._owner = [None] * self.spec.slots
+        self._groups = [None] * self.spec.lanes
+        self.state = self._empty_state()
+        for request in requests:
+            request.error = error
+            if request.on_finish is not None:
+                request.on_finish(request)
+
     def cycle(self) -> None:
         """Free cancelled requests' slots, admit waiting requests while slots are free, run `steps` decoding
         steps, and report new tokens and finished requests."""
@@ -173,11 +174,16 @@ class DecodeEngine:
         shown, live = jax.device_get((shown, self.state.live))
         self._report(np.asarray(shown), np.asarray(live))
 
+    def _empty_state(self) -> programs.EngineState:
+        """Every slot free, laid out over the devices."""
+        state = programs.empty_state(self.spec, self.model.module)
+        return state if self.mesh is None else jax.device_put(state, programs.state_shardings(state, self.mesh))
+
     def _run(self, name: str, *args):
         """An engine program through the start-up cache (params first for prefill and step)."""
-        static = dict(spec=self.spec)
+        static = dict(spec=self.spec) if name == "prefill" else dict(spec=self.spec, mesh=self.mesh)
         if name in ("prefill", "step"):
-            args = (self.model.params,) + args
+            args = (self._params,) + args
         return startup_cache.run_program(self._programs[name], args, static,
                                          ("engine", name) + self.model._program_identity())
 
@@ -307,6 +313,43 @@ class DecodeEngine:
                 break
             bucket *= 2
         self.state = self._run("release", self.state, np.full(self.spec.slots, self.spec.slots, np.int32))
+
+
+def prepare_request(model, settings: dict, ids, prng_key=None) -> Prepared:
+    """One context checked and laid out as `generate` would for it alone, with these keyword arguments."""
+    cfg, default_max_length = model._resolve_generation_config(None, settings)
+    return prepare(model.config, True, cfg, default_max_length, np.asarray([ids], np.int32), prng_key=prng_key)
+
+
+def engine_spec(model, generation_kwargs: dict, *, slots: int, group_width: Optional[int], steps: int,
+                max_length: Optional[int], max_context: Optional[int], devices: int = 1,
+                backend: Optional[str] = None) -> EngineSpec:
+    """The programs' static settings for a model and `generate` keyword arguments (see `DecodeEngine`); slots
+    rounded up to whole lanes on each of `devices` devices of `backend` (default: JAX's default)."""
+    if model.head == "decoder_only":
+        raise ValueError("the decode engine serves the encoder-decoder model; use generate() for the "
+                         "decoder-only one")
+    pad = [model.config.pad_token_id]
+    base = prepare_request(model, {**generation_kwargs, "num_beams": 1, "do_sample": False, "max_length": 2,
+                                   "max_new_tokens": None, "min_length": 0, "min_new_tokens": None,
+                                   "num_return_sequences": 1}, pad)
+    cfg, _ = model._resolve_generation_config(None, dict(generation_kwargs))
+    width = group_width if group_width is not None else max(cfg.num_beams, cfg.num_return_sequences, 1)
+    _check_positive(slots=slots, steps=steps, group_width=width)
+    lanes_together = width * devices  # every device holds whole lanes
+    slots = -(-slots // lanes_together) * lanes_together
+    positions = model.config.max_position_embeddings
+    longest = max_length if max_length is not None else int(prepare_request(model, generation_kwargs,
+                                                                            pad).search.max_length)
+    context = positions if max_context is None else max_context
+    _check_positive(max_length=longest, max_context=context)
+    return EngineSpec(
+        slots=slots, group_width=width, steps=steps, buffer_length=buffer_length(int(longest), positions),
+        source_length=bucket_length(min(context, positions), positions),
+        processors=_without_warpers(base.spec.processors), top_k=int(cfg.top_k or 0),
+        repetition_penalty=float(cfg.repetition_penalty), eos_token_ids=base.spec.eos_token_ids,
+        pad_token_id=base.spec.pad_token_id, start_token_id=int(base.inputs["sequences"][0, 0]),
+        early_stopping=cfg.early_stopping, plan=model.decoding_plan(slots, devices, backend))
 
 
 def _key_data(key) -> np.ndarray:

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
 from bbsmall_jax.generation import logits_processors as lp
-from bbsmall_jax.generation import search
+from bbsmall_jax.generation import search, sharding
 from bbsmall_jax.generation.plan import DecodingPlan
 from bbsmall_jax.generation.program import _step_function
 from bbsmall_jax.nn.cache import KVCache
@@ -185,7 +186,8 @@ def _set_rows(tree, slots: Array, values):
     return jax.tree_util.tree_map(lambda x, v: x.at[slots].set(v.astype(x.dtype), mode="drop"), tree, values)
 
 
-def insert(state: EngineState, prefilled: Prefilled, admission: Admission, *, spec: EngineSpec) -> EngineState:
+def insert(state: EngineState, prefilled: Prefilled, admission: Admission, *, spec: EngineSpec,
+           mesh: Optional[Mesh] = None) -> EngineState:
     """Start a prefilled request in its slots: a fresh history, the start token, its settings and group."""
     slots, w = admission.slots, spec.group_width
     cache = state.cache
@@ -204,10 +206,10 @@ def insert(state: EngineState, prefilled: Prefilled, admission: Admission, *, sp
         encoder_length=jnp.broadcast_to(prefilled.encoder_length, (w,)),
         encoder_ids=jnp.broadcast_to(prefilled.encoder_ids, (w,) + prefilled.encoder_ids.shape[1:]))
     lanes = _start_group(spec, state.lanes, admission)
-    return state.replace(
+    return constrain_state(state.replace(
         cache=cache, tokens=state.tokens.at[slots].set(first, mode="drop"),
         length=state.length.at[slots].set(1, mode="drop"), live=state.live.at[slots].set(True, mode="drop"),
-        settings=_set_rows(state.settings, slots, settings), lanes=lanes)
+        settings=_set_rows(state.settings, slots, settings), lanes=lanes), mesh)
 
 
 def _start_group(spec: EngineSpec, lanes: Lanes, admission: Admission) -> Lanes:
@@ -397,12 +399,13 @@ def _with_live(spec: EngineSpec, state: EngineState, live: Array) -> EngineState
     return state.replace(live=live, lanes=state.lanes.replace(size=jnp.where(members_live, state.lanes.size, 0)))
 
 
-def release(state: EngineState, slots: Array, *, spec: EngineSpec) -> EngineState:
+def release(state: EngineState, slots: Array, *, spec: EngineSpec, mesh: Optional[Mesh] = None) -> EngineState:
     """Stop decoding `slots` [S] (S marks an unused entry): cancelled requests."""
-    return _with_live(spec, state, state.live.at[slots].set(False, mode="drop"))
+    return constrain_state(_with_live(spec, state, state.live.at[slots].set(False, mode="drop")), mesh)
 
 
-def step(module, params, weights: tuple, state: EngineState, *, spec: EngineSpec) -> tuple[EngineState, Array]:
+def step(module, params, weights: tuple, state: EngineState, *, spec: EngineSpec,
+         mesh: Optional[Mesh] = None) -> tuple[EngineState, Array]:
     """`spec.steps` decoding steps for every live slot: the state and each step's shown tokens [S, steps]."""
     step_fn = _step_function(module, {"params": params}, True, spec.plan, weights, None)
 
@@ -411,16 +414,40 @@ def step(module, params, weights: tuple, state: EngineState, *, spec: EngineSpec
         state, tokens = _one_step(spec, step_fn, state)
         return state, shown.at[:, i].set(tokens)
     shown = jnp.full((spec.slots, spec.steps), -1, jnp.int32)
-    return jax.lax.fori_loop(0, spec.steps, body, (state, shown))
+    state, shown = jax.lax.fori_loop(0, spec.steps, body, (constrain_state(state, mesh), shown))
+    return constrain_state(state, mesh), shown
+
+
+def slot_axes(state: EngineState) -> EngineState:
+    """The axis of each state leaf that runs over the slots (or the lanes): where a mesh splits it."""
+    cache = state.cache
+    every = lambda tree, axis: jax.tree_util.tree_map(lambda _: axis, tree)  # noqa: E731
+    return state.replace(
+        cache=cache.replace(entries=2, index=0, cross_key=1, cross_value=1, encoder_mask=0,
+                            origins=None if cache.origins is None else 0),
+        tokens=0, length=0, live=0, settings=every(state.settings, 0), lanes=every(state.lanes, 0))
+
+
+def state_shardings(state: EngineState, mesh: Mesh) -> EngineState:
+    """The state's layout over a data mesh: slots (and lanes) split in contiguous blocks, a lane on one device."""
+    return jax.tree_util.tree_map(lambda axis: sharding.rows(mesh, axis), slot_axes(state))
+
+
+def constrain_state(state: EngineState, mesh: Optional[Mesh]) -> EngineState:
+    """Inside a program: the state laid out as `state_shardings` (nothing on one device)."""
+    if mesh is None:
+        return state
+    return jax.tree_util.tree_map(lambda x, axis: sharding.constrain_rows(x, mesh, axis), state, slot_axes(state))
 
 
 def compile_programs(module, spec: EngineSpec) -> dict:
     """The engine's jitted programs for one module (`spec` static); `step` and `insert` update the state in
     place."""
     options = dict(spec.plan.compiler_options) or None
+    static = ("spec", "mesh")
     return dict(
         prefill=jax.jit(partial(prefill, module), static_argnames="spec", compiler_options=options),
-        insert=jax.jit(insert, static_argnames="spec", donate_argnames="state"),
-        release=jax.jit(release, static_argnames="spec", donate_argnames="state"),
-        step=jax.jit(partial(step, module), static_argnames="spec", donate_argnames="state",
+        insert=jax.jit(insert, static_argnames=static, donate_argnames="state"),
+        release=jax.jit(release, static_argnames=static, donate_argnames="state"),
+        step=jax.jit(partial(step, module), static_argnames=static, donate_argnames="state",
                      compiler_options=options))

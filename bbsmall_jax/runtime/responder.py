@@ -141,11 +141,14 @@ class Responder:
     def replies(self, contexts: Sequence[list[int]], **overrides) -> list[list[Reply]]:
         """Replies to a batch of id contexts in one `generate` call: for each context its
         `num_return_sequences` replies (one for greedy search), with token ids and finish reasons."""
-        rows = self.reply_ids(contexts, **overrides)
-        max_length, eos_ids = self.max_reply_length(**overrides), self._eos_ids(**overrides)
+        rows = self.finished_replies(self.reply_ids(contexts, **overrides), **overrides)
         per_context = len(rows) // max(len(contexts), 1)
-        return [[self.finished_reply(row, max_length, eos_ids) for row in rows[i * per_context:(i + 1) * per_context]]
-                for i in range(len(contexts))]
+        return [rows[i * per_context:(i + 1) * per_context] for i in range(len(contexts))]
+
+    def finished_replies(self, rows: Sequence[Sequence[int]], **overrides) -> list[Reply]:
+        """Replies from generated rows [start, tokens..., EOS, ...] decoded with these settings."""
+        max_length, eos_ids = self.max_reply_length(**overrides), self._eos_ids(**overrides)
+        return [self.finished_reply(row, max_length, eos_ids) for row in rows]
 
     def with_log_probs(self, contexts: Sequence[list[int]], replies: Sequence[Reply]) -> list[Reply]:
         """`replies[i]` (to the id context `contexts[i]`) with the model's log-probability of each of its tokens

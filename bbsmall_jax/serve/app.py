@@ -14,7 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Optional
+from typing import Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,25 +23,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from bbsmall_jax.runtime.responder import Reply, Responder
+from bbsmall_jax.serve import batcher, engine_worker
 from bbsmall_jax.serve.access import AccessControl, AccessPolicy
-from bbsmall_jax.serve.batcher import Job, QueueFull, RequestBatcher
+from bbsmall_jax.serve.batcher import QueueFull, RequestBatcher
+from bbsmall_jax.serve.engine_worker import EngineWorker
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.schemas import (ApiError, ChatCompletionRequest, chunk_body, completion_body, error_body,
                                        logprobs_body, parse_request, stop_strings, token_log_prob, turns_of, usage)
 from bbsmall_jax.serve.responses import ResponseEvents, ResponsesRequest, parse_responses_request
 from bbsmall_jax.serve.settings import Defaults
+from bbsmall_jax.serve.text_stream import TextStream
 
 log = logging.getLogger("uvicorn.error")
+Job = Union[engine_worker.Job, batcher.Job]
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the reply
 PATHS = ("/", "/health", "/health/live", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/responses")
 
 
 @dataclass
 class Service:
-    """What the endpoints share: the model's responder and batcher, defaults, limits, metrics and state."""
+    """What the endpoints share: the model's responder and scheduler (the decode engine's worker, or the static
+    batcher), defaults, limits, metrics and state."""
 
     responder: Responder
-    batcher: RequestBatcher
+    scheduler: Union[EngineWorker, RequestBatcher]
     metrics: ServerMetrics
     defaults: Defaults
     model_id: str
@@ -64,7 +69,7 @@ class Service:
         until shortly before the drain timeout, when those still waiting are answered 503 (`cut_off`)."""
         self.draining = True
         self.metrics.ready.set(0)
-        self.batcher.flush()
+        self.scheduler.flush()
         if self.loop is not None:  # before uvicorn cancels what is left, which would end it without an answer
             self.loop.call_later(max(self.drain_timeout - 1.0, 0.8 * self.drain_timeout), self.cut_off)
 
@@ -76,6 +81,8 @@ class Service:
                 503, f"The server is shutting down; its {self.drain_timeout:g} s drain timeout passed before this "
                 "request was answered. Retry it (on another replica).", code="shutting_down", kind="server_error",
                 headers={"Retry-After": "5"}))
+            if reply.job.tokens is not None:  # a stream waiting for its next token reads the error now
+                reply.job.tokens.put_nowait(None)
             reply.abandon()
         if waiting:
             log.warning("bbsmall serve: the drain timeout passed; answered %d waiting request(s) with 503",
@@ -85,7 +92,7 @@ class Service:
         """The health status: warming_up, ok or draining."""
         if self.draining:
             return "draining"
-        return "ok" if self.batcher.ready.is_set() else "warming_up"
+        return "ok" if self.scheduler.ready.is_set() else "warming_up"
 
 
 class MetricsMiddleware:
@@ -217,9 +224,9 @@ def create_app(service: Service) -> FastAPI:
 
     async def lifespan(app):
         service.loop = asyncio.get_running_loop()
-        service.batcher.start()
+        service.scheduler.start()
         yield
-        await asyncio.to_thread(service.batcher.stop, service.drain_timeout)
+        await asyncio.to_thread(service.scheduler.stop, service.drain_timeout)
         service.tokenizing.shutdown(wait=False)
         service.stopped = True
 
@@ -298,7 +305,9 @@ async def _answer(service: Service, request: Request, parse) -> Response:
     ids = await asyncio.get_running_loop().run_in_executor(service.tokenizing, service.responder.context_ids,
                                                            turns_of(chat))
     try:
-        job = service.batcher.submit(ids, settings, log_probs=bool(chat.logprobs))
+        # streamed token by token unless the choices need the whole reply first (log-probabilities)
+        job = service.scheduler.submit(ids, settings, log_probs=bool(chat.logprobs),
+                                     stream=bool(chat.stream) and not chat.logprobs)
     except QueueFull as err:
         raise ApiError(503, f"The server is busy: {err}", code="queue_full", kind="server_error",
                        headers={"Retry-After": str(err.retry_after)}) from None
@@ -344,11 +353,17 @@ class _ChatShape:
         return [self._sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None} for i in range(chat.n or 1)])]
 
-    def finished(self, chat: ChatCompletionRequest, choices: list[_Choice], prompt_tokens: int) -> list[str]:
-        """Each whole reply, the finish reasons, the usage if asked for, [DONE]."""
-        events = [self._sse([{"index": i, "delta": {"content": choice.text},
+    def delta(self, index: int, text: str) -> list[str]:
+        """More of choice `index`'s text, as it is decoded."""
+        return [self._sse([{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])]
+
+    def finished(self, chat: ChatCompletionRequest, choices: list[_Choice], prompt_tokens: int,
+                 rests: list[str]) -> list[str]:
+        """The rest of each reply (`rests`: all of it unless streamed), the finish reasons, the usage if asked
+        for, [DONE]."""
+        events = [self._sse([{"index": i, "delta": {"content": rest},
                               "logprobs": logprobs_body(choice.log_probs), "finish_reason": None}])
-                  for i, choice in enumerate(choices)]
+                  for i, (choice, rest) in enumerate(zip(choices, rests)) if rest or not choice.text]
         events.append(self._sse([{"index": i, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}
                                  for i, choice in enumerate(choices)]))
         if chat.stream_options is not None and chat.stream_options.include_usage:
@@ -371,8 +386,12 @@ class _ResponseShape:
     def started(self, chat: ChatCompletionRequest) -> list[str]:
         return self.events.started()
 
-    def finished(self, chat: ChatCompletionRequest, choices: list[_Choice], prompt_tokens: int) -> list[str]:
-        return self.events.finished(*self._result(choices[0], prompt_tokens))
+    def delta(self, index: int, text: str) -> list[str]:
+        return self.events.delta(text) if index == 0 else []
+
+    def finished(self, chat: ChatCompletionRequest, choices: list[_Choice], prompt_tokens: int,
+                 rests: list[str]) -> list[str]:
+        return self.events.finished(*self._result(choices[0], prompt_tokens), rest=rests[0])
 
     def failed(self, error: dict) -> list[str]:
         return self.events.failed(error)
@@ -395,7 +414,7 @@ class _Reply:
     def abandon(self) -> None:
         """The reply will not be sent (the client left, or the server cancels): drop the job, once."""
         if not self.finished:
-            self.service.batcher.cancel(self.job)
+            self.service.scheduler.cancel(self.job)
             self._done()
 
     def _done(self, choices: Optional[list] = None) -> None:
@@ -436,10 +455,20 @@ class _Reply:
         return JSONResponse(self.shape.body(choices, self.prompt_tokens))
 
     async def events(self):
-        """The reply's server-sent events: those that start it, then the whole reply (or an error event)."""
+        """The reply's server-sent events: those that start it, its text as it is decoded (when the job streams
+        its tokens), then the rest of the reply (or an error event)."""
         try:
             for event in self.shape.started(self.chat):
                 yield event
+            streams = [TextStream(self.service.responder.decode, stop_strings(self.chat))
+                       for _ in range(self.job.settings.num_return_sequences)]
+            if self.job.tokens is not None:
+                while (item := await self.job.tokens.get()) is not None:
+                    row, token = item
+                    text = streams[row].push(token)
+                    for copy in range(self.copies if text else 0):  # choice index: row * copies + copy
+                        for event in self.shape.delta(row * self.copies + copy, text):
+                            yield event
             try:
                 choices = self._choices(await self.job.future)
             except Exception as err:
@@ -450,7 +479,8 @@ class _Reply:
                     yield event
                 return
             self._done(choices)
-            for event in self.shape.finished(self.chat, choices, self.prompt_tokens):
+            rests = [streams[i // self.copies].rest(choice.text) for i, choice in enumerate(choices)]
+            for event in self.shape.finished(self.chat, choices, self.prompt_tokens, rests):
                 yield event
         finally:
             self.abandon()

@@ -44,13 +44,14 @@ class Job:
     enqueued: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False
     log_probs: bool = False  # the replies carry their tokens' log-probabilities
+    tokens = None  # replies arrive whole here (the engine's jobs stream their tokens)
 
     def deliver(self, result) -> None:
         """Hand the replies (or an exception) to the waiting request, from any thread."""
-        self.loop.call_soon_threadsafe(_settle, self.future, result)
+        self.loop.call_soon_threadsafe(settle, self.future, result)
 
 
-def _settle(future: asyncio.Future, result) -> None:
+def settle(future: asyncio.Future, result) -> None:
     """Resolve a future with a result or an exception, unless it is already done (on the event loop)."""
     if future.done():
         return
@@ -95,9 +96,10 @@ class RequestBatcher:
         """Start the worker thread (warm-up first)."""
         self._thread.start()
 
-    def submit(self, ids: list[int], settings: Settings, log_probs: bool = False) -> Job:
+    def submit(self, ids: list[int], settings: Settings, log_probs: bool = False, stream: bool = False) -> Job:
         """Queue a conversation (its replies with their tokens' log-probabilities if `log_probs`); raises
-        QueueFull when `max_queue` are waiting. Call on the event loop."""
+        QueueFull when `max_queue` are waiting. Replies arrive whole, `stream` or not. Call on the event
+        loop."""
         loop = asyncio.get_running_loop()
         bucket = bucket_length(max(len(ids), 1), self.max_positions)
         key = (settings, bucket) if settings.batchable else (settings, bucket, next(self._ids))
@@ -147,6 +149,7 @@ class RequestBatcher:
             self._warm_up()
         except Exception:  # a failed warm-up leaves compiling to the first requests
             log.exception("bbsmall serve: warm-up failed")
+        self.metrics.count_compilations()
         self.ready.set()
         self.metrics.ready.set(1)
         while True:

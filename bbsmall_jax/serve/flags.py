@@ -15,15 +15,23 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     group.add_argument("--model-name", help="the id clients pass as `model` (default: --model, or bbsmall-demo)")
-    group.add_argument("--max-batch", type=int, default=32, help="most conversations in one generate call")
+    group.add_argument("--scheduler", choices=("engine", "batch"), default="engine",
+                       help="engine (default): requests join decode slots between steps and stream their tokens; "
+                            "batch: queued requests grouped into whole generate calls")
+    group.add_argument("--slots", type=int, default=32, help="engine: requests decoded together (default 32)")
+    group.add_argument("--engine-steps", type=int, default=8,
+                       help="engine: decoding steps per program call, between which requests join, leave and "
+                            "stream (default 8)")
+    group.add_argument("--max-batch", type=int, default=32, help="batch: most conversations in one generate call")
     group.add_argument("--max-wait-ms", type=float, default=10.0,
-                       help="longest a request waits for others to fill its batch (default 10)")
+                       help="batch: longest a request waits for others to fill its batch (default 10)")
     group.add_argument("--batch-buckets", metavar="SIZES",
-                       help="batch sizes compiled, e.g. 1,8,32; a batch is padded up to the next "
+                       help="batch: batch sizes compiled, e.g. 1,8,32; a batch is padded up to the next "
                             "(default: powers of two up to --max-batch)")
     group.add_argument("--warmup-lengths", default="16,32", metavar="TOKENS",
-                       help="context-length buckets compiled at start for every batch size, with the default "
-                            "settings, or none (default 16,32)")
+                       help="batch: context-length buckets compiled at start for every batch size, with the "
+                            "default settings, or none (default 16,32); the engine compiles all of its programs, "
+                            "or none with 'none'")
     group.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default 256)")
     group.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     group.add_argument("--drain-timeout", type=float, default=30.0,
@@ -63,7 +71,8 @@ def check_flags(args: argparse.Namespace) -> None:
     """Clear errors for the serving flags, before the model loads."""
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: expected 0-65535")
-    for name, minimum in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1024)):
+    for name, minimum in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1024), ("slots", 1),
+                          ("engine_steps", 1)):
         if getattr(args, name) < minimum:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {minimum}")
     if args.max_wait_ms < 0:

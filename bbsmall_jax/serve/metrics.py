@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
+
+from bbsmall_jax.compilations import CompilationCounter
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 def _labels(names: Sequence[str], values: Sequence[str]) -> str:
@@ -145,9 +148,30 @@ class ServerMetrics:
         self.prompt_tokens = Counter("bbsmall_prompt_tokens_total", "Context tokens of answered requests.")
         self.generated_tokens = Counter("bbsmall_generated_tokens_total", "Tokens generated for answered requests.")
         self.rejected = Counter("bbsmall_queue_rejections_total", "Requests refused with 503 on a full queue.")
+        self.time_to_first_token = Histogram(
+            "bbsmall_time_to_first_token_seconds", "Arrival to the first decoded token (the decode engine; a beam "
+            "search's whole reply).", TOKEN_BUCKETS)
+        self.inter_token_latency = Histogram(
+            "bbsmall_inter_token_latency_seconds", "Between consecutive decoded tokens of a streamed reply (the "
+            "decode engine hands them out after each step call).", TOKEN_BUCKETS)
+        self.slots_in_use = Gauge("bbsmall_slots_in_use", "Decode engine slots holding a request.")
+        self.compilations = Counter("bbsmall_xla_compilations_since_ready_total",
+                                    "XLA compilations in the server process since warm-up ended (0 when warm-up "
+                                    "covered every program requests need).")
+        self._compiled: Optional[CompilationCounter] = None
+        self._compilations_shown = 0
+
+    def count_compilations(self) -> None:
+        """Start counting the process's XLA compilations (when warm-up is done)."""
+        self._compiled = CompilationCounter().__enter__()
 
     def render(self) -> str:
         """All metrics in the Prometheus text format."""
+        if self._compiled is not None:  # (rendered on the event loop only)
+            count = self._compiled.count
+            self.compilations.inc(count - self._compilations_shown)
+            self._compilations_shown = count
         families = (self.requests, self.latency, self.batch_size, self.generate_seconds, self.queue_depth,
-                    self.in_flight, self.ready, self.prompt_tokens, self.generated_tokens, self.rejected)
+                    self.in_flight, self.ready, self.prompt_tokens, self.generated_tokens, self.rejected,
+                    self.time_to_first_token, self.inter_token_latency, self.slots_in_use, self.compilations)
         return "\n".join(line for family in families for line in family.render()) + "\n"

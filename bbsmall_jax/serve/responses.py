@@ -167,12 +167,21 @@ class ResponseEvents:
                 self._event("response.output_item.added", output_index=0, item=output_message(self.message_id, None)),
                 self._event("response.content_part.added", **where, part=_text_part(""))]
 
-    def finished(self, text: str, reason: str, prompt_tokens: int, completion_tokens: int) -> list[str]:
-        """The reply: its text (one delta), the parts and item done, then the whole response, in a
-        `response.completed` event also when its status is `incomplete` (OpenAI's SDK ends a stream only there)."""
+    def delta(self, text: str) -> list[str]:
+        """More of the reply's text, as it is decoded."""
+        where = dict(item_id=self.message_id, output_index=0, content_index=0)
+        return [self._event("response.output_text.delta", **where, delta=text, logprobs=[])]
+
+    def finished(self, text: str, reason: str, prompt_tokens: int, completion_tokens: int,
+                 rest: Optional[str] = None) -> list[str]:
+        """The reply: the rest of its text (`rest`, all of it unless streamed) in one delta, the parts and item
+        done, then the whole response, in a `response.completed` event also when its status is `incomplete`
+        (OpenAI's SDK ends a stream only there)."""
         body = self.body((text, reason, prompt_tokens, completion_tokens))
         where = dict(item_id=self.message_id, output_index=0, content_index=0)
-        return [self._event("response.output_text.delta", **where, delta=text, logprobs=[]),
+        rest = text if rest is None else rest
+        deltas = self.delta(rest) if rest or not text else []
+        return [*deltas,
                 self._event("response.output_text.done", **where, text=text, logprobs=[]),
                 self._event("response.content_part.done", **where, part=_text_part(text)),
                 self._event("response.output_item.done", output_index=0, item=output_message(self.message_id, text)),

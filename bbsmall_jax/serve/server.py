@@ -1,4 +1,4 @@
-"""Running the server: the model, batcher and app from the command's flags, under uvicorn with a SIGTERM drain."""
+"""Running the server: the model, decode engine (or batcher) and app from the command's flags, under uvicorn with a SIGTERM drain."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ from typing import Callable
 
 import uvicorn
 
+from bbsmall_jax.generation.engine import DecodeEngine
 from bbsmall_jax.generation.prepare import bucket_length
 from bbsmall_jax.runtime.models import DEMO_NAME
 from bbsmall_jax.runtime.responder import Responder
 from bbsmall_jax.serve.access import AccessPolicy, parse_origins
 from bbsmall_jax.serve.app import Service, create_app
 from bbsmall_jax.serve.batcher import RequestBatcher, power_of_two_buckets
+from bbsmall_jax.serve.engine_worker import EngineWorker
 from bbsmall_jax.serve.flags import parse_sizes
 from bbsmall_jax.serve.metrics import ServerMetrics
+from bbsmall_jax.serve.schemas import MAX_N
 from bbsmall_jax.serve.settings import Defaults
 
 log = logging.getLogger("uvicorn.error")
@@ -37,24 +40,40 @@ def build_service(args: argparse.Namespace, responder: Responder) -> Service:
     """The Service for a loaded responder and the serving flags."""
     model = responder.model
     positions = model.config.max_position_embeddings
-    # --sample's fixed key is dropped: the batcher draws a key per call (or uses the request's seed)
+    # --sample's fixed key is dropped: a key is drawn per request (or made from the request's seed)
     flag_kwargs = {k: v for k, v in responder.generation_kwargs.items() if k != "prng_key"}
     responder.generation_kwargs = flag_kwargs
     defaults = Defaults.resolve(model.generation_config, flag_kwargs,
                                 min(responder.max_reply_length(), positions), positions, args.strict_max_tokens)
-    settings = defaults.default_settings()
-    lengths = sorted({bucket_length(min(n, responder.max_context_tokens), positions)
-                      for n in parse_sizes(args.warmup_lengths, "--warmup-lengths", allow_none=True)})
-    buckets = (parse_sizes(args.batch_buckets, "--batch-buckets") if args.batch_buckets
-               else power_of_two_buckets(args.max_batch))
     metrics = ServerMetrics()
-    batcher = RequestBatcher(responder, metrics, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                             max_queue=args.max_queue, batch_buckets=buckets,
-                             warmup=[(settings, length) for length in lengths], seed=args.seed)
+    warmup_lengths = parse_sizes(args.warmup_lengths, "--warmup-lengths", allow_none=True)
+    if args.scheduler == "engine":
+        worker = EngineWorker(responder, metrics, _engine(args, responder, defaults), max_queue=args.max_queue,
+                              seed=args.seed, warm_up=bool(warmup_lengths))
+    else:
+        lengths = sorted({bucket_length(min(n, responder.max_context_tokens), positions) for n in warmup_lengths})
+        buckets = (parse_sizes(args.batch_buckets, "--batch-buckets") if args.batch_buckets
+                   else power_of_two_buckets(args.max_batch))
+        worker = RequestBatcher(responder, metrics, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                max_queue=args.max_queue, batch_buckets=buckets,
+                                warmup=[(defaults.default_settings(), length) for length in lengths], seed=args.seed)
     access = AccessPolicy(args.api_key, parse_origins(args.allowed_origins), args.host)
-    return Service(responder, batcher, metrics, defaults, model_id(args), max_body_bytes=args.max_body_bytes,
+    return Service(responder, worker, metrics, defaults, model_id(args), max_body_bytes=args.max_body_bytes,
                    drain_timeout=args.drain_timeout, access=access, body_timeout=args.body_timeout,
                    strict_fields=args.strict_fields)
+
+
+def _engine(args: argparse.Namespace, responder: Responder, defaults: Defaults) -> DecodeEngine:
+    """The decode engine for the server's settings: every reply length and context the server accepts, beam
+    searches of the server's width and up to `MAX_N` sampled choices per lane (fewer with fewer slots)."""
+    width = min(max(defaults.num_beams, MAX_N), args.slots)
+    engine = DecodeEngine(responder.model, responder.generation_kwargs, slots=args.slots, group_width=width,
+                          steps=args.engine_steps, max_length=defaults.max_tokens_limit + 1,
+                          max_context=responder.max_context_tokens)
+    if engine.spec.slots != args.slots:
+        log.info("--slots %d rounded up to %d: whole lanes of %d slots on each device", args.slots,
+                 engine.spec.slots, width)
+    return engine
 
 
 class QuietHealthChecks(logging.Filter):

@@ -31,7 +31,10 @@ def write_lines(path, lines):
 
 
 def batch(responder, tmp_path, output="out.jsonl", **kwargs):
-    kwargs = {"batch_size": 2, "window": 3, "show_progress": False, "log": io.StringIO(), **kwargs}
+    """A run over in.jsonl; on static batches of 2 unless `engine_steps` is given, so that the kills below fall
+    at known windows (the commit protocol is the same for the decode engine: see the last test)."""
+    kwargs = {"batch_size": 2, "window": 3, "show_progress": False, "log": io.StringIO(), "engine_steps": None,
+              **kwargs}
     return run_batch(responder, str(tmp_path / "in.jsonl"), str(tmp_path / output), **kwargs)
 
 
@@ -44,17 +47,18 @@ def reference(responder, tmp_path):
 
 
 def killed_at(monkeypatch, call: int):
-    """Make the `call`-th generation from now on die; returns a function that undoes it."""
-    real, calls = Responder.reply_ids, {"n": 0}
+    """Make the `call`-th finishing of generated replies from now on die (a static batch's, or one record's in
+    the decode engine); returns a function that undoes it."""
+    real, calls = Responder.finished_replies, {"n": 0}
 
-    def dying(self, contexts, **kw):
+    def dying(self, rows, **kw):
         calls["n"] += 1
         if calls["n"] == call:
             raise Killed()
-        return real(self, contexts, **kw)
+        return real(self, rows, **kw)
 
-    monkeypatch.setattr(Responder, "reply_ids", dying)
-    return lambda: monkeypatch.setattr(Responder, "reply_ids", real)
+    monkeypatch.setattr(Responder, "finished_replies", dying)
+    return lambda: monkeypatch.setattr(Responder, "finished_replies", real)
 
 
 def test_a_second_kill_during_resume_leaves_no_nul_bytes(responder, reference, tmp_path, monkeypatch):
@@ -292,3 +296,17 @@ def test_twenty_kills_at_random_moments_lose_and_repeat_nothing(model_dir, tmp_p
     assert out.read_bytes() == reference
     print(f"20 kills: {mid_run} between the first commit and the last, {completed} runs ended before their kill")
     assert mid_run >= 5
+
+
+def test_a_kill_in_the_decode_engine_stops_the_run_and_resume_completes_it(responder, reference, tmp_path,
+                                                                          monkeypatch):
+    """A record dying in the engine's thread ends the run with its error (the windows before it committed, the
+    engine's other requests cancelled); --resume then writes the uninterrupted run's bytes."""
+    out = tmp_path / "out.jsonl"
+    restore = killed_at(monkeypatch, 8)  # a record of the third window
+    with pytest.raises(Killed):
+        batch(responder, tmp_path, engine_steps=3)
+    restore()
+    assert reference.startswith(out.read_bytes()) and len(out.read_bytes().splitlines()) in (3, 6)
+    batch(responder, tmp_path, resume=True, engine_steps=3)
+    assert out.read_bytes() == reference

@@ -1,5 +1,6 @@
 """`bbsmall generate` on every device and every process: 8 forced devices and 2 processes write the bytes of
-one device and one process, also after a kill -9 and --resume; the overlapped path equals the plain one."""
+one device and one process, also after a kill -9 and --resume; the decode engine and static batches, overlapped
+or not, write the same bytes."""
 
 import io
 import json
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from bbsmall_jax.cli.batch import run_batch
+from bbsmall_jax.runtime.responder import Responder
 from bbsmall_jax.testing import loopback_coordinator
 
 LINES = ([json.dumps({"id": i, "context": [f"hi {i}", "what do you do on weekends? " * (i % 4 + 1)]})
@@ -111,12 +113,15 @@ def test_two_processes_write_the_one_process_bytes_also_after_a_kill(job):
     assert not list(tmp_path.glob("killed.jsonl.part-*"))
 
 
-def test_the_overlapped_path_equals_the_plain_one(responder, tmp_path):
+@pytest.mark.parametrize("beams", [1, 2])
+def test_engine_and_static_batches_write_the_same_bytes_overlapped_or_not(responder, tmp_path, beams):
+    """The decode engine's slots (the default) and static generate batches, each with and without overlap."""
     (tmp_path / "in.jsonl").write_text("\n".join(LINES) + "\n")
+    searching = Responder(responder.model, responder.tokenizer, {**responder.generation_kwargs, "num_beams": beams})
     outputs = {}
-    for overlap in (True, False):
-        output = tmp_path / f"overlap-{overlap}.jsonl"
-        run_batch(responder, str(tmp_path / "in.jsonl"), str(output), batch_size=3, window=5, overlap=overlap,
-                  show_progress=False, log=io.StringIO())
-        outputs[overlap] = output.read_bytes()
-    assert outputs[True] == outputs[False] and len(outputs[True].splitlines()) == 38
+    for engine_steps, overlap in ((3, True), (3, False), (None, True), (None, False)):
+        output = tmp_path / f"{engine_steps}-{overlap}.jsonl"
+        run_batch(searching, str(tmp_path / "in.jsonl"), str(output), batch_size=4, window=5, overlap=overlap,
+                  show_progress=False, log=io.StringIO(), engine_steps=engine_steps)
+        outputs[engine_steps, overlap] = output.read_bytes()
+    assert len(set(outputs.values())) == 1 and len(outputs[3, True].splitlines()) == 38

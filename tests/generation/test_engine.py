@@ -1,6 +1,11 @@
 """The decode engine: every request gets exactly what `generate` gives it alone, whatever joins beside it and
 whenever it joins; no compilation after warm-up; cancelled and finished requests free their slots."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -147,6 +152,42 @@ def test_requests_the_engine_cannot_decode_are_refused_by_name(models):
         engine.submit([5, 6], num_beams=2, do_sample=True)
     with pytest.raises(ValueError, match="id 600 .* outside the vocabulary"):
         engine.submit([5, 600])
-    with pytest.raises(ValueError, match="multiple of group_width"):
-        DecodeEngine(ours, CHAT, slots=5, group_width=2)
+    assert DecodeEngine(ours, CHAT, slots=5, group_width=2).spec.slots == 6  # whole lanes
     assert not engine.busy
+
+
+EIGHT_DEVICES = """
+import json, numpy as np, jax
+from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForConditionalGeneration
+from bbsmall_jax.generation.engine import DecodeEngine
+from bbsmall_jax.testing.shapes import TINY
+
+model = BlenderbotSmallForConditionalGeneration(BlenderbotSmallConfig(**TINY), seed=4)
+settings = dict(max_length=14, no_repeat_ngram_size=2)
+engine = DecodeEngine(model, settings, slots=8, group_width=3, steps=2)
+mix = [dict(), dict(num_beams=3), dict(do_sample=True, prng_key=np.array([0, 3], np.uint32)),
+       dict(num_beams=2, num_return_sequences=2), dict(do_sample=True, num_return_sequences=3,
+       prng_key=np.array([0, 9], np.uint32))] * 2
+rng = np.random.default_rng(0)
+contexts = [rng.integers(3, 101, rng.integers(2, 12)).tolist() for _ in mix]
+requests = [engine.submit(ids, **kwargs) for ids, kwargs in zip(contexts, mix)]
+while engine.busy:
+    engine.cycle()
+one = [jax.devices()[0]]
+alone = [np.asarray(model.generate(np.asarray([ids]), devices=one, **settings, **kwargs)).tolist()
+         for ids, kwargs in zip(contexts, mix)]
+print(json.dumps({"slots": engine.spec.slots, "devices": len(engine.state.tokens.sharding.device_set),
+                  "engine": [r.result for r in requests], "alone": alone}))
+"""
+
+
+def test_slots_split_over_eight_devices_give_the_one_device_tokens():
+    """In a subprocess with 8 forced CPU devices: whole lanes per device (8 slots of lanes of 3 become 24)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["slots"] == 24 and out["devices"] == 8
+    for engine_rows, alone_rows in zip(out["engine"], out["alone"]):
+        assert [trimmed(row) for row in engine_rows] == [trimmed(row) for row in alone_rows]
