@@ -32,6 +32,7 @@ from bbsmall_jax.generation.prepare import MIN_BUCKET, Prepared, bucket_length, 
 from bbsmall_jax.generation.engine_programs import BEAM, GREEDY, SAMPLE, Admission, EngineSpec, SlotSettings
 
 TokenCallback = Callable[[int, int], None]  # (row of the request, token id)
+PREFILL_BATCH = 8  # contexts of one length bucket encoded in one prefill call (a lone one: by itself)
 
 
 @dataclasses.dataclass(eq=False)
@@ -188,19 +189,25 @@ class DecodeEngine:
                                          ("engine", name) + self.model._program_identity())
 
     def _admit(self) -> None:
-        """Start waiting requests, oldest first, while their slots are free."""
-        while True:
-            with self._lock:
-                while self._waiting and self._waiting[0].cancelled:
-                    self._waiting.popleft()
-                if not self._waiting:
-                    return
+        """Start waiting requests, oldest first, while their slots are free: their contexts encoded together
+        per length bucket (`PREFILL_BATCH` at a time; a lone one by itself), then each inserted."""
+        admitted = []
+        with self._lock:
+            while self._waiting:
                 request = self._waiting[0]
-                placement = self._place(request)
-                if placement is None:
-                    return
+                placement = None if request.cancelled else self._place(request)
+                if placement is None and not request.cancelled:
+                    break
                 self._waiting.popleft()
-            self._start(request, *placement)
+                if placement is not None:
+                    self._take(request, *placement)
+                    admitted.append(request)
+        by_bucket: dict[int, list[EngineRequest]] = {}
+        for request in admitted:
+            by_bucket.setdefault(request.prepared.inputs["input_ids"].shape[1], []).append(request)
+        for requests in by_bucket.values():
+            for start in range(0, len(requests), PREFILL_BATCH):
+                self._start(requests[start:start + PREFILL_BATCH])
 
     def _place(self, request: EngineRequest) -> Optional[tuple[tuple[int, ...], Optional[int]]]:
         """(slots, lane) for a request, or None while they are taken. A group takes a free lane's first slots;
@@ -219,16 +226,25 @@ class DecodeEngine:
                     return (slot,), None
         return None
 
-    def _start(self, request: EngineRequest, slots: tuple[int, ...], lane: Optional[int]) -> None:
-        """Prefill and insert one request."""
-        prepared = request.prepared
-        prefilled = self._run("prefill", prepared.inputs["input_ids"], prepared.inputs["attention_mask"])
-        self.state = self._run("insert", self.state, prefilled, self._admission(request, slots, lane))
+    def _take(self, request: EngineRequest, slots: tuple[int, ...], lane: Optional[int]) -> None:
         request.slots, request.lane = slots, lane
         for slot in slots:
             self._owner[slot] = request
         if lane is not None:
             self._groups[lane] = request
+
+    def _start(self, requests: list[EngineRequest]) -> None:
+        """Prefill requests of one context bucket in one call (padded to PREFILL_BATCH unless alone), then
+        insert each in the slots it took."""
+        rows = 1 if len(requests) == 1 else PREFILL_BATCH
+        # [rows, bucket]: the requests' contexts, then copies of the first
+        ids, mask = (np.concatenate([r.prepared.inputs[name] for r in requests]
+                                    + [requests[0].prepared.inputs[name]] * (rows - len(requests)))
+                     for name in ("input_ids", "attention_mask"))
+        prefilled = self._run("prefill", ids, mask)
+        for row, request in enumerate(requests):
+            self.state = self._run("insert", self.state, prefilled, np.int32(row),
+                                   self._admission(request, request.slots, request.lane))
 
     def _admission(self, request: EngineRequest, slots: tuple[int, ...], lane: Optional[int]) -> Admission:
         """The insert program's arguments for a request in `slots` (W entries, S marking the unused)."""
@@ -301,14 +317,17 @@ class DecodeEngine:
 
     def warm_up(self) -> None:
         """Compile (or load from the start-up cache) every program a request mix needs: `prefill` for each
-        context bucket, `insert`, `step` and `release`, by decoding a one-token greedy request per bucket."""
+        context bucket, alone and `PREFILL_BATCH` at a time, `insert` after each, `step` and `release`, by
+        decoding one-token greedy requests."""
         bucket = MIN_BUCKET
         while True:
             length = min(bucket, self.spec.source_length)
-            self.submit([self.spec.start_token_id] * length, num_beams=1, do_sample=False, num_return_sequences=1,
-                        max_length=2, min_length=0)
-            while self.busy:
-                self.cycle()
+            for count in (1, PREFILL_BATCH):
+                for _ in range(count):
+                    self.submit([self.spec.start_token_id] * length, num_beams=1, do_sample=False,
+                                num_return_sequences=1, max_length=2, min_length=0)
+                while self.busy:
+                    self.cycle()
             if length >= self.spec.source_length:
                 break
             bucket *= 2

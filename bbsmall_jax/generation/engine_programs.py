@@ -1,7 +1,7 @@
 """A decode engine's device side: a fixed set of slots with a persistent decoding state, and its three programs.
 
-After JetStream's engine: `prefill` encodes one context (one program per context-length bucket), `insert`
-puts a prefilled request into free slots, and `step` runs `EngineSpec.steps` decoding steps for every slot
+After JetStream's engine: `prefill` encodes contexts (one program per context-length bucket and prefill batch
+size), `insert` puts a prefilled request into free slots, and `step` runs `EngineSpec.steps` decoding steps for every slot
 in one jitted loop. Requests join and leave between `step` calls, so a slot freed by a short reply is reused
 at once, where a static batch would keep computing it until its longest row ends.
 
@@ -114,13 +114,13 @@ class EngineState:
 
 @struct.dataclass
 class Prefilled:
-    """One context encoded: its cross-attention entries padded to `source_length`."""
+    """P contexts encoded: their cross-attention entries padded to `source_length`."""
 
-    cross_key: Array  # [L, 1, source_length, H, Dh]
-    cross_value: Array  # [L, 1, source_length, H, Dh]
-    encoder_mask: Array  # [1, source_length] bool
-    encoder_ids: Array  # [1, source_length or 0] int32
-    encoder_length: Array  # [] int32
+    cross_key: Array  # [L, P, source_length, H, Dh]
+    cross_value: Array  # [L, P, source_length, H, Dh]
+    encoder_mask: Array  # [P, source_length] bool
+    encoder_ids: Array  # [P, source_length or 0] int32
+    encoder_length: Array  # [P] int32
 
 
 @struct.dataclass
@@ -167,18 +167,18 @@ def empty_state(spec: EngineSpec, module) -> EngineState:
 
 
 def prefill(module, params, input_ids: Array, attention_mask: Array, *, spec: EngineSpec) -> Prefilled:
-    """Encode one context, ids and mask [1, bucket], and project its cross-attention keys/values."""
+    """Encode P contexts, ids and mask [P, bucket], and project their cross-attention keys/values."""
     variables = {"params": params}
     states = module.apply(variables, input_ids, attention_mask, method="encode").last_hidden_state
-    cross = module.apply(variables, 1, 1, states, attention_mask, method="init_cache")
+    cross = module.apply(variables, input_ids.shape[0], 1, states, attention_mask, method="init_cache")
     pad = spec.source_length - input_ids.shape[1]
-    widen = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))  # [L, 1, bucket..] -> [L, 1, source..]
+    widen = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))  # [L, P, bucket..] -> [L, P, source..]
     encoder_ids = jnp.pad(input_ids, ((0, 0), (0, pad)))
     if not spec.processors.encoder_no_repeat_ngram_size:
         encoder_ids = encoder_ids[:, :0]
     return Prefilled(cross_key=widen(cross.cross_key), cross_value=widen(cross.cross_value),
                      encoder_mask=jnp.pad(cross.encoder_mask, ((0, 0), (0, pad))), encoder_ids=encoder_ids,
-                     encoder_length=jnp.sum(attention_mask).astype(jnp.int32))
+                     encoder_length=jnp.sum(attention_mask, axis=1).astype(jnp.int32))
 
 
 def _set_rows(tree, slots: Array, values):
@@ -186,11 +186,18 @@ def _set_rows(tree, slots: Array, values):
     return jax.tree_util.tree_map(lambda x, v: x.at[slots].set(v.astype(x.dtype), mode="drop"), tree, values)
 
 
-def insert(state: EngineState, prefilled: Prefilled, admission: Admission, *, spec: EngineSpec,
+def insert(state: EngineState, prefilled: Prefilled, row: Array, admission: Admission, *, spec: EngineSpec,
            mesh: Optional[Mesh] = None) -> EngineState:
-    """Start a prefilled request in its slots: a fresh history, the start token, its settings and group."""
+    """Start the request prefilled at `row` of `prefilled` in its slots: a fresh history, the start token, its
+    settings and group."""
     slots, w = admission.slots, spec.group_width
     cache = state.cache
+    prefilled = Prefilled(  # the request's own entries, [.., 1, ..] on the rows' axis
+        cross_key=jax.lax.dynamic_slice_in_dim(prefilled.cross_key, row, 1, axis=1),
+        cross_value=jax.lax.dynamic_slice_in_dim(prefilled.cross_value, row, 1, axis=1),
+        encoder_mask=jax.lax.dynamic_slice_in_dim(prefilled.encoder_mask, row, 1),
+        encoder_ids=jax.lax.dynamic_slice_in_dim(prefilled.encoder_ids, row, 1),
+        encoder_length=prefilled.encoder_length[row])
 
     def rows_of(x: Array) -> Array:  # one request's [.., 1, ..] entries for its W slots (on the rows' axis)
         return jnp.broadcast_to(x, x.shape[:1] + (w,) + x.shape[2:])

@@ -14,12 +14,14 @@ from bbsmall_jax.runtime.responder import Responder
 class EngineRunner:
     """`replies(contexts)` -> Future of each context's replies, as `Responder.replies` returns them."""
 
-    def __init__(self, responder: Responder, slots: int = 32, steps: int = 8):
+    def __init__(self, responder: Responder, requests: int = 32, steps: int = 8):
+        """`requests` decode together: the engine's slots are that many times the beams (or sequences) each
+        takes, the rows a static batch of `requests` decodes."""
         self.responder = responder
         cfg, _ = responder.model._resolve_generation_config(None, dict(responder.generation_kwargs))
         width = max(cfg.num_beams, cfg.num_return_sequences, 1)
-        self.engine = DecodeEngine(responder.model, responder.generation_kwargs, slots=slots, group_width=width,
-                                   steps=steps, max_context=responder.max_context_tokens)
+        self.engine = DecodeEngine(responder.model, responder.generation_kwargs, slots=requests * width,
+                                   group_width=width, steps=steps, max_context=responder.max_context_tokens)
         self._cond = threading.Condition()
         self._stopping = False
         self._error: Optional[BaseException] = None
