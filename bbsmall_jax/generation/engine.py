@@ -59,10 +59,6 @@ class EngineRequest:
         """Slots it takes: its beams, or its sampled rows."""
         return self.prepared.layout.expand
 
-    @property
-    def done(self) -> bool:
-        return self.result is not None or self.error is not None or self.cancelled
-
 
 class DecodeEngine:
     """A fixed set of decoding slots over one encoder-decoder model (see the module's docstring).
