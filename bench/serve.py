@@ -1,9 +1,9 @@
 """Benchmark `bbsmall serve`: the decode engine against static batches, under open-loop Poisson arrivals.
 
 Two servers start on free loopback ports: `--scheduler engine` and `--scheduler batch --max-batch 64`. A load
-level of n clients' worth sends requests at n / L per second, L being the single-request latency of the batch
-server (measured first, median of 20 requests one at a time), with exponential gaps: arrivals do not wait for
-replies, so a slow server builds a queue, as under real traffic. Every request is a streamed greedy chat
+level of n clients' worth sends n x `--per-client-rate` requests per second (a client sending a message every
+second or so), with exponential gaps: arrivals do not wait for replies, so a slow server builds a queue, as
+under real traffic. Every request is a streamed greedy chat
 completion (`temperature: 0`); its time to first token is when the first chunk with text arrives (static
 batches send the whole reply at once), its latency when the stream ends. The servers take turns level by
 level; per level and server: replies/s, time to first token p50/p99, latency p50/p99 (medians over rounds).
@@ -40,6 +40,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="--model for the servers (default: the embedded demo model)")
     parser.add_argument("--clients", default="1,8,32,64", help="load levels, in clients' worth")
+    parser.add_argument("--per-client-rate", type=float, default=1.0, help="requests per second per client")
     parser.add_argument("--seconds", type=float, default=15.0, help="arrival time per level and server")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all levels (medians are reported)")
     parser.add_argument("--server-flags", default="--num-beams 1 --max-length 32",
@@ -149,16 +150,16 @@ def main() -> int:
         for server in servers.values():
             server.wait_ready()
         model = httpx.get(servers["engine"].url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        unit = single_latency(servers["batch"], model, args.timeout)
-        print(f"single-request latency of static batches: {unit:.3f} s; n clients' worth = n / {unit:.3f} "
-              "requests/s", flush=True)
+        for name, server in servers.items():
+            print(f"{name}: single-request latency {single_latency(server, model, args.timeout):.3f} s (median of 20, "
+                  "one at a time)", flush=True)
         runs = {(name, n): [] for name in servers for n in levels}
         for repeat in range(args.repeats):
             for n in levels:
                 order = list(servers) if repeat % 2 == 0 else list(servers)[::-1]
                 for name in order:
-                    r = asyncio.run(open_loop(servers[name].port, model, n / unit, args.seconds, args.timeout,
-                                              seed=repeat * 1000 + n))
+                    r = asyncio.run(open_loop(servers[name].port, model, n * args.per_client_rate, args.seconds,
+                                              args.timeout, seed=repeat * 1000 + n))
                     runs[name, n].append(r)
                     print(f"  round {repeat + 1}, {n} clients' worth, {name}: {r['replies_per_s']:.1f} replies/s, "
                           f"first token p50 {r['ttft_p50']:.3f} s p99 {r['ttft_p99']:.3f} s, latency p50 "
@@ -174,7 +175,8 @@ def main() -> int:
 def report(runs: dict, levels: list[int], args) -> None:
     """The side-by-side table and the targets at 32 clients."""
     med = lambda name, n, key: statistics.median(r[key] for r in runs[name, n])  # noqa: E731
-    print(f"\nmedians of {args.repeats} rounds, {args.seconds:.0f} s of arrivals per level and server\n")
+    print(f"\nmedians of {args.repeats} rounds, {args.seconds:.0f} s of arrivals per level and server, "
+          f"{args.per_client_rate:g} requests/s per client\n")
     print("| clients' worth | replies/s engine | replies/s batch | first token p50 engine (s) | first token p99 "
           "engine (s) | first token p50 batch (s) | latency p50 engine (s) | latency p99 engine (s) | "
           "latency p50 batch (s) | latency p99 batch (s) |")

@@ -81,13 +81,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import jax
 
     from bbsmall_jax.runtime.coordination import barrier
+    from bbsmall_jax.runtime.engine_runner import resolve_scheduler
 
     summary = run_batch(_responder(args), args.input, args.output, batch_size=args.batch_size,
                         resume=args.resume, overwrite=args.overwrite, on_error=args.on_error,
                         window=args.window, show_progress=not args.quiet and jax.process_index() == 0,
                         overlap=not args.no_overlap, processes=jax.process_count(),
                         process_index=jax.process_index(), barrier=barrier,
-                        engine_steps=args.engine_steps if args.scheduler == "engine" else None)
+                        engine_steps=args.engine_steps if resolve_scheduler(args.scheduler) == "engine" else None)
     if args.summary_json:
         print(json.dumps(summary))
     return 0
@@ -179,9 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_flags(generate)
     generate.add_argument("--input", required=True, help='JSONL, one {"context": [...]} or {"text": ...} per line')
     generate.add_argument("--output", required=True, help='JSONL written in input order, "reply" added')
-    generate.add_argument("--scheduler", choices=("engine", "batch"), default="engine",
-                          help="engine (default): records flow through decode slots, each starting when one is "
-                               "free; batch: whole generate calls of similar-length records")
+    generate.add_argument("--scheduler", choices=("auto", "engine", "batch"), default="auto",
+                          help="engine: records flow through decode slots, each starting when one is free; batch: "
+                               "whole generate calls of similar-length records; auto (default): engine on GPU and "
+                               "TPU, batch on the CPU")
     generate.add_argument("--batch-size", type=int, default=32,
                           help="engine: its slots; batch: conversations per generate call, padded to a power of "
                                "two and to a multiple of the devices (default 32)")

@@ -11,6 +11,16 @@ from bbsmall_jax.generation.engine import DecodeEngine, EngineRequest
 from bbsmall_jax.runtime.responder import Responder
 
 
+def resolve_scheduler(choice: str) -> str:
+    """`auto` -> the decode engine ("engine") on GPU and TPU, static batches ("batch") on the CPU, where a step
+    costs what its rows cost, so the engine's idle slots are not free (see the README's decode-engine figures)."""
+    if choice != "auto":
+        return choice
+    import jax
+
+    return "batch" if jax.default_backend() == "cpu" else "engine"
+
+
 class EngineRunner:
     """`replies(contexts)` -> Future of each context's replies, as `Responder.replies` returns them."""
 

@@ -260,7 +260,7 @@ def test_twenty_kills_at_random_moments_lose_and_repeat_nothing(model_dir, tmp_p
     def command(output: str) -> list[str]:
         return [sys.executable, "-m", "bbsmall_jax", "generate", "--model", model_dir, "--input",
                 str(tmp_path / "in.jsonl"), "--output", str(tmp_path / output), "--window", "4", "--batch-size",
-                "2", "--quiet", "--resume", *FAST]
+                "2", "--quiet", "--resume", "--scheduler", "engine", *FAST]
 
     subprocess.run(command("reference.jsonl"), env=env, check=True, capture_output=True, timeout=600)  # compiles
     reference = (tmp_path / "reference.jsonl").read_bytes()

@@ -32,8 +32,8 @@ batch_output.Output.commit = hold
 from bbsmall_jax.cli.main import entry
 entry()
 """
-FLAGS = ["--window", "6", "--batch-size", "4", "--num-beams", "2", "--max-length", "8", "--min-length", "0",
-         "--quiet", "--summary-json"]
+FLAGS = ["--scheduler", "engine", "--window", "6", "--batch-size", "4", "--num-beams", "2", "--max-length", "8",
+         "--min-length", "0", "--quiet", "--summary-json"]
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,8 @@ from bbsmall_jax.testing.server import ServeProcess, ServerFailed
 MODEL = "bbsmall-demo"
 # Few shapes to compile: batches padded to 1 or 32, contexts of at most 32 tokens (the demo tokenizer spells
 # a turn separator in 6 tokens), replies of at most 15.
-FLAGS = ["--num-beams", "1", "--max-length", "16", "--batch-buckets", "1,32", "--max-context", "32",
-         "--max-body-bytes", "65536"]
+FLAGS = ["--scheduler", "engine", "--num-beams", "1", "--max-length", "16", "--batch-buckets", "1,32",
+         "--max-context", "32", "--max-body-bytes", "65536"]
 GENERATION = dict(num_beams=1, max_length=16)  # the same, as `generate` kwargs
 MAX_CONTEXT = 32
 TOPICS = ["dogs", "cats", "pizza", "music", "football", "rain", "books", "movies", "school", "work", "coffee",
