@@ -1,8 +1,8 @@
 """A decode engine's device side: a fixed set of slots with a persistent decoding state, and its three programs.
 
 After JetStream's engine: `prefill` encodes contexts (one program per context-length bucket and prefill batch
-size), `insert` puts a prefilled request into free slots, and `step` runs `EngineSpec.steps` decoding steps for every slot
-in one jitted loop. Requests join and leave between `step` calls, so a slot freed by a short reply is reused
+size), `insert` puts a prefilled request into free slots, and `step` runs `EngineSpec.steps` decoding steps
+for every slot in one jitted loop. Requests join and leave between `step` calls, so a slot freed by a short reply is reused
 at once, where a static batch would keep computing it until its longest row ends.
 
 Each slot has its own position (the cache's per-row index), length, settings and processor state, so every
@@ -205,7 +205,8 @@ def insert(state: EngineState, prefilled: Prefilled, row: Array, admission: Admi
     cache = cache.replace(
         cross_key=cache.cross_key.at[:, slots].set(rows_of(prefilled.cross_key), mode="drop"),
         cross_value=cache.cross_value.at[:, slots].set(rows_of(prefilled.cross_value), mode="drop"),
-        encoder_mask=cache.encoder_mask.at[slots].set(jnp.broadcast_to(prefilled.encoder_mask, (w,) + prefilled.encoder_mask.shape[1:]), mode="drop"))
+        encoder_mask=cache.encoder_mask.at[slots].set(
+            jnp.broadcast_to(prefilled.encoder_mask, (w,) + prefilled.encoder_mask.shape[1:]), mode="drop"))
     if cache.origins is not None:  # each slot's positions in its own buffer row
         cache = cache.replace(origins=cache.origins.at[slots].set(slots[:, None], mode="drop"))
     first = jnp.full((w, spec.buffer_length), spec.pad_token_id, jnp.int32).at[:, 0].set(spec.start_token_id)

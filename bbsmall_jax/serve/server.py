@@ -1,4 +1,5 @@
-"""Running the server: the model, decode engine (or batcher) and app from the command's flags, under uvicorn with a SIGTERM drain."""
+"""Running the server: the model, decode engine (or batcher) and app from the command's flags, under uvicorn
+with a SIGTERM drain."""
 
 from __future__ import annotations
 

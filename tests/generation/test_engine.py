@@ -52,8 +52,9 @@ def contexts(count: int, seed: int) -> list[list[int]]:
     return [rng.integers(3, 101, rng.integers(2, 14)).tolist() for _ in range(count)]
 
 
-MIX = [dict(), dict(num_beams=4, length_penalty=0.65), dict(do_sample=True, temperature=0.7, top_p=0.9, prng_key=key(5)),
-       dict(max_length=9), dict(num_beams=3, num_return_sequences=2, early_stopping=False),
+MIX = [dict(), dict(num_beams=4, length_penalty=0.65),
+       dict(do_sample=True, temperature=0.7, top_p=0.9, prng_key=key(5)), dict(max_length=9),
+       dict(num_beams=3, num_return_sequences=2, early_stopping=False),
        dict(do_sample=True, num_return_sequences=3, prng_key=key(7)), dict(min_length=15),
        dict(num_beams=2, length_penalty=-0.5, max_length=14), dict(do_sample=True, prng_key=key(11), temperature=1.3),
        dict(), dict(num_beams=4, num_return_sequences=4, min_length=8)]
