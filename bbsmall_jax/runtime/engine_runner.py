@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import CancelledError, Future
-from typing import Optional, Sequence
+from typing import Sequence
 
 from bbsmall_jax.generation.engine import DecodeEngine, EngineRequest
 from bbsmall_jax.runtime.responder import Responder
@@ -34,7 +34,6 @@ class EngineRunner:
                                    group_width=width, steps=steps, max_context=responder.max_context_tokens)
         self._cond = threading.Condition()
         self._stopping = False
-        self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="bbsmall-engine", daemon=True)
         self._thread.start()
 

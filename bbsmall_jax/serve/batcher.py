@@ -10,7 +10,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -59,6 +59,18 @@ def settle(future: asyncio.Future, result) -> None:
         future.set_exception(result)
     else:
         future.set_result(result)
+
+
+def warm_up_then_ready(warm_up: Callable[[], None], metrics: ServerMetrics, ready: threading.Event) -> None:
+    """Run `warm_up` (a failure is logged and leaves compiling to the first requests), then count the
+    compilations from here on and report ready."""
+    try:
+        warm_up()
+    except Exception:  # noqa: BLE001 - logged; the server still answers
+        log.exception("bbsmall serve: warm-up failed")
+    metrics.count_compilations()
+    ready.set()
+    metrics.ready.set(1)
 
 
 def power_of_two_buckets(max_batch: int) -> tuple[int, ...]:
@@ -145,13 +157,7 @@ class RequestBatcher:
 
     def _run(self) -> None:
         """The worker: warm up, report ready, then run batches until stopped."""
-        try:
-            self._warm_up()
-        except Exception:  # a failed warm-up leaves compiling to the first requests
-            log.exception("bbsmall serve: warm-up failed")
-        self.metrics.count_compilations()
-        self.ready.set()
-        self.metrics.ready.set(1)
+        warm_up_then_ready(self._warm_up, self.metrics, self.ready)
         while True:
             batch = self._next_batch()
             if batch is None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from bbsmall_jax.generation.engine import DecodeEngine, EngineRequest
 from bbsmall_jax.runtime.responder import Reply, Responder
-from bbsmall_jax.serve.batcher import QueueFull, settle
+from bbsmall_jax.serve.batcher import QueueFull, settle, warm_up_then_ready
 from bbsmall_jax.serve.metrics import ServerMetrics
 from bbsmall_jax.serve.schemas import ApiError
 from bbsmall_jax.serve.settings import Settings
@@ -116,19 +116,17 @@ class EngineWorker:
 
     # ---- the worker thread
 
+    def _warm_up(self) -> None:
+        if not self.warm:
+            return
+        began = time.perf_counter()
+        self.engine.warm_up()
+        jax.random.PRNGKey(0)  # the sampling keys' small program
+        log.info("warm-up: the engine's programs (%d slots, contexts up to %d tokens) ready in %.1f s",
+                 self.engine.spec.slots, self.engine.spec.source_length, time.perf_counter() - began)
+
     def _run(self) -> None:
-        if self.warm:
-            began = time.perf_counter()
-            try:
-                self.engine.warm_up()
-                jax.random.PRNGKey(0)  # the sampling keys' small program
-                log.info("warm-up: the engine's programs (%d slots, contexts up to %d tokens) ready in %.1f s",
-                         self.engine.spec.slots, self.engine.spec.source_length, time.perf_counter() - began)
-            except Exception:  # a failed warm-up leaves compiling to the first requests
-                log.exception("bbsmall serve: warm-up failed")
-        self.metrics.count_compilations()
-        self.ready.set()
-        self.metrics.ready.set(1)
+        warm_up_then_ready(self._warm_up, self.metrics, self.ready)
         while True:
             with self._cond:
                 while not self.engine.busy and not self._stopping:
