@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from bbsmall_jax.atomic import write_atomic
+from bbsmall_jax.errors import UsageError
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
@@ -16,11 +17,11 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{os.fspath(path)}, line {err.lineno}: not valid JSON ({err.msg})") from None
+        raise UsageError(f"{os.fspath(path)}, line {err.lineno}: not valid JSON ({err.msg})") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"{os.fspath(path)}: not UTF-8 text (byte {err.start + 1})") from None
+        raise UsageError(f"{os.fspath(path)}: not UTF-8 text (byte {err.start + 1})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{os.fspath(path)}: expected a JSON object, got {type(data).__name__}")
+        raise UsageError(f"{os.fspath(path)}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

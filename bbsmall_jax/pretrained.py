@@ -19,6 +19,7 @@ from flax import traverse_util
 from bbsmall_jax import startup_cache
 from bbsmall_jax.checkpoint.files import find_weights_file, load_state_dict, save_safetensors
 from bbsmall_jax.checkpoint.names import flax_to_hf, hf_to_flax
+from bbsmall_jax.errors import UsageError, UsageTypeError
 from bbsmall_jax.generation.config import GenerationConfig
 from bbsmall_jax.generation.generate import GenerationMixin
 from bbsmall_jax.hub import resolve_directory
@@ -59,14 +60,14 @@ class _PretrainedModel:
     @property
     def params(self) -> dict:
         if not self._do_init:
-            raise ValueError(f"this {type(self).__name__} was built with _do_init=False and holds no params: pass "
+            raise UsageError(f"this {type(self).__name__} was built with _do_init=False and holds no params: pass "
                              "params= to each call (model.init_weights(key) makes a random set)")
         return self._params
 
     @params.setter
     def params(self, params: dict) -> None:
         if not self._do_init:
-            raise ValueError(f"this {type(self).__name__} was built with _do_init=False and holds no params: pass "
+            raise UsageError(f"this {type(self).__name__} was built with _do_init=False and holds no params: pass "
                              "params= to each call instead")
         self._store(params, checked=True)
 
@@ -75,7 +76,7 @@ class _PretrainedModel:
         `checked`: first make sure no leaf the model needs is missing."""
         missing = self.required_params - set(traverse_util.flatten_dict(params)) if checked else ()
         if missing:
-            raise ValueError(f"params lack {len(missing)} of the model's leaves, among them "
+            raise UsageError(f"params lack {len(missing)} of the model's leaves, among them "
                              f"{'/'.join(sorted(missing)[0])}")
         # ShapeDtypeStructs make an abstract model: its programs can be lowered and compiled, not run.
         self._params = jax.tree_util.tree_map(
@@ -157,7 +158,7 @@ class _PretrainedModel:
         try:
             params = hf_to_flax(state, config, cls.head, expected, dtype=param_dtype)
         except ValueError as err:
-            raise ValueError(f"{weights}: {err}") from None
+            raise UsageError(f"{weights}: {err}") from None
         model = cls(config, params if _do_init else None, dtype=dtype, param_dtype=param_dtype, _do_init=_do_init)
         model._loaded_from = directory
         if os.path.isfile(os.path.join(directory, "generation_config.json")):
@@ -182,7 +183,7 @@ class _PretrainedModel:
         if not train:
             return {}
         if dropout_rng is None:
-            raise ValueError("train=True needs an explicit dropout_rng (a jax.random key)")
+            raise UsageError("train=True needs an explicit dropout_rng (a jax.random key)")
         return {"dropout": dropout_rng}
 
     def _token_inputs(self, ids, embeds, mask, ids_name: str, mask_name: str, required: bool = True):
@@ -197,10 +198,10 @@ class _PretrainedModel:
         else:
             return None, None, mask
         if shape[0] == 0:
-            raise ValueError(f"{ids_name if ids is not None else ids_name.replace('input_ids', 'inputs_embeds')} "
+            raise UsageError(f"{ids_name if ids is not None else ids_name.replace('input_ids', 'inputs_embeds')} "
                              f"has batch size 0: pass at least one sequence")
         if shape[1] == 0:
-            raise ValueError(f"{ids_name} is empty (length 0)")
+            raise UsageError(f"{ids_name} is empty (length 0)")
         check.check_length(shape[1], self.config.max_position_embeddings, ids_name)
         return ids, embeds, check.as_mask(mask, shape, mask_name)
 
@@ -210,7 +211,7 @@ class _PretrainedModel:
             return None
         ids = check.as_token_array(position_ids, name, self.config.max_position_embeddings)
         if tuple(ids.shape) != tuple(shape):
-            raise ValueError(f"{name} has shape {tuple(ids.shape)}, but the sequence it places has {tuple(shape)}")
+            raise UsageError(f"{name} has shape {tuple(ids.shape)}, but the sequence it places has {tuple(shape)}")
         return ids
 
     def _labels(self, labels, batch_shape: Optional[tuple[int, ...]]):
@@ -218,7 +219,7 @@ class _PretrainedModel:
             return None
         labels = check.as_token_array(labels, "labels", self.config.vocab_size, allow_ignore_index=True)
         if batch_shape is not None and labels.shape != tuple(batch_shape):
-            raise ValueError(f"labels have shape {labels.shape}, but the logits they score have {tuple(batch_shape)}")
+            raise UsageError(f"labels have shape {labels.shape}, but the logits they score have {tuple(batch_shape)}")
         check.check_length(labels.shape[1], self.config.max_position_embeddings, "labels")
         return labels
 
@@ -235,7 +236,7 @@ class _Seq2Seq(_PretrainedModel):
             hidden = getattr(encoder_outputs, "last_hidden_state", encoder_outputs)
         hidden = check.as_embeddings(hidden, self.config.d_model, "encoder_outputs.last_hidden_state")
         if hidden.shape[0] == 0:
-            raise ValueError("encoder_outputs.last_hidden_state has batch size 0: pass at least one sequence")
+            raise UsageError("encoder_outputs.last_hidden_state has batch size 0: pass at least one sequence")
         mask = check.as_mask(attention_mask, hidden.shape[:2], "attention_mask")
         return EncoderOutput(last_hidden_state=jnp.asarray(hidden)), mask
 
@@ -253,7 +254,7 @@ class _Seq2Seq(_PretrainedModel):
         """
         if encoder_outputs is not None:
             if input_ids is not None or inputs_embeds is not None:
-                raise ValueError("pass encoder_outputs or input_ids/inputs_embeds, not both")
+                raise UsageError("pass encoder_outputs or input_ids/inputs_embeds, not both")
             encoder_outputs, attention_mask = self._encoder_outputs(encoder_outputs, attention_mask)
             shape = encoder_outputs.last_hidden_state.shape[:2]
         else:
@@ -266,7 +267,7 @@ class _Seq2Seq(_PretrainedModel):
             "decoder_attention_mask", required=needs_decoder)
         decoder = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
         if decoder is not None and decoder.shape[0] != shape[0]:
-            raise ValueError(f"decoder inputs have batch size {decoder.shape[0]}, encoder inputs {shape[0]}")
+            raise UsageError(f"decoder inputs have batch size {decoder.shape[0]}, encoder inputs {shape[0]}")
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                       decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
                       inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
@@ -274,10 +275,10 @@ class _Seq2Seq(_PretrainedModel):
         if self.head == "seq2seq_lm":
             labels = self._labels(labels, None if decoder is None else decoder.shape[:2])
             if labels is not None and labels.shape[0] != shape[0]:
-                raise ValueError(f"labels have batch size {labels.shape[0]}, inputs {shape[0]}")
+                raise UsageError(f"labels have batch size {labels.shape[0]}, inputs {shape[0]}")
             inputs["labels"] = labels
         elif labels is not None:
-            raise ValueError("BlenderbotSmallModel has no LM head and takes no labels; "
+            raise UsageError("BlenderbotSmallModel has no LM head and takes no labels; "
                              "use BlenderbotSmallForConditionalGeneration")
         decoder_shape = decoder.shape[:2] if decoder is not None else labels.shape
         inputs["decoder_position_ids"] = self._position_ids(decoder_position_ids, decoder_shape,
@@ -304,7 +305,7 @@ class _Seq2Seq(_PretrainedModel):
         `init_cache`; `encoder_outputs` is accepted for its signature: cross-attention is computed by `decode`)."""
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
+                raise UsageError(f"init_cache: {name} must be a positive int, got {value!r}")
         check.check_length(int(max_length), self.config.max_position_embeddings, "init_cache max_length")
         return KVCache.empty(self.config, int(batch_size), int(max_length), self.dtype)
 
@@ -325,7 +326,7 @@ class _Seq2Seq(_PretrainedModel):
         decoder_input_ids = check.as_token_array(decoder_input_ids, "decoder_input_ids", self.config.vocab_size)
         batch, length = decoder_input_ids.shape
         if batch != encoder.last_hidden_state.shape[0]:
-            raise ValueError(f"decoder_input_ids have batch size {batch}, encoder_outputs "
+            raise UsageError(f"decoder_input_ids have batch size {batch}, encoder_outputs "
                              f"{encoder.last_hidden_state.shape[0]}")
         mask_shape = (batch, length)
         if past_key_values is not None:
@@ -340,12 +341,13 @@ class _Seq2Seq(_PretrainedModel):
 
     def _check_cache(self, cache, batch: int, length: int) -> KVCache:
         if not isinstance(cache, KVCache):
-            raise TypeError(f"past_key_values must be the KVCache of init_cache or decode, got {type(cache).__name__}")
+            raise UsageTypeError(
+                f"past_key_values must be the KVCache of init_cache or decode, got {type(cache).__name__}")
         if cache.rows != batch or cache.layers != self.config.decoder_layers:
-            raise ValueError(f"past_key_values holds {cache.rows} rows of {cache.layers} layers; decoder_input_ids "
+            raise UsageError(f"past_key_values holds {cache.rows} rows of {cache.layers} layers; decoder_input_ids "
                              f"have {batch} rows and the model {self.config.decoder_layers} layers")
         if not check.is_traced(cache.index) and int(cache.index) + length > cache.max_length:
-            raise ValueError(f"past_key_values holds {int(cache.index)} of {cache.max_length} positions: "
+            raise UsageError(f"past_key_values holds {int(cache.index)} of {cache.max_length} positions: "
                              f"{length} more do not fit; make it with init_cache(batch_size, max_length) larger")
         return cache
 
@@ -403,7 +405,7 @@ class BlenderbotSmallForCausalLM(GenerationMixin, _PretrainedModel):
         encoder_hidden_states, encoder_attention_mask = check.encoder_states(
             encoder_hidden_states, encoder_attention_mask, shape[0], self.config.d_model)
         if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
+            raise UsageError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
         kept = shape[1] if logits_to_keep == 0 else min(logits_to_keep, shape[1])
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
                       encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,

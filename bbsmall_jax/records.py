@@ -22,13 +22,14 @@ import os
 import re
 from typing import Iterator, Optional
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.text.reference import SURROGATE
 
 # How the turns of a context are joined, by the name used in configs and on the command line.
 SEPARATORS = {"newline": "\n", "end_start": "__end__ __start__"}
 
 
-class RecordError(ValueError):
+class RecordError(UsageError):
     """A line that is not a usable dialogue record; the message names the file and line."""
 
 
@@ -46,7 +47,7 @@ def separator_name(name: str) -> str:
     """A separator's name, checked; the older spelling `end-start` is read as `end_start`."""
     name = name.replace("-", "_") if isinstance(name, str) else name
     if name not in SEPARATORS:
-        raise ValueError(f"turn separator {name!r} is not one of {', '.join(SEPARATORS)}")
+        raise UsageError(f"turn separator {name!r} is not one of {', '.join(SEPARATORS)}")
     return name
 
 

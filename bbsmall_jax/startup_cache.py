@@ -13,6 +13,7 @@ cache is too).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import os
@@ -22,9 +23,20 @@ from typing import Any, Callable, Iterator, Optional
 DEFAULT_DIR = os.path.join("~", ".cache", "bbsmall_jax", "xla")
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 PROGRAM_CODE = ("nn", "generation")  # the subpackages generation programs and param shapes are made from
-_state: dict[str, Any] = {"directory": None, "loaded": {}}
-_compile_listeners: list[Callable[[], None]] = []
 _FRESH = {"xla_embed_ir_in_executable": False}  # XLA's default: changes no code, only JAX's in-memory cache key
+
+
+@dataclasses.dataclass
+class _StartupCache:
+    """The process's startup cache: the project's one module-level mutable state, since a compiled program
+    belongs to the process (its backend and devices), not to any one model or command."""
+
+    directory: Optional[str] = None  # where executables and values are kept; None: the cache is off
+    loaded: dict = dataclasses.field(default_factory=dict)  # key -> executable, loaded or compiled this run
+    listeners: list[Callable[[], None]] = dataclasses.field(default_factory=list)  # see `compile_listener`
+
+
+_CACHE = _StartupCache()
 
 
 def cache_dir(directory: Optional[str] = None) -> str:
@@ -36,13 +48,12 @@ def cache_dir(directory: Optional[str] = None) -> str:
 def enabled(directory: Optional[str] = None) -> Iterator[str]:
     """Use (and fill) the cache in `cache_dir(directory)`/startup while the block runs."""
     path = os.path.join(cache_dir(directory), "startup")
-    previous = dict(_state)
-    _state.update(directory=path, loaded={})
+    previous = (_CACHE.directory, _CACHE.loaded)
+    _CACHE.directory, _CACHE.loaded = path, {}
     try:
         yield path
     finally:
-        _state.clear()
-        _state.update(previous)
+        _CACHE.directory, _CACHE.loaded = previous
 
 
 @contextlib.contextmanager
@@ -50,11 +61,11 @@ def compile_listener(listener: Callable[[], None]) -> Iterator[None]:
     """Call `listener()` (from the compiling thread) before each generation program compiles while the block
     runs: not when an executable is loaded or already in memory. Programs run outside the cache (several
     devices, or the cache off) compile inside jit, unannounced."""
-    _compile_listeners.append(listener)
+    _CACHE.listeners.append(listener)
     try:
         yield
     finally:
-        _compile_listeners.remove(listener)
+        _CACHE.listeners.remove(listener)
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,7 +96,7 @@ def fingerprint() -> str:
 
 
 def _path(kind: str, key: Any) -> Optional[str]:
-    directory = _state["directory"]
+    directory = _CACHE.directory
     if directory is None:
         return None
     name = hashlib.sha256(repr((fingerprint(), kind, key)).encode()).hexdigest()[:40]
@@ -136,17 +147,17 @@ def run_program(program, args: tuple, static: dict, identity: Any):
     static arguments and the arguments' shapes, compiled only when neither has it."""
     import jax
 
-    if _state["directory"] is None or static.get("mesh") is not None or jax.process_count() > 1:
+    if _CACHE.directory is None or static.get("mesh") is not None or jax.process_count() > 1:
         return program(*args, **static)
     key = (identity, tuple(sorted((name, repr(value)) for name, value in static.items())), _argument_key(args))
-    compiled = _state["loaded"].get(key)
+    compiled = _CACHE.loaded.get(key)
     if compiled is not None:
         return compiled(*args)
     compiled = _load(key)
     if compiled is not None:
         try:
             outputs = jax.block_until_ready(compiled(*args))
-            _state["loaded"][key] = compiled
+            _CACHE.loaded[key] = compiled
             return outputs
         except Exception:  # noqa: BLE001 - an executable that loads but cannot run: compile it again
             pass
@@ -154,7 +165,7 @@ def run_program(program, args: tuple, static: dict, identity: Any):
         compiled = _compile(program, args, static, key)
     except Exception:  # noqa: BLE001 - a backend refusing the option, say: jit as usual (a real error recurs)
         return program(*args, **static)
-    _state["loaded"][key] = compiled
+    _CACHE.loaded[key] = compiled
     return compiled(*args)
 
 
@@ -171,17 +182,13 @@ def _load(key):
         return None
 
 
-@contextlib.contextmanager
-def _no_persistent_cache_entry() -> Iterator[None]:
-    """JAX's persistent cache writes no entry while the block runs (its threshold on compile time raised)."""
-    import jax
+def _no_persistent_cache_entry() -> contextlib.AbstractContextManager:
+    """JAX's persistent cache writes no entry for what this thread compiles while the block runs: its threshold
+    on compile time raised through the option's own context manager, which holds for the calling thread only
+    (other threads' compilations and the process-wide setting are untouched)."""
+    from jax._src import config  # the option's thread-local context manager has no public name
 
-    previous = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
-    try:
-        yield
-    finally:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+    return config.persistent_cache_min_compile_time_secs(float("inf"))
 
 
 def _compile(program, args: tuple, static: dict, key):
@@ -194,7 +201,7 @@ def _compile(program, args: tuple, static: dict, key):
     """
     from jax.experimental import serialize_executable
 
-    for listener in list(_compile_listeners):
+    for listener in list(_CACHE.listeners):
         listener()
     with _no_persistent_cache_entry():
         compiled = program.lower(*args, **static).compile(_FRESH)

@@ -30,7 +30,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default="cpu", help="JAX backend (and torch's "
                         "device: cuda for gpu; transformers is skipped on tpu)")
-    parser.add_argument("--paths", default="portable,cpu", help="decoding paths to time (BBSMALL_DECODE_PATH)")
+    parser.add_argument("--paths", default="portable,cpu", help="decoding paths to time (a model's decode_path)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype, both sides (transformers' weights cast to it)")
     parser.add_argument("--runs", type=int, default=3, help="timed repetitions per case")
@@ -138,9 +138,9 @@ class Torch:
 
 
 def ours_on(path: str, ours):
-    """Our generate with BBSMALL_DECODE_PATH set to `path` for the call."""
+    """Our generate on the decoding path `path`."""
     def run(ids, mask, kwargs) -> np.ndarray:
-        os.environ[plan_lib.PATH_VARIABLE] = path
+        ours.decode_path = path
         return np.asarray(ours.generate(ids, attention_mask=mask, **kwargs))
     return run
 

@@ -12,15 +12,15 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from bbsmall_jax.generation.plan import PATH_VARIABLE  # noqa: E402
+from bbsmall_jax.generation.generate import GenerationMixin  # noqa: E402
 
 PROMPT_LENGTHS = [9, 5, 3, 7]
 
 
 @pytest.fixture(params=["portable", "cpu"])
 def decode_path(request, monkeypatch):
-    """Run the test on each decoding path (`BBSMALL_DECODE_PATH`)."""
-    monkeypatch.setenv(PATH_VARIABLE, request.param)
+    """Run the test on each decoding path: every model whose own `decode_path` is unset decodes on it."""
+    monkeypatch.setattr(GenerationMixin, "decode_path", request.param)
     return request.param
 
 

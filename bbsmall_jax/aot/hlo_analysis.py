@@ -22,6 +22,8 @@ import math
 import re
 from typing import Iterator, Optional, Union
 
+from bbsmall_jax.errors import UsageError
+
 HBM, VMEM, HOST = 0, 1, 5  # TPU memory spaces, printed `S(n)` in a layout (none printed: 0)
 FREE_OPCODES = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
                           "add-dependency", "opt-barrier", "domain"})
@@ -161,7 +163,7 @@ def _element_bits(dtype: str, layout: str) -> int:
         return ELEMENT_BITS[dtype]
     if dtype.startswith(("f8", "f6", "f4")):
         return int(dtype[1])
-    raise ValueError(f"unknown HLO element type {dtype!r}")
+    raise UsageError(f"unknown HLO element type {dtype!r}")
 
 
 @functools.lru_cache(maxsize=1 << 16)  # a module repeats few distinct array types many times
@@ -182,7 +184,7 @@ def _parse_shape(text: str, pos: int = 0) -> tuple[Shape, int]:
     if text[pos] != "(":
         match = _ARRAY.match(text, pos)
         if not match:
-            raise ValueError(f"no HLO shape at {text[pos:pos + 60]!r}")
+            raise UsageError(f"no HLO shape at {text[pos:pos + 60]!r}")
         return _array(match.group(0)), match.end()
     elements, pos = [], pos + 1
     while text[pos] != ")":
@@ -233,7 +235,7 @@ def _closing(text: str, pos: int) -> int:
         depth += (text[index] in "([{") - (text[index] in ")]}")
         if depth == 0:
             return index
-    raise ValueError(f"unbalanced HLO text: {text[pos:pos + 60]!r}")
+    raise UsageError(f"unbalanced HLO text: {text[pos:pos + 60]!r}")
 
 
 def _split_top(text: str) -> list[str]:
@@ -335,7 +337,7 @@ def _parse_module(text: str) -> _Module:
         elif line.strip():
             current.add(*_parse_instruction(line))
     if module.entry not in module.computations:
-        raise ValueError("no ENTRY computation in the HLO text")
+        raise UsageError("no ENTRY computation in the HLO text")
     return module
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bbsmall_jax.aot.topology import Topology
+from bbsmall_jax.errors import UsageError
 
 FIRST_ORDINARY_TOKEN = 4  # ids below are special tokens; the inputs' values do not change the program
 
@@ -96,7 +97,7 @@ def lower_generate(model_name: Optional[str], topology: Topology, devices: Optio
     topology's first devices (default: one host's, as each `bbsmall generate` process runs its own)."""
     for name, value in (("batch size", batch_size), ("source length", source_length)):
         if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise UsageError(f"{name} must be at least 1, got {value}")
     chosen = topology.first(devices) if devices is not None else _one_host(topology)
     model = abstract_model(model_files(model_name), dtype, chosen[0].platform)
     ids = np.full((batch_size, source_length), FIRST_ORDINARY_TOKEN, np.int32)

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from typing import Optional
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.platforms import libtpu_installed
 
 # Per chip: HBM capacity and bandwidth (the vendors' published figures). Peak FLOP/s: train/flops.py.
@@ -27,7 +28,7 @@ INSTALL_HINT = ('pip install "jax[tpu]" (the libtpu matching the installed jax);
                 'pip install -e ".[test]"')
 
 
-class TopologyError(ValueError):
+class TopologyError(UsageError):
     """A topology that cannot be had here; the message says what to pass or install."""
 
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from bbsmall_jax.atomic import atomic_file
 from bbsmall_jax.checkpoint.names import flax_msgpack_to_state_dict
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.jsonfiles import read_json_object
 
 SAFETENSORS = "model.safetensors"
@@ -32,13 +33,13 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     try:
         return load_file(path)
     except Exception as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+        raise UsageError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 def _load_sharded_safetensors(index_path: str) -> dict[str, np.ndarray]:
     weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict):
-        raise ValueError(f"{index_path}: not a safetensors index (no weight_map object)")
+        raise UsageError(f"{index_path}: not a safetensors index (no weight_map object)")
     tensors: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
         tensors.update(_load_safetensors(os.path.join(os.path.dirname(index_path), shard)))
@@ -55,7 +56,7 @@ def _load_pytorch_bin(path: str) -> dict[str, np.ndarray]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: not a readable PyTorch state dict ({err})") from err
+        raise UsageError(f"{path}: not a readable PyTorch state dict ({err})") from err
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 
@@ -66,7 +67,7 @@ def _load_flax_msgpack(path: str) -> dict[str, np.ndarray]:
         with open(path, "rb") as f:
             tree = msgpack_restore(f.read())
     except Exception as err:
-        raise ValueError(f"{path}: not a readable Flax msgpack file ({err})") from err
+        raise UsageError(f"{path}: not a readable Flax msgpack file ({err})") from err
     return flax_msgpack_to_state_dict(tree)
 
 
@@ -83,7 +84,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         return _load_flax_msgpack(path)
     if name.endswith((".bin", ".pt", ".pth")):
         return _load_pytorch_bin(path)
-    raise ValueError(f"{path}: unknown weights format (expected one of {', '.join(WEIGHT_FILES)})")
+    raise UsageError(f"{path}: unknown weights format (expected one of {', '.join(WEIGHT_FILES)})")
 
 
 def save_safetensors(state_dict: dict[str, np.ndarray], directory: str) -> str:

@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def hf_to_flax(state_dict: dict[str, np.ndarray], config: BlenderbotSmallConfig,
                 logger.warning("tied tensor %s differs from shared.weight; shared.weight is used", alias)
     if problems:
         more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
-        raise ValueError(f"checkpoint cannot be loaded as a {head} model of this config: "
+        raise UsageError(f"checkpoint cannot be loaded as a {head} model of this config: "
                          + "; ".join(problems[:8]) + more)
     return params
 
@@ -170,7 +171,7 @@ def flax_to_hf(params: dict, config: BlenderbotSmallConfig, head: str) -> dict[s
         try:
             value = np.asarray(_get(params, path))
         except KeyError:
-            raise ValueError(f"params have no {'/'.join(path)} (needed for {name})") from None
+            raise UsageError(f"params have no {'/'.join(path)} (needed for {name})") from None
         if transpose:
             value = value.T
         if name == "final_logits_bias":

@@ -80,14 +80,15 @@ def _summary(responder: Responder, done: dict, seconds: float, compile_s: float,
     """The run's figures (this process's share), printed as one line."""
     import jax
 
-    from bbsmall_jax.generation.plan import requested_path
+    from bbsmall_jax.generation.plan import default_path
 
     summary = {"replies": done["replies"], "skipped": done["skipped"], "seconds": round(seconds, 2),
                "replies_per_s": round(done["replies"] / seconds, 2) if seconds > 0 else None,
                "tokens_per_s": round(done["tokens"] / seconds, 1) if seconds > 0 else None,
                "devices": jax.local_device_count(), "processes": processes,
                "dtype": jax.numpy.dtype(responder.model.dtype).name,
-               "decode_path": requested_path(jax.default_backend()), "compile_s": round(compile_s, 2)}
+               "decode_path": responder.model.decode_path or default_path(jax.default_backend()),
+               "compile_s": round(compile_s, 2)}
     print(f"{summary['replies']} replies in {seconds:.1f} s ({summary['replies_per_s']} replies/s, "
           f"{summary['tokens_per_s']} tokens/s, compile {summary['compile_s']} s) on {summary['devices']} "
           f"device(s), {summary['skipped']} bad lines skipped -> {output_path}", file=log)

@@ -22,10 +22,11 @@ import os
 from typing import Iterator, Optional
 
 from bbsmall_jax.atomic import write_atomic
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.jsonfiles import read_json_object
 
 
-class BatchError(ValueError):
+class BatchError(UsageError):
     """A run that cannot start safely; the message names the file, and nothing was changed."""
 
 

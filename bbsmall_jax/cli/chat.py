@@ -10,6 +10,7 @@ import time
 from typing import Callable, Optional, TextIO
 
 from bbsmall_jax import startup_cache
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.generation.prepare import bucket_length
 from bbsmall_jax.runtime.responder import Responder
 
@@ -40,7 +41,7 @@ class ChatSession:
         """The bot's reply to `message` after the history (truncated from the left by the responder)."""
         message = message.strip()
         if not message:
-            raise ValueError("empty message")
+            raise UsageError("empty message")
         reply = self.responder.reply([self.history + [message]])[0]
         if self.compile_ahead:
             self.compiled_buckets.add(self._bucket(len(self.responder.context_ids(self.history + [message]))))

@@ -8,6 +8,7 @@ import os
 import sys
 
 from bbsmall_jax.cli.generation_flags import add_generation_flags, generation_kwargs
+from bbsmall_jax.errors import UsageError
 
 TOPOLOGY_HELP = ("a TPU topology as libtpu names it (v5e:2x2, v5e:4x4, v4:2x2x2, v5p:2x2x1, v6e:2x2) or a pod "
                  "slice (v5e-16, v4-32)")
@@ -53,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.program == "train":
         if not args.config:
-            raise ValueError("compile train needs --config YAML (the training config to compile)")
+            raise UsageError("compile train needs --config YAML (the training config to compile)")
         cfg = _train_config(args.config, args.overrides)
         return _report(lambda: programs.lower_train(cfg, load(args.topology), args.devices), args)
     if args.overrides or args.config:
-        raise ValueError("--config and key=value overrides are for `compile train`")
+        raise UsageError("--config and key=value overrides are for `compile train`")
     kwargs = _generation_settings(args)
     topology = load(args.topology)
     if args.program == "engine-step":
@@ -89,7 +90,7 @@ def _generation_settings(args: argparse.Namespace) -> dict:
     kwargs.pop("prng_key", None)
     if args.max_new_tokens is not None:
         if args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+            raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         kwargs["max_new_tokens"] = args.max_new_tokens
     return kwargs
 

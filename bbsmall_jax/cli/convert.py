@@ -8,7 +8,7 @@ import shutil
 import sys
 from typing import TYPE_CHECKING
 
-from bbsmall_jax.hub import ModelNotFoundError
+from bbsmall_jax.errors import COMMAND_ERRORS
 from bbsmall_jax.runtime.models import NAMES_HELP, model_directory
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     commands exit on bad input."""
     try:
         head = convert(args.source, args.output, args.dtype, args.overwrite)
-    except (ModelNotFoundError, FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
+    except COMMAND_ERRORS as err:
         print(f"convert: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {head} ({args.dtype}) to {args.output}")

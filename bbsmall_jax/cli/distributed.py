@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from bbsmall_jax.errors import UsageError
+
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """--distributed, --coordinator, --num-processes, --process-id."""
@@ -19,9 +21,9 @@ def check_flags(args: argparse.Namespace) -> None:
     """Raise ValueError for an inconsistent set of flags (before JAX is imported)."""
     explicit = (args.coordinator, args.num_processes, args.process_id)
     if any(value is not None for value in explicit) and any(value is None for value in explicit):
-        raise ValueError("--coordinator, --num-processes and --process-id go together")
+        raise UsageError("--coordinator, --num-processes and --process-id go together")
     if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
-        raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
+        raise UsageError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
 
 
 def initialize(args: argparse.Namespace) -> None:

@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+from bbsmall_jax.cli.generation_flags import decode_path
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.runtime.models import DEMO_NAME, model_directory
 
 # What `bbsmall eval` assumes when neither a flag nor the run's train_config.yaml says: configs/demo.yaml's
@@ -24,9 +26,9 @@ def check_flags(args: argparse.Namespace) -> None:
                           ("max_source_length", 1), ("max_target_length", 1), ("seed", 0)):
         value = getattr(args, flag)
         if value is not None and value < minimum:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
     if args.valid_fraction is not None and not 0 < args.valid_fraction < 1:
-        raise ValueError(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
+        raise UsageError(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
     if args.data != "chitchat" and not os.path.isfile(args.data):
         raise FileNotFoundError(f"{args.data}: no such data file (pass chitchat or a JSONL file)")
 
@@ -51,7 +53,7 @@ def resolve_settings(args: argparse.Namespace, directory: str, positions: int) -
     for key in ("max_source_length", "max_target_length"):
         if settings[key] > positions:
             if getattr(args, key) is not None:
-                raise ValueError(f"--{key.replace('_', '-')} {settings[key]} exceeds the model's "
+                raise UsageError(f"--{key.replace('_', '-')} {settings[key]} exceeds the model's "
                                  f"{positions} positions")
             settings[key] = positions
     return settings
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from bbsmall_jax.evaluation.run import EvalSettings, evaluate
 
     enable_compilation_cache()
-    model, tokenizer = load_chat_model(directory, args.dtype)
+    model, tokenizer = load_chat_model(directory, args.dtype, decode_path(args))
     report = evaluate(model, tokenizer, examples, EvalSettings(
         max_source_length=settings["max_source_length"], max_target_length=settings["max_target_length"],
         separator=settings["separator"], add_end=settings["add_end"], candidates=args.candidates,

@@ -3,6 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Optional
+
+from bbsmall_jax.errors import UsageError
+
+DECODE_PATH_VARIABLE = "BBSMALL_DECODE_PATH"  # the decoding path for every command that does not pass the flag
+
+
+def add_decode_path_flag(parser: argparse.ArgumentParser) -> None:
+    """`--decode-path`: which of generation's decoding paths the command's model decodes on."""
+    parser.add_argument("--decode-path", choices=("portable", "cpu"), default=None,
+                        help=f"decoding path (default: ${DECODE_PATH_VARIABLE}, else cpu on the CPU backend and "
+                             "portable on GPU and TPU); both give the same tokens")
+
+
+def decode_path(args: argparse.Namespace) -> Optional[str]:
+    """The decoding path asked for: `--decode-path`, else `BBSMALL_DECODE_PATH` (read here, once per command),
+    else None (the backend's own); ValueError naming the variable for a value that is not a path."""
+    from bbsmall_jax.generation.plan import checked_path
+
+    flag = getattr(args, "decode_path", None)
+    return flag if flag else checked_path(os.environ.get(DECODE_PATH_VARIABLE), DECODE_PATH_VARIABLE)
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -28,5 +50,5 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
         kwargs.update(do_sample=True, prng_key=jax.random.PRNGKey(args.seed))
         kwargs.setdefault("num_beams", 1)
     elif any(name in kwargs for name in ("temperature", "top_k", "top_p")):
-        raise ValueError("--temperature/--top-k/--top-p only apply with --sample")
+        raise UsageError("--temperature/--top-k/--top-p only apply with --sample")
     return kwargs

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
-import os
+from typing import Optional
 
 PACKAGES = ("bbsmall_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "safetensors", "tokenizers",
             "huggingface_hub", "numpy")
@@ -16,15 +16,16 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def report(dtype: str = "auto") -> list[tuple[str, str]]:
+def report(dtype: str = "auto", decode_path: Optional[str] = None) -> list[tuple[str, str]]:
     """(label, value) lines describing this machine as generation sees it."""
     import jax
 
     from bbsmall_jax.runtime.responder import compilation_cache_dir
     from bbsmall_jax.generation import cpu_kernel, plan
+    from bbsmall_jax.runtime.precision import compute_dtype
 
     backend = jax.default_backend()
-    resolved = plan.compute_dtype(dtype, backend)
+    resolved = compute_dtype(dtype, backend)
     devices = jax.devices()
     reason = cpu_kernel.unavailable_reason()
     lines = [
@@ -32,22 +33,22 @@ def report(dtype: str = "auto") -> list[tuple[str, str]]:
         ("devices", f"{len(devices)}: " + ", ".join(sorted({d.device_kind for d in devices}))),
         ("processes", f"{jax.process_count()} (this is {jax.process_index()})"),
         ("compute dtype", resolved + (" (auto)" if dtype == "auto" else "")),
-        ("decoding path", f"{plan.requested_path(backend)}"
-                          f"{' (' + plan.PATH_VARIABLE + ')' if os.environ.get(plan.PATH_VARIABLE) else ''}"),
-        ("plan, 1 row", plan.choose_plan(backend, resolved, 1).describe()),
-        ("plan, several rows", plan.choose_plan(backend, resolved, 10, len(jax.local_devices())).describe()),
+        ("decoding path", decode_path or f"{plan.default_path(backend)} (the backend's)"),
+        ("plan, 1 row", plan.choose_plan(backend, resolved, 1, path=decode_path).describe()),
+        ("plan, several rows", plan.choose_plan(backend, resolved, 10, len(jax.local_devices()),
+                                                decode_path).describe()),
         ("CPU kernel", "built and usable" if reason is None else f"not used: {reason}"),
         ("compile cache", compilation_cache_dir()),
     ]
     return lines + [(name, _version(name)) for name in PACKAGES]
 
 
-def main(dtype: str = "auto") -> int:
+def main(dtype: str = "auto", decode_path: Optional[str] = None) -> int:
     import warnings
 
     with warnings.catch_warnings():  # the kernel's reason is a line of the report, not a warning
         warnings.simplefilter("ignore")
-        lines = report(dtype)
+        lines = report(dtype, decode_path)
     width = max(len(label) for label, _ in lines)
     for label, value in lines:
         print(f"{label:<{width}}  {value}")

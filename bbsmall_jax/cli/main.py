@@ -12,17 +12,18 @@ from bbsmall_jax import startup_cache
 from bbsmall_jax.cli import distributed
 from bbsmall_jax.cli.compile import add_arguments as add_compile_arguments
 from bbsmall_jax.cli.convert import add_arguments as add_convert_arguments
-from bbsmall_jax.cli.generation_flags import add_generation_flags, generation_kwargs
+from bbsmall_jax.cli.generation_flags import add_decode_path_flag, add_generation_flags, decode_path, generation_kwargs
+from bbsmall_jax.errors import COMMAND_ERRORS, UsageError
 from bbsmall_jax.runtime.models import NAMES_HELP
 from bbsmall_jax.serve import flags as serve_flags
 
-USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, ImportError)
 
 
 def _add_model_choice(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help=f"{NAMES_HELP}; default: demo")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    add_decode_path_flag(parser)
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -52,13 +53,13 @@ def _responder(args: argparse.Namespace):
     from bbsmall_jax.runtime.responder import Responder, enable_compilation_cache, load_chat_model
 
     enable_compilation_cache()
-    model, tokenizer = load_chat_model(directory, args.dtype)
+    model, tokenizer = load_chat_model(directory, args.dtype, decode_path(args))
     return Responder(model, tokenizer, kwargs, args.max_context, SEPARATORS[args.turn_separator])
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     if args.once is not None and not args.once.strip():
-        raise ValueError("empty message: --once needs some text")
+        raise UsageError("empty message: --once needs some text")
     responder = _responder(args)
     from bbsmall_jax.cli.chat import ChatSession, run_repl
 
@@ -72,7 +73,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "window", "engine_steps"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     from bbsmall_jax.cli.batch import check_paths, run_batch
 
     check_paths(args.input, args.output, args.resume, args.overwrite)  # before the model loads
@@ -161,7 +162,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from bbsmall_jax.cli.info import main as info_main
 
-    return info_main(args.dtype)
+    return info_main(args.dtype, decode_path(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                       help="the compute dtype whose decoding plans are shown (auto: bfloat16 on GPU/TPU, "
                            "float32 on CPU)")
+    add_decode_path_flag(info)
     info.set_defaults(run=cmd_info)
 
     commands.add_parser("train", help="train or fine-tune (same as train.py; see `bbsmall train --help`)",
@@ -269,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return args.run(args)
     except KeyboardInterrupt:
         return 130
-    except USAGE_ERRORS as err:
+    except COMMAND_ERRORS as err:
         print(f"bbsmall {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from bbsmall_jax.cli import distributed
 from bbsmall_jax.cli.compile import TOPOLOGY_HELP
+from bbsmall_jax.errors import COMMAND_ERRORS
 
 # flag -> config key; each flag overrides the YAML value
 FLAG_KEYS = {"max_steps": "max_steps", "save_every": "save_every", "log_every": "log_every",
@@ -80,7 +81,6 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "train.py") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     from bbsmall_jax.train.data import DataError
-    from bbsmall_jax.hub import ModelNotFoundError
     from bbsmall_jax.train.config import ConfigError
 
     if args.compile_only != (args.topology is not None):
@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "train.py") -> int:
 
     try:
         result = train(cfg, args.output_dir)
-    except (ConfigError, DataError, ModelNotFoundError, ValueError, OSError) as err:  # bad config, data or files
+    except COMMAND_ERRORS as err:  # bad config, data or files
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingError as err:
@@ -115,7 +115,7 @@ def _compile_only(cfg, args: argparse.Namespace, prog: str) -> int:
 
     try:
         return run_train_config(cfg, args)
-    except (ValueError, OSError) as err:  # a bad topology, an unreadable init, a batch the devices do not divide
+    except COMMAND_ERRORS as err:  # a bad topology, an unreadable init, a batch the devices do not divide
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from bbsmall_jax.errors import UsageError
 
 Array = jax.Array
 
@@ -113,7 +114,7 @@ def pack_transposed(table: Array) -> PackedColumns:
 def small_rows_matmul(x: Array, weights: PackedColumns, bias: Optional[Array] = None) -> Array:
     """x [..., K] @ weights [K, N] + bias [N] -> [..., N] float32, by the kernel (check `available()` first)."""
     if x.shape[-1] != weights.panels.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features but the packed weights expect {weights.panels.shape[1]}")
+        raise UsageError(f"x has {x.shape[-1]} features but the packed weights expect {weights.panels.shape[1]}")
     bias = jnp.zeros((weights.columns,), jnp.float32) if bias is None else bias.astype(jnp.float32)
     result = jax.ShapeDtypeStruct(x.shape[:-1] + (weights.columns,), jnp.float32)
     return jax.ffi.ffi_call(_TARGET, result)(x.astype(jnp.float32), weights.panels, bias)

@@ -1,27 +1,27 @@
 """The CPU decoding path: what makes decoding fast on XLA's CPU backend, applied around the plain model.
 
 Nothing here changes results (tokens equal the portable path's, scores to float32 rounding); the
-decoding plan (`plan.py`) decides when it runs. The model's layers know nothing of it: `step_context`
-intercepts their methods (`flax.linen.intercept_methods`) while a decoding step is traced.
+decoding plan (`plan.py`) decides when it runs. The model's layers know nothing of it: the plan hands them
+`layer_functions()` (`nn/layer_functions.py`), and the packed kernels through the `KERNEL_LAYOUTS` collection.
 
 - One-token attention by multiply-and-reduce (XLA's CPU batched dot transposes the cache every step),
   over the cache read only up to the smallest of `CACHE_WINDOWS` growing windows holding every entry.
 - The LM head over the embedding transposed to [D, V] (several times faster there for a few rows), or
   packed for the CPU kernel (`cpu_kernel.py`), which also runs every decoder Dense layer for several rows.
+- The step's cache write placed after every read of the old buffers (`write_after`).
 - Greedy picks by a max and a min of indices; beam search takes its top 2K blockwise.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from bbsmall_jax.generation import cpu_kernel
 from bbsmall_jax.nn.cache import KVCache
+from bbsmall_jax.nn.layer_functions import plain_dense
 from bbsmall_jax.nn.layers import Attention
 
 Array = jax.Array
@@ -34,14 +34,13 @@ CACHE_WINDOWS = 4  # one-token cached attention reads the first 1/4, 2/4, 3/4 or
 COMPILER_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 
-def one_token_attention(query: Array, keys: list, values: list, biases: list, scale: float,
-                        dropout: Callable[[Array], Array] = lambda weights: weights) -> tuple[Array, Array]:
+def one_token_attention(query: Array, keys: list, values: list, biases: list, scale: float) -> tuple[Array, Array]:
     """One query token over one or more key/value parts under one softmax, by multiply-and-reduce.
 
     query [B, 1, H, Dh]; keys/values [G, S_i, H, Dh], where G is B or divides it: then each group of
     B / G consecutive rows (the beams of one batch element) shares one entry, read once for all of them;
     biases broadcastable to [G, H, 1, S_i] (or None). Returns the float32 output [B, 1, H, Dh] and the
-    weights [B, sum S_i, H] (before `dropout`).
+    weights [B, sum S_i, H].
     """
     rows, heads = query.shape[0], query.shape[2]
     query = query.astype(jnp.float32)
@@ -57,11 +56,10 @@ def one_token_attention(query: Array, keys: list, values: list, biases: list, sc
             scores = scores + jnp.swapaxes(bias[:, :, 0, :], 1, 2)[:, None]
         parts.append(scores.reshape((rows,) + scores.shape[2:]))  # [B, S, H]
     weights = jax.nn.softmax(jnp.concatenate(parts, axis=1), axis=1)  # [B, S, H]
-    dropped = dropout(weights)
     out, offset = 0.0, 0
     for value in values:
         # [G, B / G, S, H, 1] weights times [G, 1, S, H, Dh] values, summed over S -> [G, B / G, H, Dh]
-        part = jax.lax.slice_in_dim(dropped, offset, offset + value.shape[1], axis=1)[..., None]
+        part = jax.lax.slice_in_dim(weights, offset, offset + value.shape[1], axis=1)[..., None]
         summed = jnp.sum(by_group(part, value.shape[0]) * value.astype(jnp.float32)[:, None], axis=2)
         out = out + summed.reshape(rows, 1, heads, -1)  # [B, 1, H, Dh]
         offset += value.shape[1]
@@ -73,11 +71,10 @@ def _finish(attention: Attention, out: Array, weights: Array) -> tuple[Array, Ar
     return attention.project_out(out.astype(attention.dtype)), jnp.swapaxes(weights, 1, 2)[:, :, None, :]
 
 
-def attend_one(attention: Attention, query: Array, key: Array, value: Array, bias: Optional[Array],
-               deterministic: bool) -> tuple[Array, Array]:
+def attend_one(attention: Attention, query: Array, key: Array, value: Array,
+               bias: Optional[Array]) -> tuple[Array, Array]:
     """`Attention.attend` for one query token (cross-attention while decoding)."""
-    out, weights = one_token_attention(query, [key], [value], [bias], attention.head_dim ** -0.5,
-                                       lambda w: attention.attn_dropout(w, deterministic=deterministic))
+    out, weights = one_token_attention(query, [key], [value], [bias], attention.head_dim ** -0.5)
     return _finish(attention, out, weights)
 
 
@@ -113,40 +110,18 @@ def attend_cached_one(attention: Attention, query: Array, key: Array, value: Arr
     return out, Attention.place_new_weights(weights, size, cache.index)
 
 
-def _intercept(packed: Optional[dict]):
-    """The method interceptor of a CPU decoding step: one-token attention as above, and Dense layers
-    whose packed kernels are in `packed` (a tree of the params' paths) through the CPU kernel."""
-    def attend(attention, query, key, value, bias, deterministic):
-        if query.shape[1] != 1:
-            return None
-        return attend_one(attention, query, key, value, bias, deterministic)
-
-    def attend_cached(attention, query, key, value, cache, cache_bias, bias, layer, deterministic):
-        if query.shape[1] != 1 or not deterministic:
-            return None
-        return attend_cached_one(attention, query, key, value, cache, cache_bias, bias, layer)
-
-    replacements = {"attend": attend, "attend_cached": attend_cached}
-
-    def interceptor(next_fun, args, kwargs, context):
-        module, method = context.module, context.method_name
-        if isinstance(module, Attention) and method in replacements:
-            result = replacements[method](module, *args, **kwargs)
-            if result is not None:
-                return result
-        if packed is not None and isinstance(module, nn.Dense) and method == "__call__":
-            node = packed
-            for name in module.path:
-                node = node.get(name, {}) if isinstance(node, dict) else {}
-            if "kernel" in node:
-                return cpu_kernel.small_rows_matmul(args[0], node["kernel"], module.variables["params"]["bias"])
-        return next_fun(*args, **kwargs)
-    return interceptor
+def dense(x: Array, kernel: Array, bias: Array, dtype: Any, laid_out: Any = None) -> Array:
+    """A linear layer through the CPU kernel where its kernel was packed for it (`laid_out`), else plain."""
+    if laid_out is None:
+        return plain_dense(x, kernel, bias, dtype)
+    return cpu_kernel.small_rows_matmul(x, laid_out, bias)
 
 
-def step_context(packed: Optional[dict]) -> contextlib.AbstractContextManager:
-    """While tracing a decoding step: the CPU path's attention, and the kernel for the `packed` Dense layers."""
-    return nn.intercept_methods(_intercept(packed))
+def write_after(index: Array, output: Array) -> Array:
+    """The cache's `index`, made to depend on the step's `output`: XLA's CPU backend then sees that every
+    read of the old buffers comes before the write, and updates them in place instead of copying both on
+    every step. min(isnan(.), 0) is always 0, but XLA cannot fold it away."""
+    return index + jnp.minimum(jnp.isnan(jnp.sum(output)).astype(jnp.int32), 0)
 
 
 def lm_head(hidden: Array, table, bias: Optional[Array]) -> Array:

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from bbsmall_jax import startup_cache
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.generation import engine_programs as programs
 from bbsmall_jax.generation import logits_processors as lp
 from bbsmall_jax.generation import sharding
@@ -80,7 +81,7 @@ class DecodeEngine:
                                 max_length=max_length, max_context=max_context,
                                 devices=sharding.device_count(self.mesh))
         self._programs = programs.compile_programs(model.module, self.spec)
-        self._params, self._weights = model._placed_weights(model.params, self.spec.plan, self.mesh)
+        self._params, self._weights = model.sampler.placed_weights(model.params, self.spec.plan, self.mesh)
         self.state = self._empty_state()
         self._owner: list[Optional[EngineRequest]] = [None] * self.spec.slots
         self._groups: list[Optional[EngineRequest]] = [None] * self.spec.lanes  # each lane's group
@@ -111,23 +112,23 @@ class DecodeEngine:
     def _check(self, prepared: Prepared, context_length: int) -> None:
         spec, engine = prepared.spec, self.spec
         if spec.strategy == "beam" and spec.do_sample:
-            raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not decoded by the engine; "
+            raise UsageError("beam sampling (num_beams > 1 with do_sample=True) is not decoded by the engine; "
                              "use generate()")
         if prepared.layout.expand > engine.group_width:
             what = "num_beams" if spec.strategy == "beam" else "num_return_sequences"
-            raise ValueError(f"{what}={prepared.layout.expand} is more than this engine's group_width "
+            raise UsageError(f"{what}={prepared.layout.expand} is more than this engine's group_width "
                              f"({engine.group_width})")
         if spec.do_sample and prepared.layout.expand > 1 and not jax.config.jax_threefry_partitionable:
-            raise ValueError("several sampled sequences per request need jax_threefry_partitionable=True")
+            raise UsageError("several sampled sequences per request need jax_threefry_partitionable=True")
         if int(prepared.search.max_length) > engine.buffer_length:
-            raise ValueError(f"max_length {int(prepared.search.max_length)} is more than this engine's "
+            raise UsageError(f"max_length {int(prepared.search.max_length)} is more than this engine's "
                              f"{engine.buffer_length} positions per slot")
         if context_length > engine.source_length:
-            raise ValueError(f"the context has {context_length} tokens, more than this engine's "
+            raise UsageError(f"the context has {context_length} tokens, more than this engine's "
                              f"{engine.source_length}")
         differences = _differences(prepared, engine)
         if differences:
-            raise ValueError("this engine decodes with other settings: " + "; ".join(differences)
+            raise UsageError("this engine decodes with other settings: " + "; ".join(differences)
                              + " (they are fixed when the engine is made; use generate() for these)")
 
     # ---- the decoding loop
@@ -342,7 +343,7 @@ def engine_spec(model, generation_kwargs: dict, *, slots: int, group_width: Opti
     """The programs' static settings for a model and `generate` keyword arguments (see `DecodeEngine`); slots
     rounded up to whole lanes on each of `devices` devices of `backend` (default: JAX's default)."""
     if model.head == "decoder_only":
-        raise ValueError("the decode engine serves the encoder-decoder model; use generate() for the "
+        raise UsageError("the decode engine serves the encoder-decoder model; use generate() for the "
                          "decoder-only one")
     pad = [model.config.pad_token_id]
     base = prepare_request(model, {**generation_kwargs, "num_beams": 1, "do_sample": False, "max_length": 2,
@@ -377,7 +378,7 @@ def _key_data(key) -> np.ndarray:
 def _check_positive(**values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _without_warpers(processors: lp.ProcessorSpec) -> lp.ProcessorSpec:

@@ -143,8 +143,7 @@ def empty_state(spec: EngineSpec, module) -> EngineState:
     cross_shape = (config.decoder_layers, s, spec.source_length, heads, config.d_model // heads)
     cache = cache.replace(index=jnp.zeros((s,), jnp.int32), cross_key=jnp.zeros(cross_shape, module.dtype),
                           cross_value=jnp.zeros(cross_shape, module.dtype),
-                          encoder_mask=jnp.zeros((s, spec.source_length), bool),
-                          ordered_writes=spec.plan.ordered_writes, **spec.plan.cache_attention())
+                          encoder_mask=jnp.zeros((s, spec.source_length), bool))
     if spec.plan.track_origins:
         cache = cache.tracking_origins()
     source = spec.source_length if spec.processors.encoder_no_repeat_ngram_size else 0
@@ -453,6 +452,7 @@ def compile_programs(module, spec: EngineSpec) -> dict:
     place."""
     options = dict(spec.plan.compiler_options) or None
     static = ("spec", "mesh")
+    module = spec.plan.decoding_module(module)
     return dict(
         prefill=jax.jit(partial(prefill, module), static_argnames="spec", compiler_options=options),
         insert=jax.jit(insert, static_argnames=static, donate_argnames="state"),

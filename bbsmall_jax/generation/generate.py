@@ -10,11 +10,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from bbsmall_jax import meshes, startup_cache
+from bbsmall_jax.errors import UsageError, UsageTypeError
 from bbsmall_jax.generation import plan as plan_lib
 from bbsmall_jax.generation.config import UNSUPPORTED, GenerationConfig
 from bbsmall_jax.generation.prepare import neutral, prepare
-from bbsmall_jax.generation.program import GenerateOutput, compile_program, finish, finish_traced
-from bbsmall_jax.generation.sharding import data_mesh, device_count, input_shardings, place_inputs, replicated
+from bbsmall_jax.generation.program import GenerateOutput, finish, finish_traced
+from bbsmall_jax.generation.sampler import Sampler
+from bbsmall_jax.generation.sharding import data_mesh, device_count, input_shardings, place_inputs
 from bbsmall_jax.nn import validation as check
 
 Array = jax.Array
@@ -36,41 +38,27 @@ class GenerationMixin:
     def generation_config(self, value: GenerationConfig) -> None:
         self._generation_config = value
 
+    # The decoding path, "portable" or "cpu" (`generation/plan.py`); None: the backend's own ("cpu" on the CPU
+    # backend, "portable" elsewhere). A model's programs for either path are kept side by side.
+    decode_path: Optional[str] = None
+
+    @property
+    def sampler(self) -> Sampler:
+        """What generation keeps between calls (`generation/sampler.py`): made for the model's module, and made
+        anew when the module is replaced."""
+        sampler = getattr(self, "_sampler", None)
+        if sampler is None or sampler.module is not self.module:
+            sampler = self._sampler = Sampler(self.module, self.head != "decoder_only")
+        return sampler
+
     def decoding_plan(self, rows: int, devices: int = 1, backend: Optional[str] = None) -> plan_lib.DecodingPlan:
         """The decoding plan for `rows` rows (batch bucket times beams or samples) over `devices` devices of
-        `backend` (default: JAX's default backend)."""
-        return plan_lib.choose_plan(backend or jax.default_backend(), self.dtype, rows, devices)
-
-    def _program(self, plan: plan_lib.DecodingPlan):
-        """The jitted program of one plan, kept."""
-        programs = self.__dict__.setdefault("_programs", {})
-        if plan not in programs:
-            programs[plan] = compile_program(self.module, self.head != "decoder_only", plan)
-        return programs[plan]
+        `backend` (default: JAX's default backend), on `decode_path`."""
+        return plan_lib.choose_plan(backend or jax.default_backend(), self.dtype, rows, devices, self.decode_path)
 
     def _program_identity(self) -> tuple:
         """What the generation programs are made from besides their static settings and argument shapes."""
         return type(self).__name__, self.config.identity(), str(jax.numpy.dtype(self.dtype))
-
-    def _decoding_weights(self, params, plan: plan_lib.DecodingPlan) -> tuple:
-        """The plan's copies of the weights, kept for later calls with the same params and layout."""
-        sources = jax.tree_util.tree_leaves(params)
-        kept = self.__dict__.get("_kept_decoding_weights")
-        if kept is None or kept[1] != plan.lm_head or len(kept[0]) != len(sources) or any(
-                old is not new for old, new in zip(kept[0], sources)):
-            kept = self._kept_decoding_weights = (sources, plan.lm_head, plan.decoding_weights(params))
-        return kept[2]
-
-    def _placed_weights(self, params, plan: plan_lib.DecodingPlan, mesh) -> tuple:
-        """(params, decoding weights) replicated over the mesh, kept while the params and mesh stay the same."""
-        weights = self._decoding_weights(params, plan)
-        if mesh is None:
-            return params, weights
-        key = (mesh, plan.lm_head, tuple(map(id, jax.tree_util.tree_leaves((params, weights)))))
-        kept = self.__dict__.get("_kept_placement")
-        if kept is None or kept[0] != key:
-            kept = self._kept_placement = (key, (replicated(params, mesh), replicated(weights, mesh)), (params, weights))
-        return kept[1]
 
     def _resolve_generation_config(self, generation_config: Optional[GenerationConfig],
                                    kwargs: dict) -> tuple[GenerationConfig, bool]:
@@ -79,11 +67,12 @@ class GenerationMixin:
         for key, value in kwargs.items():
             if key in UNSUPPORTED:
                 if not neutral(value, key):
-                    raise ValueError(f"generation option {key}={value!r} is not supported by this implementation")
+                    raise UsageError(f"generation option {key}={value!r} is not supported by this implementation")
             elif key not in names:
-                raise TypeError(f"generate() got an unexpected keyword argument {key!r}")
+                raise UsageTypeError(f"generate() got an unexpected keyword argument {key!r}")
         if generation_config is not None and not isinstance(generation_config, GenerationConfig):
-            raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
+            raise UsageTypeError(
+                f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
         base = self.generation_config
         if generation_config is not None:
             base = base.update(generation_config)
@@ -114,7 +103,7 @@ class GenerationMixin:
         if check.is_traced(input_ids, attention_mask, params, prng_key, encoder_hidden_states,
                            encoder_attention_mask):
             if devices is not None:
-                raise ValueError("generate() inside a jit/pmap/shard_map runs where the caller's program runs; "
+                raise UsageError("generate() inside a jit/pmap/shard_map runs where the caller's program runs; "
                                  "devices= is for calls outside one")
             return self._generate_traced(input_ids, attention_mask, generation_config, prng_key, params,
                                          encoder_hidden_states, encoder_attention_mask, kwargs)
@@ -122,7 +111,7 @@ class GenerationMixin:
         prepared = self._prepare(input_ids, attention_mask, generation_config, prng_key, encoder_hidden_states,
                                  encoder_attention_mask, kwargs, device_count(mesh))
         if prepared.batch == 0:  # nothing to compile or run
-            empty = jax.numpy.zeros((0, prepared.prompt_length), jax.numpy.int32)
+            empty = jax.device_put(np.zeros((0, prepared.prompt_length), np.int32))
             return GenerateOutput(sequences=empty) if prepared.return_dict else empty
         program, args, static = self._call(prepared, params, mesh)
         return finish(startup_cache.run_program(program, args, static, self._program_identity()), prepared)
@@ -135,11 +124,11 @@ class GenerationMixin:
         prepared = prepare(self.config, self.head != "decoder_only", cfg, default_max_length, input_ids,
                            attention_mask, encoder_hidden_states, encoder_attention_mask, prng_key, traced=True)
         if prepared.spec.output_scores:
-            raise ValueError("output_scores inside a jit/pmap/shard_map: the number of steps depends on the values "
+            raise UsageError("output_scores inside a jit/pmap/shard_map: the number of steps depends on the values "
                              "there; call generate() outside the transformation for per-step scores")
         plan = plan_lib.PORTABLE
         params = self.params if params is None else params
-        out = self._program(plan)(params, plan.decoding_weights(params), prepared.inputs, prepared.search,
+        out = self.sampler.program(plan)(params, plan.decoding_weights(params), prepared.inputs, prepared.search,
                                   spec=dataclasses.replace(prepared.spec, plan=plan), layout=prepared.layout,
                                   mesh=None)
         return finish_traced(out, prepared)
@@ -177,13 +166,13 @@ class GenerationMixin:
         params = self.params if params is None else params
         if abstract_on is None:
             inputs, search_inputs = place_inputs(prepared, mesh)
-            weights = self._placed_weights(params, plan, mesh)
+            weights = self.sampler.placed_weights(params, plan, mesh)
         else:
             inputs, search_inputs = _abstract((prepared.inputs, prepared.search), mesh, abstract_on,
                                               None if mesh is None else input_shardings(prepared, mesh))
             weights = _abstract((params, plan.decoding_weights(params)), mesh, abstract_on)
         args = (*weights, inputs, search_inputs)
-        return self._program(plan), args, dict(spec=dataclasses.replace(prepared.spec, plan=plan),
+        return self.sampler.program(plan), args, dict(spec=dataclasses.replace(prepared.spec, plan=plan),
                                                layout=prepared.layout, mesh=mesh)
 
 

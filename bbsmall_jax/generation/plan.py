@@ -10,18 +10,18 @@ applies `cpu_path`. `BBSMALL_DECODE_PATH` forces one, so both run (and are teste
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
-import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.generation import cpu_kernel, cpu_path, lane_dense
 from bbsmall_jax.generation import logits_processors as lp
+from bbsmall_jax.nn.layer_functions import KERNEL_LAYOUTS, LayerFunctions, plain_dense, same_index
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +67,22 @@ class DecodingPlan:
         """The logits processors' token marking (`logits_processors.process`); None: by scatter."""
         return lp.compared_token_mask if self.token_marks == "compare" else None
 
-    def cache_attention(self) -> dict:
-        """The one-token attention the cache carries (`KVCache.self_attention`, `cross_attention`)."""
-        if self.attention != "lane_dense":
-            return {}
-        return dict(self_attention=lane_dense.attend_cached, cross_attention=lane_dense.attend)
+    def layer_functions(self) -> LayerFunctions:
+        """What the model's layers compute with in this plan's programs (`nn/layer_functions.py`)."""
+        attention = {"lane_dense": dict(cached_attention=lane_dense.attend_cached, cross_attention=lane_dense.attend),
+                     "windowed": dict(cached_attention=cpu_path.attend_cached_one,
+                                      cross_attention=cpu_path.attend_one)}.get(self.attention, {})
+        return LayerFunctions(dense=cpu_path.dense if self.cpu_kernel else plain_dense,
+                              write_index=cpu_path.write_after if self.ordered_writes else same_index, **attention)
 
-    def step_context(self, packed):
-        """The context a decoding step is traced in: the CPU path's interceptors, or nothing."""
-        if self.attention == "windowed" or packed is not None:
-            return cpu_path.step_context(packed)
-        return contextlib.nullcontext()
+    def decoding_module(self, module):
+        """`module` computing with this plan's layer functions."""
+        return module.clone(functions=self.layer_functions())
+
+    def step_variables(self, params: dict, packed) -> dict:
+        """The variables a decoding step applies the module to: the params, and the kernels packed for the
+        CPU kernel (`decoding_weights`) where this plan uses it."""
+        return {"params": params} if packed is None else {"params": params, KERNEL_LAYOUTS: packed}
 
     def decoding_weights(self, params: dict) -> tuple:
         """(LM-head table, packed Dense kernels) laid out for this plan; (None, None) to use the params."""
@@ -99,20 +104,24 @@ class DecodingPlan:
 PORTABLE = DecodingPlan("portable", track_origins=True, time_major_cache=True)
 
 
-def requested_path(backend: str) -> str:
-    """`BBSMALL_DECODE_PATH` if set, else `cpu` on the CPU backend and `portable` elsewhere."""
-    path = os.environ.get(PATH_VARIABLE, "").strip().lower()
-    if not path:
-        return "cpu" if backend == "cpu" else "portable"
-    if path not in PATHS:
-        raise ValueError(f"{PATH_VARIABLE}={os.environ[PATH_VARIABLE]!r}: expected one of {', '.join(PATHS)}")
-    return path
+def checked_path(path: Optional[str], source: str = "decode_path") -> Optional[str]:
+    """`path` lower-cased, or None for an empty or missing one; ValueError naming `source` for an unknown one."""
+    name = (path or "").strip().lower()
+    if name and name not in PATHS:
+        raise UsageError(f"{source}={path!r}: expected one of {', '.join(PATHS)}")
+    return name or None
 
 
-def choose_plan(backend: str, dtype, rows: int, devices: int = 1) -> DecodingPlan:
+def default_path(backend: str) -> str:
+    """The path a backend gets unless another is asked for: `cpu` on the CPU backend, `portable` elsewhere."""
+    return "cpu" if backend == "cpu" else "portable"
+
+
+def choose_plan(backend: str, dtype, rows: int, devices: int = 1, path: Optional[str] = None) -> DecodingPlan:
     """The plan for decoding `rows` rows (batch times beams or samples) in compute `dtype` on `backend`,
-    sharded over `devices` devices (the CPU kernel has no sharding rule, so it runs on one device only)."""
-    if requested_path(backend) == "portable":
+    sharded over `devices` devices (the CPU kernel has no sharding rule, so it runs on one device only), on
+    `path` (None: `default_path(backend)`)."""
+    if (checked_path(path) or default_path(backend)) == "portable":
         return PORTABLE
     several = rows > 1
     kernel = (several and devices == 1 and jnp.dtype(dtype) == jnp.float32 and backend == "cpu"
@@ -134,5 +143,5 @@ def _kernel_usable() -> bool:
 
 
 def default_plan(dtype=jnp.float32, rows: int = 1, devices: int = 1) -> DecodingPlan:
-    """The plan the default backend gets."""
+    """The plan the default backend gets on its default path."""
     return choose_plan(jax.default_backend(), dtype, rows, devices)

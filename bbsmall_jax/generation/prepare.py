@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bbsmall_jax.errors import UsageError, UsageTypeError
 from bbsmall_jax.generation import logits_processors as lp
 from bbsmall_jax.generation import search
 from bbsmall_jax.generation.config import UNSUPPORTED, GenerationConfig
@@ -93,14 +94,14 @@ def token_ids(value, name: str, vocab_size: int) -> tuple[int, ...]:
     ids = tuple(value) if isinstance(value, (list, tuple)) else (value,)
     for token in ids:
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < vocab_size:
-            raise ValueError(f"{name} must be token ids in [0, {vocab_size}), got {value!r}")
+            raise UsageError(f"{name} must be token ids in [0, {vocab_size}), got {value!r}")
     return tuple(int(t) for t in ids)
 
 
 def _check_int(cfg: GenerationConfig, name: str, minimum: int) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def validate(cfg: GenerationConfig, vocab_size: int) -> None:
@@ -113,26 +114,26 @@ def validate(cfg: GenerationConfig, vocab_size: int) -> None:
     if cfg.min_new_tokens is not None:
         _check_int(cfg, "min_new_tokens", 0)
     if not isinstance(cfg.do_sample, bool):
-        raise ValueError(f"do_sample must be True or False, got {cfg.do_sample!r}")
+        raise UsageError(f"do_sample must be True or False, got {cfg.do_sample!r}")
     if not (isinstance(cfg.early_stopping, bool) or cfg.early_stopping == "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {cfg.early_stopping!r}")
+        raise UsageError(f"early_stopping must be True, False or 'never', got {cfg.early_stopping!r}")
     greedy = cfg.num_beams == 1 and not cfg.do_sample
     if greedy and cfg.num_return_sequences > 1:
-        raise ValueError(f"greedy search returns one sequence per input; num_return_sequences="
+        raise UsageError(f"greedy search returns one sequence per input; num_return_sequences="
                          f"{cfg.num_return_sequences} needs num_beams > 1 or do_sample=True")
     if cfg.num_beams > 1 and cfg.num_return_sequences > cfg.num_beams:
-        raise ValueError(f"num_return_sequences ({cfg.num_return_sequences}) must be at most num_beams "
+        raise UsageError(f"num_return_sequences ({cfg.num_return_sequences}) must be at most num_beams "
                          f"({cfg.num_beams})")
     for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+            raise UsageError(f"{name} must be a finite number, got {value!r}")
     if cfg.temperature < 0 or (cfg.do_sample and cfg.temperature == 0):
-        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy search), got {cfg.temperature}")
+        raise UsageError(f"temperature must be > 0 (use do_sample=False for greedy search), got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {cfg.top_p}")
+        raise UsageError(f"top_p must be in (0, 1], got {cfg.top_p}")
     if cfg.repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {cfg.repetition_penalty}")
+        raise UsageError(f"repetition_penalty must be > 0, got {cfg.repetition_penalty}")
     for name in ("eos_token_id", "forced_eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
                  "forced_bos_token_id"):
         token_ids(getattr(cfg, name), name, vocab_size)
@@ -140,12 +141,12 @@ def validate(cfg: GenerationConfig, vocab_size: int) -> None:
         words = cfg.bad_words_ids
         if not isinstance(words, (list, tuple)) or not words or any(
                 not isinstance(w, (list, tuple)) or not w for w in words):
-            raise ValueError(f"bad_words_ids must be a non-empty list of non-empty lists of ids, got {words!r}")
+            raise UsageError(f"bad_words_ids must be a non-empty list of non-empty lists of ids, got {words!r}")
         for word in words:
             token_ids(word, "bad_words_ids", vocab_size)
     for key, value in cfg.extra.items():
         if key in UNSUPPORTED and not neutral(value, key):
-            raise ValueError(f"generation option {key}={value!r} is not supported by this implementation")
+            raise UsageError(f"generation option {key}={value!r} is not supported by this implementation")
 
 
 def _model_inputs(config: BlenderbotSmallConfig, seq2seq: bool, cfg: GenerationConfig, input_ids, attention_mask,
@@ -153,12 +154,12 @@ def _model_inputs(config: BlenderbotSmallConfig, seq2seq: bool, cfg: GenerationC
     """Checked (ids [B, S], mask [B, S], encoder states, encoder mask) of a call."""
     if seq2seq:
         if encoder_hidden_states is not None or encoder_attention_mask is not None:
-            raise TypeError("encoder_hidden_states are for BlenderbotSmallForCausalLM; pass input_ids")
+            raise UsageTypeError("encoder_hidden_states are for BlenderbotSmallForCausalLM; pass input_ids")
         if input_ids is None:
-            raise ValueError("generate() needs input_ids for the encoder")
+            raise UsageError("generate() needs input_ids for the encoder")
     elif input_ids is None:
         if cfg.bos_token_id is None:
-            raise ValueError("generate() without input_ids starts from bos_token_id, which is not set")
+            raise UsageError("generate() without input_ids starts from bos_token_id, which is not set")
         batch = 1 if encoder_hidden_states is None else np.shape(encoder_hidden_states)[0]
         input_ids = np.full((batch, 1), cfg.bos_token_id, np.int32)
     ids = check.as_token_array(input_ids, "input_ids", config.vocab_size)
@@ -167,7 +168,7 @@ def _model_inputs(config: BlenderbotSmallConfig, seq2seq: bool, cfg: GenerationC
         mask = np.ones(ids.shape, np.int32)
     check.check_length(ids.shape[1], config.max_position_embeddings, "input_ids")
     if ids.shape[1] == 0:
-        raise ValueError("input_ids is empty (length 0)")
+        raise UsageError("input_ids is empty (length 0)")
     states, states_mask = check.encoder_states(encoder_hidden_states, encoder_attention_mask, ids.shape[0],
                                                config.d_model)
     return ids, mask, states, states_mask
@@ -183,15 +184,15 @@ def _lengths(cfg: GenerationConfig, default_max_length: bool, prompt_length: int
         max_length = min(cfg.max_length + prompt_length, max_positions)
     min_length = cfg.min_length if cfg.min_new_tokens is None else cfg.min_new_tokens + prompt_length
     if max_length > max_positions:
-        raise ValueError(f"max_length {max_length} exceeds max_position_embeddings={max_positions}: the "
+        raise UsageError(f"max_length {max_length} exceeds max_position_embeddings={max_positions}: the "
                          "decoder has no positions beyond it")
     if min_length > max_length:
-        raise ValueError(f"min_length ({min_length}) is larger than max_length ({max_length}): no sequence can "
+        raise UsageError(f"min_length ({min_length}) is larger than max_length ({max_length}): no sequence can "
                          "satisfy both; lower min_length (the model's generation config may set it) or raise "
                          "max_length")
     if prompt_length >= max_length:
         name = "the decoder start token" if seq2seq else "input_ids"
-        raise ValueError(f"{name} has length {prompt_length}, but max_length is {max_length}; "
+        raise UsageError(f"{name} has length {prompt_length}, but max_length is {max_length}; "
                          "increase max_length or set max_new_tokens")
     return max_length, min_length
 
@@ -237,7 +238,7 @@ def prepare(config: BlenderbotSmallConfig, seq2seq: bool, cfg: GenerationConfig,
     fill = (pad if pad else eos[0]) if eos else -1  # transformers' beam-search fill value
     start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.bos_token_id
     if seq2seq and start is None:
-        raise ValueError("decoder_start_token_id (or bos_token_id) must be set for encoder-decoder generation")
+        raise UsageError("decoder_start_token_id (or bos_token_id) must be set for encoder-decoder generation")
     prompt_length = 1 if seq2seq else ids.shape[1]
     max_length, min_length = _lengths(cfg, default_max_length, prompt_length, max_positions, seq2seq)
 

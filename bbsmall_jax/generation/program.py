@@ -33,8 +33,7 @@ def _initial_cache(module, variables: dict, seq2seq: bool, batch: dict, rows: in
     """The empty self-attention cache for `rows` rows, with cross-attention keys/values projected once per
     batch element and kept once: the `expand` rows (beams or samples) of a batch element share them."""
     cache = KVCache.empty(module.config, rows, layout.buffer_length, module.dtype, plan.time_major_cache)
-    cache = cache.replace(entries=constrain_rows(cache.entries, mesh, 2),  # rows are axis 2 in both layouts
-                          ordered_writes=plan.ordered_writes, **plan.cache_attention())
+    cache = cache.replace(entries=constrain_rows(cache.entries, mesh, 2))  # rows are axis 2 in both layouts
     if seq2seq:
         encoded = module.apply(variables, batch["input_ids"], batch["attention_mask"], method="encode")
         states, states_mask = encoded.last_hidden_state, batch["attention_mask"]
@@ -51,18 +50,18 @@ def _step_function(module, variables: dict, seq2seq: bool, plan: DecodingPlan, w
     """step_fn(tokens [N, 1], cache) -> (logits [N, V] float32, cache): one decoder step and the LM head."""
     table, packed = weights
     bias = variables["params"].get("final_logits_bias")
+    step_variables = plan.step_variables(variables["params"], packed)
 
     def step_fn(tokens: Array, cache: KVCache):
-        with plan.step_context(packed):
-            if seq2seq:
-                out = module.apply(variables, decoder_input_ids=tokens, cache=cache, method="decode")
-            else:
-                out = module.apply(variables, input_ids=tokens, attention_mask=key_mask, cache=cache, method="decode")
-            hidden = out.last_hidden_state[:, -1]  # [N, D]
-            if table is None:
-                logits = module.apply(variables, hidden[:, None], method="logits")[:, 0]
-            else:
-                logits = plan.logits(hidden, table, bias)
+        if seq2seq:
+            out = module.apply(step_variables, decoder_input_ids=tokens, cache=cache, method="decode")
+        else:
+            out = module.apply(step_variables, input_ids=tokens, attention_mask=key_mask, cache=cache, method="decode")
+        hidden = out.last_hidden_state[:, -1]  # [N, D]
+        if table is None:
+            logits = module.apply(variables, hidden[:, None], method="logits")[:, 0]
+        else:
+            logits = plan.logits(hidden, table, bias)
         return logits, out.cache
     return step_fn
 
@@ -100,8 +99,8 @@ def run(module, seq2seq: bool, params, weights: tuple, batch: dict, search_input
 
 
 def compile_program(module, seq2seq: bool, plan: DecodingPlan):
-    """`run` jitted for one model and plan (the plan's compiler options applied)."""
-    return jax.jit(partial(run, module, seq2seq), static_argnames=("spec", "layout", "mesh"),
+    """`run` jitted for one model and plan (the plan's layer functions and compiler options applied)."""
+    return jax.jit(partial(run, plan.decoding_module(module), seq2seq), static_argnames=("spec", "layout", "mesh"),
                    compiler_options=dict(plan.compiler_options) or None)
 
 
@@ -125,7 +124,7 @@ def finish(out: dict, prepared: Prepared):
     spec = prepared.spec
     host = jax.device_get({name: value for name, value in out.items() if name != "step_scores"})
     sequences, width, beam_scores = _returned_rows(host, prepared)
-    sequences = jnp.asarray(sequences[:, :int(width)])
+    sequences = jax.device_put(sequences[:, :int(width)])  # jnp.asarray would compile a copy per width
     if not prepared.return_dict:
         return sequences
     if not spec.output_scores:
@@ -133,7 +132,7 @@ def finish(out: dict, prepared: Prepared):
     rows_searched = prepared.batch * spec.num_beams if spec.strategy == "beam" else prepared.rows_out
     steps = int(host["cur_len"]) - prepared.prompt_length
     scores = tuple(out["step_scores"][i, :rows_searched] for i in range(steps))
-    sequences_scores = None if beam_scores is None else jnp.asarray(beam_scores)
+    sequences_scores = None if beam_scores is None else jax.device_put(beam_scores)
     return GenerateOutput(sequences=sequences, scores=scores, sequences_scores=sequences_scores)
 
 

@@ -11,6 +11,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bbsmall_jax import meshes
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.generation.prepare import Prepared
 from bbsmall_jax.meshes import DATA_AXIS
 
@@ -19,11 +20,11 @@ def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Optional[Mesh]:
     """A 1-D mesh over `devices` (default: this process's devices); None for a single device."""
     devices = list(jax.local_devices() if devices is None else devices)
     if not devices:
-        raise ValueError("devices is empty: generate needs at least one device")
+        raise UsageError("devices is empty: generate needs at least one device")
     if len(devices) == 1:
         return None
     if len({d.process_index for d in devices}) > 1 or devices[0].process_index != jax.process_index():
-        raise ValueError("generate shards over this process's own devices; give each process its share of the "
+        raise UsageError("generate shards over this process's own devices; give each process its share of the "
                          "inputs instead (as `bbsmall generate --num-processes` does)")
     return meshes.data_mesh(devices)
 

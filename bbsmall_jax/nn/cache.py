@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 
 
@@ -40,13 +41,6 @@ class KVCache:
     encoder_mask: Optional[jax.Array] = None  # [G, S] bool, True where the encoder output is real
     origins: Optional[jax.Array] = None  # [B, max_len] int32 buffer row of each cached position (see above)
     time_major: bool = struct.field(pytree_node=False, default=False)  # the layout of `entries` (see above)
-    # whether `write` makes its position depend on the step's output (a decoding plan's choice, see `write`)
-    ordered_writes: bool = struct.field(pytree_node=False, default=False)
-    # one-token attention over this cache, a decoding plan's choice (None: the layers' own), called as
-    # `Attention.attend_cached` is (self-attention) and as `Attention.attend` without `deterministic` (cross),
-    # with the attention module first
-    self_attention: Optional[Callable] = struct.field(pytree_node=False, default=None)
-    cross_attention: Optional[Callable] = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def empty(cls, config: BlenderbotSmallConfig, batch_size: int, max_length: int, dtype=jnp.float32,
@@ -73,17 +67,13 @@ class KVCache:
         """This cache with `origins` set (each row's history in its own buffer row), so `reorder` is cheap."""
         return self.replace(origins=_own_rows(self.rows, self.max_length))
 
-    def write(self, key: jax.Array, value: jax.Array, output: jax.Array) -> "KVCache":
-        """Write new entries key/value [L, B, T, H, Dh] at `index` and advance it by T.
+    def write(self, key: jax.Array, value: jax.Array, index: Optional[jax.Array] = None) -> "KVCache":
+        """Write new entries key/value [L, B, T, H, Dh] at `index` (default: the cache's own) and advance the
+        cache's index by T.
 
-        `output`: an array computed from every read of the old buffers (the decoder's output). With
-        `ordered_writes` the write position is made to depend on it, which shows XLA's CPU backend that the
-        reads come first, so it updates the buffers in place instead of copying both on every step.
         With a per-row index [B], each row's one new token goes to its own position (a scatter).
         """
-        index = self.index
-        if self.ordered_writes:  # min(isnan(.), 0) is always 0, but XLA cannot fold it away
-            index = index + jnp.minimum(jnp.isnan(jnp.sum(output)).astype(jnp.int32), 0)
+        index = self.index if index is None else index
         new = jnp.stack([key, value]).astype(self.entries.dtype)  # [2, L, B, T, H, Dh]
         new = new.reshape(new.shape[:4] + (-1,))  # [2, L, B, T, D]
         if jnp.ndim(index) == 1:
@@ -102,7 +92,7 @@ class KVCache:
     def _write_per_row(self, new: jax.Array, index: jax.Array) -> "KVCache":
         """`write` of one token per row, new [2, L, B, 1, D], row b's at its own position index[b]."""
         if new.shape[3] != 1:
-            raise ValueError(f"a cache with a position per row takes one new token per row, got {new.shape[3]}")
+            raise UsageError(f"a cache with a position per row takes one new token per row, got {new.shape[3]}")
         rows = jnp.arange(self.rows, dtype=jnp.int32)
         new = new[:, :, :, 0]  # [2, L, B, D]
         if self.time_major:  # entries [T, 2L, B, D]: (position, row) pairs pick [B] blocks of [2L, D]

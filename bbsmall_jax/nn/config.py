@@ -9,6 +9,7 @@ import math
 import os
 from typing import Any, Union
 
+from bbsmall_jax.errors import UsageError, UsageTypeError
 from bbsmall_jax.jsonfiles import read_json_object, write_json_file
 
 logger = logging.getLogger(__name__)
@@ -80,10 +81,10 @@ class BlenderbotSmallConfig:
     def __init__(self, *args, **kwargs):
         fields = [f for f in dataclasses.fields(self) if f.name != "extra"]
         if len(args) > len(fields):
-            raise TypeError(f"BlenderbotSmallConfig takes at most {len(fields)} positional arguments")
+            raise UsageTypeError(f"BlenderbotSmallConfig takes at most {len(fields)} positional arguments")
         values = dict(zip((f.name for f in fields), args))
         for name in set(values) & set(kwargs):
-            raise TypeError(f"BlenderbotSmallConfig got two values for {name!r}")
+            raise UsageTypeError(f"BlenderbotSmallConfig got two values for {name!r}")
         values.update(kwargs)
         extra = dict(values.pop("extra", None) or {})
         for alias, name in _ATTRIBUTE_MAP.items():
@@ -132,21 +133,21 @@ class BlenderbotSmallConfig:
                      "decoder_attention_heads", "d_model"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"BlenderbotSmallConfig.{name} must be a positive integer, got {value!r}")
+                raise UsageError(f"BlenderbotSmallConfig.{name} must be a positive integer, got {value!r}")
         for name in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, name):
-                raise ValueError(
+                raise UsageError(
                     f"BlenderbotSmallConfig.d_model ({self.d_model}) must be divisible by {name} "
                     f"({getattr(self, name)})")
         for name in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
                      "decoder_layerdrop"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"BlenderbotSmallConfig.{name} must be in [0, 1), got {value!r}")
+                raise UsageError(f"BlenderbotSmallConfig.{name} must be in [0, 1), got {value!r}")
         if self.init_std <= 0:
-            raise ValueError(f"BlenderbotSmallConfig.init_std must be positive, got {self.init_std!r}")
+            raise UsageError(f"BlenderbotSmallConfig.init_std must be positive, got {self.init_std!r}")
         if self.activation_function not in ACTIVATIONS:
-            raise ValueError(
+            raise UsageError(
                 f"BlenderbotSmallConfig.activation_function {self.activation_function!r} is not one of "
                 f"{', '.join(ACTIVATIONS)}")
         for name in ("decoder_start_token_id", "pad_token_id", "bos_token_id"):
@@ -160,7 +161,7 @@ class BlenderbotSmallConfig:
         if value is None:
             return
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-            raise ValueError(
+            raise UsageError(
                 f"BlenderbotSmallConfig.{name} must be a token id in [0, {self.vocab_size}), got {value!r}")
 
     @property
@@ -214,7 +215,7 @@ class BlenderbotSmallConfig:
         data = read_json_object(path)
         model_type = data.get("model_type")
         if model_type not in (None, "blenderbot-small", "blenderbot_small"):
-            raise ValueError(f"{path}: model_type is {model_type!r}, expected 'blenderbot-small'")
+            raise UsageError(f"{path}: model_type is {model_type!r}, expected 'blenderbot-small'")
         return cls.from_dict(data)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:

@@ -15,6 +15,8 @@ import re
 import jax
 import numpy as np
 
+from bbsmall_jax.errors import UsageError
+
 STACKED = "layers"  # the key of a stack's layers, stacked ([L, ...] leaves)
 _LAYER = re.compile(r"layers_(\d+)$")
 
@@ -31,7 +33,7 @@ def _stack(node: dict, xp) -> dict:
     count = sum(1 for key in node if _LAYER.match(key))
     missing = [f"layers_{i}" for i in range(count) if f"layers_{i}" not in node]
     if missing:
-        raise ValueError(f"cannot stack layers: {', '.join(missing)} missing beside {sorted(node)}")
+        raise UsageError(f"cannot stack layers: {', '.join(missing)} missing beside {sorted(node)}")
     layers = [node[f"layers_{i}"] for i in range(count)]
     rest = {key: value for key, value in node.items() if not _LAYER.match(key)}
     return dict(rest, **{STACKED: jax.tree_util.tree_map(lambda *leaves: xp.stack(leaves), *layers)})
@@ -41,7 +43,7 @@ def _unstack(node: dict) -> dict:
     stacked = node[STACKED]
     leaves = jax.tree_util.tree_leaves(stacked)
     if not leaves:
-        raise ValueError("cannot unstack layers: the stack holds no arrays")
+        raise UsageError("cannot unstack layers: the stack holds no arrays")
     rest = {key: value for key, value in node.items() if key != STACKED}
     layers = {f"layers_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(leaves[0].shape[0])}
     return dict(rest, **layers)

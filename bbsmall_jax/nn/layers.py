@@ -11,6 +11,7 @@ from flax import linen as nn
 
 from bbsmall_jax.nn.cache import KVCache
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
+from bbsmall_jax.nn.layer_functions import KERNEL_LAYOUTS, PLAIN, LayerFunctions
 
 Array = jax.Array
 Dtype = Any
@@ -70,10 +71,28 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
                         use_fast_variance=False, name=name)
 
 
-def dense(features: int, config: BlenderbotSmallConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
-    """A biased linear layer initialised like transformers (normal(init_std), zero bias)."""
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nn.initializers.normal(config.init_std), name=name)
+class Linear(nn.Module):
+    """A biased linear layer with flax `nn.Dense`'s params (`kernel` [I, O], `bias` [O]), initialised like
+    transformers (normal(init_std), zero bias), computed by the `dense` function it is given."""
+
+    features: int
+    init_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    functions: LayerFunctions = PLAIN
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.normal(self.init_std), (x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        laid_out = self.get_variable(KERNEL_LAYOUTS, "kernel")  # None unless the caller passes that collection
+        return self.functions.dense(x, kernel, bias, self.dtype, laid_out)
+
+
+def dense(features: int, module: nn.Module, name: str) -> Linear:
+    """A `Linear` layer of `module` (config, dtypes and functions taken from it)."""
+    return Linear(features, module.config.init_std, module.dtype, module.param_dtype, module.functions, name=name)
 
 
 def _by_group(x: Array, groups: int) -> Array:
@@ -88,14 +107,15 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    functions: LayerFunctions = PLAIN
 
     def setup(self):
         d = self.config.d_model
         self.head_dim = d // self.num_heads
-        self.q_proj = dense(d, self.config, self.dtype, self.param_dtype, "q_proj")
-        self.k_proj = dense(d, self.config, self.dtype, self.param_dtype, "k_proj")
-        self.v_proj = dense(d, self.config, self.dtype, self.param_dtype, "v_proj")
-        self.out_proj = dense(d, self.config, self.dtype, self.param_dtype, "out_proj")
+        self.q_proj = dense(d, self, "q_proj")
+        self.k_proj = dense(d, self, "k_proj")
+        self.v_proj = dense(d, self, "v_proj")
+        self.out_proj = dense(d, self, "out_proj")
         self.attn_dropout = nn.Dropout(self.config.attention_dropout)
 
     def _split_heads(self, x: Array) -> Array:
@@ -144,14 +164,11 @@ class Attention(nn.Module):
         """Attention over the cache as it was before this step plus the new tokens' own keys/values.
 
         query/key/value [B, T, H, Dh] of the T new tokens; `cache` holds every layer's entries, this layer's
-        at `layer` (only read: the decoder writes the new entries after all layers; one token reads them
-        through the cache's `self_attention` when set); cache_bias [B or 1, 1, 1, K] allows the cached keys
-        before `cache.index`; bias [B or 1, 1, T, T] the new tokens among themselves. One softmax over both
-        parts. Returns the output [B, T, D] and the float32 weights [B, H, T, K] laid out as if the new keys
-        were written at `cache.index`.
+        at `layer` (only read: the decoder writes the new entries after all layers); cache_bias
+        [B or 1, 1, 1, K] allows the cached keys before `cache.index`; bias [B or 1, 1, T, T] the new tokens
+        among themselves. One softmax over both parts. Returns the output [B, T, D] and the float32 weights
+        [B, H, T, K] laid out as if the new keys were written at `cache.index`.
         """
-        if cache.self_attention is not None and query.shape[1] == 1 and deterministic:  # the decoding plan's
-            return cache.self_attention(self, query, key, value, cache, cache_bias, bias, layer)
         size = cache.max_length
         cache_key, cache_value = (self._split_heads(x) for x in cache.history(layer, size))  # [B, K, H, Dh]
         old = self._scores("bthd,bkhd->bhtk", query, cache_key) + cache_bias
@@ -187,13 +204,14 @@ class FeedForward(nn.Module):
     ffn_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    functions: LayerFunctions = PLAIN
 
     @nn.compact
     def __call__(self, hidden: Array, deterministic: bool) -> Array:
         act = ACTIVATION_FUNCTIONS[self.config.activation_function]
-        hidden = act(dense(self.ffn_dim, self.config, self.dtype, self.param_dtype, "fc1")(hidden))
+        hidden = act(dense(self.ffn_dim, self, "fc1")(hidden))
         hidden = nn.Dropout(self.config.activation_dropout)(hidden, deterministic=deterministic)
-        return dense(self.config.d_model, self.config, self.dtype, self.param_dtype, "fc2")(hidden)
+        return dense(self.config.d_model, self, "fc2")(hidden)
 
 
 class EncoderLayer(nn.Module):
@@ -202,12 +220,13 @@ class EncoderLayer(nn.Module):
     config: BlenderbotSmallConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    functions: LayerFunctions = PLAIN
 
     def setup(self):
         c, dt, pdt = self.config, self.dtype, self.param_dtype
-        self.self_attn = Attention(c, c.encoder_attention_heads, dt, pdt, name="self_attn")
+        self.self_attn = Attention(c, c.encoder_attention_heads, dt, pdt, self.functions, name="self_attn")
         self.self_attn_layer_norm = layer_norm(dt, pdt, "self_attn_layer_norm")
-        self.ffn = FeedForward(c, c.encoder_ffn_dim, dt, pdt, name="ffn")
+        self.ffn = FeedForward(c, c.encoder_ffn_dim, dt, pdt, self.functions, name="ffn")
         self.final_layer_norm = layer_norm(dt, pdt, "final_layer_norm")
         self.dropout = nn.Dropout(c.dropout)
 
@@ -230,14 +249,15 @@ class DecoderLayer(nn.Module):
     layer_index: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    functions: LayerFunctions = PLAIN
 
     def setup(self):
         c, dt, pdt = self.config, self.dtype, self.param_dtype
-        self.self_attn = Attention(c, c.decoder_attention_heads, dt, pdt, name="self_attn")
+        self.self_attn = Attention(c, c.decoder_attention_heads, dt, pdt, self.functions, name="self_attn")
         self.self_attn_layer_norm = layer_norm(dt, pdt, "self_attn_layer_norm")
-        self.encoder_attn = Attention(c, c.decoder_attention_heads, dt, pdt, name="encoder_attn")
+        self.encoder_attn = Attention(c, c.decoder_attention_heads, dt, pdt, self.functions, name="encoder_attn")
         self.encoder_attn_layer_norm = layer_norm(dt, pdt, "encoder_attn_layer_norm")
-        self.ffn = FeedForward(c, c.decoder_ffn_dim, dt, pdt, name="ffn")
+        self.ffn = FeedForward(c, c.decoder_ffn_dim, dt, pdt, self.functions, name="ffn")
         self.final_layer_norm = layer_norm(dt, pdt, "final_layer_norm")
         self.dropout = nn.Dropout(c.dropout)
 
@@ -262,8 +282,13 @@ class DecoderLayer(nn.Module):
         """
         query = self.self_attn.project_query(hidden)
         key, value = self.self_attn.project_key_value(hidden)
+        given = self.functions
+        one_token = cache is not None and hidden.shape[1] == 1 and deterministic  # a decoding step
         if cache is None:
             attended, self_weights = self.self_attn.attend(query, key, value, self_bias, deterministic)
+        elif one_token and given.cached_attention is not None:
+            attended, self_weights = given.cached_attention(
+                self.self_attn, query, key, value, cache, cache_bias, self_bias, self.layer_index)
         else:
             attended, self_weights = self.self_attn.attend_cached(
                 query, key, value, cache, cache_bias, self_bias, self.layer_index, deterministic)
@@ -272,9 +297,9 @@ class DecoderLayer(nn.Module):
         cross_weights = None
         if cross_key_value is not None:
             cross_query = self.encoder_attn.project_query(hidden)
-            if cache is not None and cache.cross_attention is not None and hidden.shape[1] == 1 and deterministic:
-                attended, cross_weights = cache.cross_attention(self.encoder_attn, cross_query, *cross_key_value,
-                                                                cross_bias)  # the decoding plan's
+            if one_token and given.cross_attention is not None:
+                attended, cross_weights = given.cross_attention(self.encoder_attn, cross_query, *cross_key_value,
+                                                                cross_bias)
             else:
                 attended, cross_weights = self.encoder_attn.attend(
                     cross_query, *cross_key_value, cross_bias, deterministic)

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.nn.cache import KVCache
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
+from bbsmall_jax.nn.layer_functions import PLAIN, LayerFunctions
 from bbsmall_jax.nn.layer_stacks import STACKED
 from bbsmall_jax.nn.layers import DecoderLayer, EncoderLayer, key_mask, layer_norm, mask_to_bias
 from bbsmall_jax.nn.layout import replicated, rows_sharded
@@ -123,6 +125,7 @@ class _Stack(nn.Module):
     scan_layers: bool = False  # full-sequence passes without per-layer outputs run the layers under lax.scan
     # each layer's activations recomputed in the backward pass, not kept (transformers' gradient checkpointing)
     remat_layers: bool = False
+    functions: LayerFunctions = PLAIN  # what the layers compute with (`layer_functions.py`)
 
     def _setup_embeddings(self):
         c = self.config
@@ -149,7 +152,7 @@ class Encoder(_Stack):
         self._setup_embeddings()
         c = self.config
         layer = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat_layers else EncoderLayer  # 3: deterministic
-        self.layers = [layer(c, self.dtype, self.param_dtype) for _ in range(c.encoder_layers)]
+        self.layers = [layer(c, self.dtype, self.param_dtype, self.functions) for _ in range(c.encoder_layers)]
 
     def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
                  inputs_embeds: Optional[Array] = None, deterministic: bool = True,
@@ -166,7 +169,7 @@ class Encoder(_Stack):
         bias = mask_to_bias(key_mask(attention_mask))  # [B, 1, 1 or S, S]
 
         if _scannable(self, self.config.encoder_layerdrop, deterministic, output_hidden_states, output_attentions):
-            layer = EncoderLayer(self.config, self.dtype, self.param_dtype, parent=None)
+            layer = EncoderLayer(self.config, self.dtype, self.param_dtype, self.functions, parent=None)
             hidden = _scan_layers(self, self.layers, hidden, deterministic, lambda params, h, rngs: layer.apply(
                 {"params": params}, h, bias, deterministic, rngs=rngs)[0])
             return EncoderOutput(last_hidden_state=hidden)
@@ -194,7 +197,7 @@ class Decoder(_Stack):
         self._setup_embeddings()
         c = self.config
         layer = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat_layers else DecoderLayer  # 5: deterministic
-        self.layers = [layer(c, i, self.dtype, self.param_dtype) for i in range(c.decoder_layers)]
+        self.layers = [layer(c, i, self.dtype, self.param_dtype, self.functions) for i in range(c.decoder_layers)]
 
     def project_cross_key_value(self, encoder_hidden_states: Array) -> tuple[Array, Array]:
         """Cross-attention keys and values of every layer, stacked: [L, B, S, H, Dh] each."""
@@ -220,7 +223,7 @@ class Decoder(_Stack):
         cached = jnp.arange(cache.max_length)[None, None, None, :] < index  # [B or 1, 1, 1, K]
         if attention_mask is not None:
             if jnp.ndim(cache.index) == 1:
-                raise ValueError("an attention_mask over the cache needs one index for all rows")
+                raise UsageError("an attention_mask over the cache needs one index for all rows")
             mask = attention_mask.astype(bool)
             cached = cached & mask[:, None, None, :]
             allowed = allowed & jax.lax.dynamic_slice_in_dim(mask, cache.index, length, axis=1)[:, None, None, :]
@@ -249,7 +252,7 @@ class Decoder(_Stack):
         cross_bias = None if encoder_mask is None else mask_to_bias(key_mask(encoder_mask))  # [B, 1, 1 or T, S]
         if cache is None and _scannable(self, c.decoder_layerdrop, deterministic, output_hidden_states,
                                         output_attentions):
-            layer = DecoderLayer(c, 0, self.dtype, self.param_dtype, parent=None)
+            layer = DecoderLayer(c, 0, self.dtype, self.param_dtype, self.functions, parent=None)
             hidden = _scan_layers(self, self.layers, hidden, deterministic, lambda params, h, rngs: layer.apply(
                 {"params": params}, h, self_bias, encoder_hidden_states, cross_bias, deterministic, rngs=rngs,
                 method="over_sequence"))
@@ -278,7 +281,8 @@ class Decoder(_Stack):
             new_kv.append(kv)
 
         if cache is not None:  # every layer's new entries written once, after all reads of the old buffers
-            cache = cache.write(jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]), hidden)
+            cache = cache.write(jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]),
+                                self.functions.write_index(cache.index, hidden))
         return DecoderOutput(
             last_hidden_state=hidden,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
@@ -295,6 +299,7 @@ class _Base(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False  # see `_Stack`
     remat_layers: bool = False  # see `_Stack`
+    functions: LayerFunctions = PLAIN  # see `_Stack`
 
     def _make_shared(self):
         c = self.config
@@ -328,9 +333,9 @@ class BlenderbotSmallSeq2Seq(_Base):
     def setup(self):
         self.shared = self._make_shared()
         self.encoder = Encoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers,
-                               self.remat_layers)
+                               self.remat_layers, self.functions)
         self.decoder = Decoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers,
-                               self.remat_layers)
+                               self.remat_layers, self.functions)
         if self.lm_head:
             self.final_logits_bias = self.param(
                 "final_logits_bias", nn.initializers.zeros, (self.config.vocab_size,), self.param_dtype)
@@ -386,7 +391,7 @@ class BlenderbotSmallDecoderOnly(_Base):
     def setup(self):
         self.shared = self._make_shared()
         self.decoder = Decoder(self.config, self.shared, self.dtype, self.param_dtype, self.scan_layers,
-                               self.remat_layers)
+                               self.remat_layers, self.functions)
 
     def decode(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,
                encoder_attention_mask=None, inputs_embeds=None, cache=None, deterministic=True,
@@ -417,14 +422,17 @@ class BlenderbotSmallDecoderOnly(_Base):
 
 
 def build_module(config: BlenderbotSmallConfig, head: Head, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32, scan_layers: bool = False, remat_layers: bool = False) -> nn.Module:
+                 param_dtype: Dtype = jnp.float32, scan_layers: bool = False, remat_layers: bool = False,
+                 functions: LayerFunctions = PLAIN) -> nn.Module:
     """The Flax module of one head; `scan_layers` runs full-sequence passes under `lax.scan` (a training plan's
-    choice: the params stay per layer); `remat_layers` recomputes each layer in the backward pass."""
+    choice: the params stay per layer); `remat_layers` recomputes each layer in the backward pass; the layers
+    compute with `functions` (a backend plan's choice)."""
     if head == "decoder_only":
-        return BlenderbotSmallDecoderOnly(config, dtype, param_dtype, scan_layers, remat_layers)
+        return BlenderbotSmallDecoderOnly(config, dtype, param_dtype, scan_layers, remat_layers, functions)
     if head not in ("seq2seq", "seq2seq_lm"):
-        raise ValueError(f"unknown head {head!r}")
-    return BlenderbotSmallSeq2Seq(config, dtype, param_dtype, scan_layers, remat_layers, lm_head=head == "seq2seq_lm")
+        raise UsageError(f"unknown head {head!r}")
+    return BlenderbotSmallSeq2Seq(config, dtype, param_dtype, scan_layers, remat_layers, functions,
+                                  lm_head=head == "seq2seq_lm")
 
 
 def init_params(module: nn.Module, rng: jax.Array) -> dict:

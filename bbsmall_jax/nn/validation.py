@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bbsmall_jax.errors import UsageError, UsageTypeError
+
 
 def is_traced(*values) -> bool:
     """Whether any of `values` (arrays or pytrees of them) is a tracer of a transformation being traced."""
@@ -31,9 +33,9 @@ def as_token_array(ids, name: str, vocab_size: int, allow_ignore_index: bool = F
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2:
-        raise ValueError(f"{name} must have shape [batch, length], got shape {tuple(array.shape)}")
+        raise UsageError(f"{name} must have shape [batch, length], got shape {tuple(array.shape)}")
     if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{name} must hold integer token ids, got dtype {array.dtype}")
+        raise UsageTypeError(f"{name} must hold integer token ids, got dtype {array.dtype}")
     if is_traced(array):
         return array.astype(jnp.int32)
     valid = (array >= 0) & (array < vocab_size)
@@ -42,7 +44,7 @@ def as_token_array(ids, name: str, vocab_size: int, allow_ignore_index: bool = F
     if not valid.all():
         bad = array[~valid]
         where = tuple(int(i) for i in np.argwhere(~valid)[0])
-        raise ValueError(f"{name} holds id {int(bad[0])} at position {where}, outside the vocabulary "
+        raise UsageError(f"{name} holds id {int(bad[0])} at position {where}, outside the vocabulary "
                          f"[0, {vocab_size}){' (or -100)' if allow_ignore_index else ''}")
     return array.astype(np.int32)
 
@@ -50,7 +52,7 @@ def as_token_array(ids, name: str, vocab_size: int, allow_ignore_index: bool = F
 def check_length(length: int, max_positions: int, name: str) -> None:
     """Learned positions stop at `max_position_embeddings`."""
     if length > max_positions:
-        raise ValueError(f"{name} has length {length}, more than max_position_embeddings={max_positions}; "
+        raise UsageError(f"{name} has length {length}, more than max_position_embeddings={max_positions}; "
                          "truncate it (the tokenizer's conversation helper keeps the most recent turns)")
 
 
@@ -62,11 +64,11 @@ def as_mask(mask, shape: tuple[int, ...], name: str) -> Optional[np.ndarray]:
     if array.ndim == 1 and len(shape) == 2 and shape[0] == 1:
         array = array[None]
     if tuple(array.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(array.shape)}, but its ids/embeddings have shape {tuple(shape)}")
+        raise UsageError(f"{name} has shape {tuple(array.shape)}, but its ids/embeddings have shape {tuple(shape)}")
     if is_traced(array):
         return array.astype(jnp.int32)
     if array.size and not np.isin(array, (0, 1)).all():
-        raise ValueError(f"{name} must hold only 0 and 1")
+        raise UsageError(f"{name} must hold only 0 and 1")
     return array.astype(np.int32)
 
 
@@ -74,27 +76,27 @@ def as_embeddings(embeds, d_model: int, name: str) -> np.ndarray:
     """A finite [B, T, d_model] float array."""
     array = _array(embeds)
     if array.ndim != 3 or array.shape[-1] != d_model:
-        raise ValueError(f"{name} must have shape [batch, length, {d_model}], got {tuple(array.shape)}")
+        raise UsageError(f"{name} must have shape [batch, length, {d_model}], got {tuple(array.shape)}")
     if not is_traced(array) and not np.isfinite(array).all():
-        raise ValueError(f"{name} holds NaN or infinite values")
+        raise UsageError(f"{name} holds NaN or infinite values")
     return array
 
 
 def exactly_one(ids, embeds, ids_name: str, embeds_name: str, required: bool = True) -> None:
     """`ids` xor `embeds`."""
     if ids is not None and embeds is not None:
-        raise ValueError(f"pass either {ids_name} or {embeds_name}, not both")
+        raise UsageError(f"pass either {ids_name} or {embeds_name}, not both")
     if required and ids is None and embeds is None:
-        raise ValueError(f"pass {ids_name} or {embeds_name}")
+        raise UsageError(f"pass {ids_name} or {embeds_name}")
 
 
 def encoder_states(states, mask, batch: int, d_model: int):
     """Validated (encoder_hidden_states, encoder_attention_mask) for a decoder-only call; both may be None."""
     if states is None:
         if mask is not None:
-            raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
+            raise UsageError("encoder_attention_mask was given without encoder_hidden_states")
         return None, None
     states = as_embeddings(states, d_model, "encoder_hidden_states")
     if states.shape[0] != batch:
-        raise ValueError(f"encoder_hidden_states have batch size {states.shape[0]}, input_ids {batch}")
+        raise UsageError(f"encoder_hidden_states have batch size {states.shape[0]}, input_ids {batch}")
     return states, as_mask(mask, states.shape[:2], "encoder_attention_mask")

@@ -10,10 +10,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.records import SEPARATORS
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Data that cannot be read or used; the message names the file (and line)."""
 
 

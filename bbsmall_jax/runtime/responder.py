@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.generation.config import GLOBAL_DEFAULTS, GenerationConfig
 from bbsmall_jax.pretrained import BlenderbotSmallForConditionalGeneration
 from bbsmall_jax.runtime.models import model_directory
@@ -30,9 +31,10 @@ def enable_compilation_cache(directory: Optional[str] = None) -> str:
     return directory
 
 
-def load_chat_model(name: Optional[str] = None, dtype: str = "auto"):
+def load_chat_model(name: Optional[str] = None, dtype: str = "auto", decode_path: Optional[str] = None):
     """(model, tokenizer) from a local directory, a hub id, or the embedded demo model (`name` None or "demo");
-    `dtype` "auto" computes in bfloat16 on GPU/TPU and float32 on the CPU."""
+    `dtype` "auto" computes in bfloat16 on GPU/TPU and float32 on the CPU; the model decodes on `decode_path`
+    (None: the backend's own)."""
     import jax
 
     from bbsmall_jax.runtime.precision import compute_dtype
@@ -42,6 +44,7 @@ def load_chat_model(name: Optional[str] = None, dtype: str = "auto"):
     if not os.path.isfile(os.path.join(directory, "vocab.json")):
         raise FileNotFoundError(f"{name or directory} has no tokenizer files (vocab.json, merges.txt)")
     model = BlenderbotSmallForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+    model.decode_path = decode_path
     return model, BlenderbotSmallTokenizer.from_pretrained(directory)
 
 
@@ -69,7 +72,7 @@ class Responder:
         limit = model.config.max_position_embeddings
         if max_context_tokens is not None and (isinstance(max_context_tokens, bool) or not isinstance(
                 max_context_tokens, int) or not 1 <= max_context_tokens <= limit):
-            raise ValueError(f"the context limit (--max-context, max_context_tokens) must be an integer in "
+            raise UsageError(f"the context limit (--max-context, max_context_tokens) must be an integer in "
                              f"[1, {limit}], the model's positions; got {max_context_tokens!r}")
         self.max_context_tokens = limit if max_context_tokens is None else max_context_tokens
         self.turn_separator = turn_separator

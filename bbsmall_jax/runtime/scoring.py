@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.generation.prepare import bucket_length
 from bbsmall_jax.nn.model import label_log_probs, shift_tokens_right
 from bbsmall_jax.runtime.examples import TokenizedExamples
@@ -167,7 +168,7 @@ def reply_token_log_probs(model, contexts: list[list[int]], replies: list[list[i
     Shapes are padded (rows to a power of two, lengths to `bucket_length`) so few programs compile, and the rows
     go in calls whose float32 logits stay under LOGITS_BUDGET bytes."""
     if len(contexts) != len(replies):
-        raise ValueError(f"{len(contexts)} contexts for {len(replies)} replies")
+        raise UsageError(f"{len(contexts)} contexts for {len(replies)} replies")
     if not contexts:
         return []
     config = model.config

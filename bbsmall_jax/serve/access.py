@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlsplit
 
+from bbsmall_jax.errors import UsageError
+
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 MAX_HEADERS = 100  # count of request headers; their size is bounded by uvicorn's parser
 CORS_HEADERS = "authorization, content-type"
@@ -44,7 +46,7 @@ def parse_origins(text: Optional[str]) -> tuple[str, ...]:
     for origin in origins:
         parts = urlsplit(origin)
         if origin != "*" and (parts.scheme not in ("http", "https") or not parts.hostname or parts.path):
-            raise ValueError(f"--allowed-origins: {origin!r} is not an origin like https://example.com:8443 or *")
+            raise UsageError(f"--allowed-origins: {origin!r} is not an origin like https://example.com:8443 or *")
     return origins
 
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import socket
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.serve.access import parse_origins
 
 
@@ -62,36 +63,36 @@ def parse_sizes(text: str, flag: str, allow_none: bool = False) -> tuple[int, ..
     try:
         sizes = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated integers such as 1,2,4") from None
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers such as 1,2,4") from None
     if not sizes or sizes[0] < 1:
-        raise ValueError(f"{flag} {text!r}: expected positive integers")
+        raise UsageError(f"{flag} {text!r}: expected positive integers")
     return sizes
 
 
 def check_flags(args: argparse.Namespace) -> None:
     """Clear errors for the serving flags, before the model loads."""
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port}: expected 0-65535")
+        raise UsageError(f"--port {args.port}: expected 0-65535")
     for name, minimum in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1024), ("slots", 1),
                           ("engine_steps", 1)):
         if getattr(args, name) < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {minimum}")
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {minimum}")
     if args.max_wait_ms < 0:
-        raise ValueError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
+        raise UsageError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
     for name in ("drain_timeout", "body_timeout"):
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
     if args.api_key is not None and (not args.api_key.strip() or not args.api_key.isprintable()
                                      or not args.api_key.isascii() or " " in args.api_key):
-        raise ValueError("--api-key (or BBSMALL_API_KEY): the key must be printable ASCII without spaces")
+        raise UsageError("--api-key (or BBSMALL_API_KEY): the key must be printable ASCII without spaces")
     parse_origins(args.allowed_origins)
     if args.batch_buckets is not None:
         buckets = parse_sizes(args.batch_buckets, "--batch-buckets")
         odd = [b for b in buckets if b & (b - 1)]
         if odd:
-            raise ValueError(f"--batch-buckets: {odd[0]} is not a power of two (generate pads batches to one)")
+            raise UsageError(f"--batch-buckets: {odd[0]} is not a power of two (generate pads batches to one)")
         if buckets[-1] < args.max_batch:
-            raise ValueError(f"--batch-buckets {args.batch_buckets}: the largest ({buckets[-1]}) is below "
+            raise UsageError(f"--batch-buckets {args.batch_buckets}: the largest ({buckets[-1]}) is below "
                              f"--max-batch {args.max_batch}")
     parse_sizes(args.warmup_lengths, "--warmup-lengths", allow_none=True)
     check_address(args.host, args.port)
@@ -104,10 +105,10 @@ def check_address(host: str, port: int) -> None:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as err:
-        raise ValueError(f"--host {host!r} does not resolve to an address ({getattr(err, 'strerror', err)})") from None
+        raise UsageError(f"--host {host!r} does not resolve to an address ({getattr(err, 'strerror', err)})") from None
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
             probe.bind(address)
         except OSError as err:
-            raise ValueError(f"cannot listen on --host {host} --port {port}: {err.strerror or err}") from None
+            raise UsageError(f"cannot listen on --host {host} --port {port}: {err.strerror or err}") from None

@@ -7,6 +7,7 @@ import threading
 from typing import Iterable, Optional, Sequence
 
 from bbsmall_jax.compilations import CompilationCounter
+from bbsmall_jax.errors import UsageError
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -39,7 +40,7 @@ class _Metric:
 
     def _key(self, labels: dict) -> tuple:
         if set(labels) != set(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {tuple(labels)}")
+            raise UsageError(f"{self.name} takes labels {self.label_names}, got {tuple(labels)}")
         return tuple(str(labels[n]) for n in self.label_names)
 
     def header(self) -> list[str]:
@@ -59,7 +60,7 @@ class Counter(_Metric):
     def inc(self, amount: float = 1.0, **labels) -> None:
         """Add `amount` (>= 0) to the counter of these labels."""
         if amount < 0:
-            raise ValueError(f"{self.name}: a counter cannot decrease (amount {amount})")
+            raise UsageError(f"{self.name}: a counter cannot decrease (amount {amount})")
         key = self._key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount

@@ -7,6 +7,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.records import SURROGATE_OR_NUL, field_matching
 
 ROLES = ("system", "developer", "user", "assistant", "tool")  # a tool message's text is read as a dialogue turn
@@ -111,7 +112,7 @@ def _validation_error(err: ValidationError) -> ApiError:
 
 def _no_constant(name: str):
     """json.loads' hook for NaN and Infinity, which JSON does not have."""
-    raise ValueError(f"{name} is not JSON")
+    raise UsageError(f"{name} is not JSON")
 
 
 def parse_request(body: bytes, strict_fields: bool = True, ignored: Optional[list] = None) -> ChatCompletionRequest:

@@ -1,12 +1,7 @@
-"""Test utilities: random-weight transformers reference models, training fixtures, compilation counts.
+"""Test utilities: random-weight transformers reference models, training fixtures, loopback addresses.
 
 The reference models need the `test` extra (torch, transformers); nothing in the package imports them.
 """
-
-
-def compilations(model) -> int:
-    """How many generation programs `model` has compiled (one per plan, static settings and shapes)."""
-    return sum(program._cache_size() for program in model.__dict__.get("_programs", {}).values())
 
 
 def free_loopback_port() -> int:

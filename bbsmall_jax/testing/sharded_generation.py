@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import numpy as np
 
@@ -27,7 +26,6 @@ def main() -> None:
     import jax
 
     from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForConditionalGeneration
-    from bbsmall_jax.generation.plan import PATH_VARIABLE
     from bbsmall_jax.testing.shapes import TINY
 
     model = BlenderbotSmallForConditionalGeneration(BlenderbotSmallConfig(**dict(TINY, init_std=0.3)), seed=2)
@@ -36,7 +34,7 @@ def main() -> None:
         ids = rng.integers(3, TINY["vocab_size"], (batch, 11))
         mask = (np.arange(11)[None] < rng.integers(4, 12, (batch, 1))).astype(np.int32)
         for path in args.paths.split(","):
-            os.environ[PATH_VARIABLE] = path
+            model.decode_path = path
             for k, name in enumerate(args.strategies.split(",")):
                 kwargs = dict(STRATEGIES[name], output_scores=True, return_dict_in_generate=True,
                               prng_key=jax.random.PRNGKey(batch))

@@ -6,6 +6,8 @@ from itertools import chain
 
 import numpy as np
 
+from bbsmall_jax.errors import UsageError
+
 
 class BatchEncoding(dict):
     """`input_ids` / `attention_mask` dict that also allows attribute access."""
@@ -25,16 +27,16 @@ def resolve(padding, truncation, max_length, model_max_length, pad_token_id):
     cut_modes = {None: False, False: False, "do_not_truncate": False, "only_second": False,
                  True: True, "longest_first": True, "only_first": True}
     if padding not in pad_modes or truncation not in cut_modes:
-        raise ValueError(f"unsupported padding={padding!r} or truncation={truncation!r}")
+        raise UsageError(f"unsupported padding={padding!r} or truncation={truncation!r}")
     padding, truncate = pad_modes[padding], cut_modes[truncation]
     if max_length is None:
         max_length = model_max_length
         padding = None if padding == "max_length" and max_length is None else padding
         truncate = truncate and max_length is not None
     if max_length is not None and max_length < 1 and (truncate or padding == "max_length"):
-        raise ValueError(f"max_length={max_length} is too short: truncation cannot make a sequence shorter than 1")
+        raise UsageError(f"max_length={max_length} is too short: truncation cannot make a sequence shorter than 1")
     if padding and pad_token_id is None:
-        raise ValueError("padding needs a pad_token")
+        raise UsageError("padding needs a pad_token")
     return padding, truncate, max_length
 
 def to_lists(ids: list[list[int]], target: int | None, left: bool, pad_token_id) -> BatchEncoding:
@@ -52,7 +54,7 @@ def to_numpy(ids: list[list[int]], target: int | None, left: bool, pad_token_id)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     longest = int(lengths.max(initial=0))
     if target is None and (lengths != longest).any() or target is not None and longest > target:
-        raise ValueError("sequences have different lengths; pass padding=True (and truncation) for numpy output")
+        raise UsageError("sequences have different lengths; pass padding=True (and truncation) for numpy output")
     width = longest if target is None else target
     positions = np.arange(width)
     mask = positions >= (width - lengths)[:, None] if left else positions < lengths[:, None]

@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from bbsmall_jax.errors import UsageError, UsageTypeError
 from bbsmall_jax.jsonfiles import read_json_object
 
 # Unicode White_Space, which is what `\s` means in the `regex` module transformers uses.
@@ -45,7 +46,7 @@ class AddedToken:
             return cls(**{k: v for k, v in value.items() if k != "__type"})
         if isinstance(value, str):
             return cls(value)
-        raise TypeError(f"special tokens must be str or dict, got {type(value).__name__}")
+        raise UsageTypeError(f"special tokens must be str or dict, got {type(value).__name__}")
 
     def to_json(self) -> dict:
         """The dict transformers writes in `added_tokens_decoder`."""
@@ -77,18 +78,18 @@ def read_vocab(path: str) -> dict[str, int]:
     try:
         pairs = json.loads(text, object_pairs_hook=_Pairs)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+        raise UsageError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(pairs, _Pairs):
-        raise ValueError(f"{path}: expected a JSON object mapping tokens to ids, got {type(pairs).__name__}")
+        raise UsageError(f"{path}: expected a JSON object mapping tokens to ids, got {type(pairs).__name__}")
     vocab: dict[str, int] = {}
     for token, index in pairs:
         if type(index) is not int or index < 0:
-            raise ValueError(f"{path}, line {_line_of(text, token)}: id of {token!r} is {index!r}, "
+            raise UsageError(f"{path}, line {_line_of(text, token)}: id of {token!r} is {index!r}, "
                              "expected an integer >= 0")
         if token in vocab:
-            raise ValueError(f"{path}: token {token!r} appears twice (ids {vocab[token]} and {index})")
+            raise UsageError(f"{path}: token {token!r} appears twice (ids {vocab[token]} and {index})")
         if SURROGATE.search(token):
-            raise ValueError(f"{path}, line {_line_of(text, token)}: token {token!r} holds a lone surrogate, "
+            raise UsageError(f"{path}, line {_line_of(text, token)}: token {token!r} holds a lone surrogate, "
                              "which is not text")
         vocab[token] = index
     shared: dict[int, list[str]] = {}
@@ -98,7 +99,7 @@ def read_vocab(path: str) -> dict[str, int]:
     if repeated:
         listed = "; ".join(f"{index}: {', '.join(map(repr, tokens[:3]))}" for index, tokens in
                            sorted(repeated.items())[:5])
-        raise ValueError(f"{path}: ids given to several tokens: {listed}; each token needs its own id")
+        raise UsageError(f"{path}: ids given to several tokens: {listed}; each token needs its own id")
     return vocab
 
 
@@ -107,14 +108,14 @@ def read_merges(path: str) -> tuple[list[tuple[str, str]], list[int]]:
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     if not lines[0].startswith("#"):
-        raise ValueError(f"{path}, line 1: expected a '#version' header line, got {lines[0]!r}")
+        raise UsageError(f"{path}, line 1: expected a '#version' header line, got {lines[0]!r}")
     merges, numbers = [], []
     for number, line in enumerate(lines[1:-1], start=2):  # like the reference, the text after the last "\n" is ignored
         parts = line.split()
         if not parts:  # a blank line merges nothing, for the reference too
             continue
         if len(parts) != 2:
-            raise ValueError(f"{path}, line {number}: expected two space-separated symbols, got {line!r}")
+            raise UsageError(f"{path}, line {number}: expected two space-separated symbols, got {line!r}")
         merges.append((parts[0], parts[1]))
         numbers.append(number)
     return merges, numbers

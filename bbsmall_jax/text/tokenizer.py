@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 
 from bbsmall_jax.atomic import write_atomic
+from bbsmall_jax.errors import UsageError, UsageTypeError
 from bbsmall_jax.text import batching
 from bbsmall_jax.text import reference as ref
 from bbsmall_jax.text.reference import AddedToken
@@ -36,7 +37,7 @@ class BlenderbotSmallTokenizer:
         merges, merge_lines = ref.read_merges(merges_file)
         self.bpe_ranks = dict(zip(merges, range(len(merges))))  # a repeated merge keeps its last rank
         if unk_token is None:
-            raise ValueError("unk_token must be set")
+            raise UsageError("unk_token must be set")
         for name, value in zip(ref.SPECIAL_NAMES, (bos_token, eos_token, unk_token, pad_token)):
             setattr(self, name, None if value is None else AddedToken.coerce(value).content)
         extra = extra_special_tokens or additional_special_tokens or []
@@ -83,7 +84,7 @@ class BlenderbotSmallTokenizer:
             symbol = a + b
             token = ref.symbol_token(symbol)
             if last_use.get(symbol, -1) <= rank and token not in self._added_ids and token.lower() not in self.encoder:
-                raise ValueError(f"{merges_file}, line {line}: merge {a!r} + {b!r} makes token {token!r}, "
+                raise UsageError(f"{merges_file}, line {line}: merge {a!r} + {b!r} makes token {token!r}, "
                                  f"which {vocab_file} does not contain (vocab and merges disagree)")
 
     def _check_coverage(self, merges, vocab_file, merges_file) -> None:
@@ -144,9 +145,9 @@ class BlenderbotSmallTokenizer:
         """
         batched = isinstance(text, (list, tuple))
         if not batched and not isinstance(text, str):
-            raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
+            raise UsageTypeError(f"text must be a str or a list of str, got {type(text).__name__}")
         if return_tensors not in (None, "np"):
-            raise ValueError(f"return_tensors must be None or 'np', got {return_tensors!r}")
+            raise UsageError(f"return_tensors must be None or 'np', got {return_tensors!r}")
         padding, truncate, max_length = batching.resolve(padding, truncation, max_length, self.model_max_length,
                                                           self.pad_token_id)
         left = (padding_side or self.padding_side) == "left"
@@ -174,7 +175,7 @@ class BlenderbotSmallTokenizer:
     def tokenize(self, text: str) -> list[str]:
         """Token strings of a text (plain-Python path)."""
         if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+            raise UsageTypeError(f"text must be a str, got {type(text).__name__}")
         return self._reference.tokenize(text)
 
     def encode_conversation(self, turns, max_length: int = 512, turn_separator: str = "\n",
@@ -187,13 +188,13 @@ class BlenderbotSmallTokenizer:
         that each turn tokenizes the same alone as inside the joined text.
         """
         if isinstance(turns, str) or not all(isinstance(t, str) for t in turns):
-            raise TypeError("turns must be a list of str")
+            raise UsageTypeError("turns must be a list of str")
         if not turn_separator or (ref.WORD_RE.match(turn_separator[-1]) and not any(
                 turn_separator.endswith(t) for t in self._added)):
-            raise ValueError(f"turn_separator {turn_separator!r} must end in whitespace or an added token")
+            raise UsageError(f"turn_separator {turn_separator!r} must end in whitespace or an added token")
         budget = max_length - (1 if add_end else 0)
         if budget < 1:
-            raise ValueError(f"max_length={max_length} leaves no room for the conversation")
+            raise UsageError(f"max_length={max_length} leaves no room for the conversation")
         kept: list[int] = []
         for ids in reversed(self._words.encode_texts([turn + turn_separator for turn in turns[:-1]] + list(turns[-1:]))):
             if len(kept) + len(ids) > budget:
@@ -251,7 +252,7 @@ class BlenderbotSmallTokenizer:
             where = "" if position is None else f" at position {position}"
             hint = " (-100 is label padding: decode with skip_special_tokens=True to drop it)" \
                 if index == LABEL_PADDING else ""
-            raise ValueError(f"token id {index}{where} is not in the vocabulary{hint}")
+            raise UsageError(f"token id {index}{where} is not in the vocabulary{hint}")
         return token
 
     def convert_tokens_to_ids(self, tokens):
@@ -294,5 +295,5 @@ def _as_id(index, position) -> int:
     """An id as a Python int; TypeError naming a value that is not an integer."""
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
         where = "" if position is None else f" at position {position}"
-        raise TypeError(f"token id{where} is {index!r}, not an integer")
+        raise UsageTypeError(f"token id{where} is {index!r}, not an integer")
     return int(index)

@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections import Counter
 
+from bbsmall_jax.errors import UsageError, UsageTypeError
 from bbsmall_jax.text.tokenizer import BlenderbotSmallTokenizer
 from bbsmall_jax.text.reference import (CONTINUATION, END_OF_WORD, SURROGATE, WORD_RE, special_token_pattern,
                                         symbol_token, word_pieces)
@@ -19,7 +20,7 @@ def _piece_counts(texts) -> Counter:
     words = Counter()
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise TypeError(f"texts must be str; item {i} is {type(text).__name__}")
+            raise UsageTypeError(f"texts must be str; item {i} is {type(text).__name__}")
         words.update(WORD_RE.findall(text))
     specials = special_token_pattern(SPECIAL_TOKENS)
     pieces = Counter()
@@ -46,7 +47,7 @@ def train_tokenizer(texts, vocab_size: int, directory=None, min_frequency: int =
     word_final = {piece[-1] for piece in pieces}
     smallest = len(SPECIAL_TOKENS) + 2 * len(alphabet)
     if vocab_size < smallest:
-        raise ValueError(f"vocab_size={vocab_size} cannot hold the 4 special tokens and both forms of the "
+        raise UsageError(f"vocab_size={vocab_size} cannot hold the 4 special tokens and both forms of the "
                          f"{len(alphabet)} characters seen; use at least {smallest}")
     # The trainer counts each character once plus its `</w>` form if it ends a piece; we add the missing forms.
     trainer_size = vocab_size - len(SPECIAL_TOKENS) - (len(alphabet) - len(word_final))

@@ -7,6 +7,7 @@ import re
 from contextlib import contextmanager
 from itertools import chain
 
+from bbsmall_jax.errors import UsageTypeError
 from bbsmall_jax.text import reference as ref
 
 # A batch is joined into one string and cut with str.split(). _TEXT_BREAK stands alone between texts and
@@ -109,7 +110,8 @@ class WordEncoder:
             joined = f" {_TEXT_BREAK} ".join(texts)
         except TypeError:
             bad = next(i for i, text in enumerate(texts) if not isinstance(text, str))
-            raise TypeError(f"text must be a str or a list of str; item {bad} is {type(texts[bad]).__name__}") from None
+            raise UsageTypeError(
+                f"text must be a str or a list of str; item {bad} is {type(texts[bad]).__name__}") from None
         if not self.word_level:
             return [self._encode_segments(text) for text in texts]
         if joined.count(_TEXT_BREAK) != len(texts) - 1 or any(ch in joined for ch in _SPLIT_UNSAFE):

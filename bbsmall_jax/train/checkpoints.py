@@ -12,6 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from bbsmall_jax.atomic import write_atomic
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.train.checksums import check_finite_params, state_checksums, verify
 from bbsmall_jax.train.config import RESUMABLE_FIELDS, ConfigError, TrainConfig
 from bbsmall_jax.train.steps import State
@@ -41,7 +42,7 @@ class CheckpointStore:
     def read_meta(self, step: int) -> dict:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict) or not all(type(meta.get(k)) is int for k in ("step", "epoch", "index")):
-            raise ValueError(f"its metadata is not a mapping with integer step, epoch and index: {str(meta)[:80]}")
+            raise UsageError(f"its metadata is not a mapping with integer step, epoch and index: {str(meta)[:80]}")
         return meta
 
     def newest_meta(self) -> Optional[dict]:

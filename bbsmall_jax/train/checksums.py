@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bbsmall_jax.errors import UsageError
+
 GOLDEN = 0x9E3779B9  # odd: the second lane's weights are i * GOLDEN | 1
 
 
-class ChecksumError(ValueError):
+class ChecksumError(UsageError):
     """A restored array differs from the one saved (or a restored param is not finite)."""
 
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import yaml
 
 from bbsmall_jax.atomic import write_atomic
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.nn.config import BlenderbotSmallConfig
 from bbsmall_jax.records import SEPARATORS
 
@@ -24,7 +25,7 @@ RESUMABLE_FIELDS = ("max_steps", "save_every", "keep_checkpoints", "log_every", 
                     "eval_batches", "progress", "prefetch", "peak_flops", "fsdp", "profile_steps")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A training config that cannot be used; the message names the offending key."""
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from bbsmall_jax.errors import UsageError
 from bbsmall_jax.nn.model import shift_tokens_right
 from bbsmall_jax.runtime.examples import TokenizedExamples
 from bbsmall_jax.train.data import BucketBatcher
@@ -62,7 +63,7 @@ class PackedBatcher(BucketBatcher):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not self.drop_remainder:
-            raise ValueError("packed batches are for training: evaluation keeps one example per row")
+            raise UsageError("packed batches are for training: evaluation keeps one example per row")
 
     def bucket_batches(self, bucket: int, examples: np.ndarray) -> list[np.ndarray]:
         """One bucket's `examples` packed, in order, into rows of its shape; full batches of them only."""

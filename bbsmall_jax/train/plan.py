@@ -1,10 +1,10 @@
 """The training plan: every backend-specific choice of the train step, made once per (backend, dtype).
 
 The model's layers know nothing of the backend; what differs between XLA's CPU and accelerator backends
-sits here, as generation's sits in `generation/plan.py`: how the LM head and the loss are computed, how
-Dense layers are traced, whether layers run under `lax.scan`, which RNG dropout draws from, and how the tied
-embedding is laid out. `BBSMALL_TRAIN_LOSS=fused|plain` forces the loss path
-(both are tested on CPU).
+sits here, as generation's sits in `generation/plan.py`: how the LM head and the loss are computed, which
+dense function the layers are given (`layer_functions`), whether layers run under `lax.scan`, which RNG
+dropout draws from, and how the tied embedding is laid out. `BBSMALL_TRAIN_LOSS=fused|plain` forces the
+loss path (both are tested on CPU).
 
 Measured on the 90M shape on a 2-core AVX2 CPU and left out: dropout keys stay threefry (`rbg` and
 `unsafe_rbg` keys made a step 3-5% slower); XLA's CPU options stay at their defaults (Eigen matmuls
@@ -14,14 +14,15 @@ graph fusion and the FAST_RUNTIME preset were within 3%).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
+
+from bbsmall_jax.errors import UsageError
+from bbsmall_jax.nn.layer_functions import PLAIN, LayerFunctions
 
 # rbg's bits partitioned like the arrays they mask: each device draws its own rows' bits (otherwise every
 # device draws the whole batch's and keeps its slice). MaxText sets the same for its rbg keys.
@@ -49,9 +50,9 @@ class TrainingPlan:
 
     def __post_init__(self):
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+            raise UsageError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.dropout_rng not in DROPOUT_RNGS:
-            raise ValueError(f"dropout_rng must be one of {', '.join(DROPOUT_RNGS)}, got {self.dropout_rng!r}")
+            raise UsageError(f"dropout_rng must be one of {', '.join(DROPOUT_RNGS)}, got {self.dropout_rng!r}")
 
     def module_options(self) -> dict:
         """What `build_module` is given besides the config and dtypes."""
@@ -68,9 +69,13 @@ class TrainingPlan:
             return key
         return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=self.dropout_rng)
 
-    def trace_context(self) -> contextlib.AbstractContextManager:
-        """The context the model is applied in while a train or eval step is traced."""
-        return nn.intercept_methods(_flat_dense) if self.flat_dense else contextlib.nullcontext()
+    def layer_functions(self) -> LayerFunctions:
+        """What the model's layers compute with in the train and eval steps (`nn/layer_functions.py`)."""
+        return LayerFunctions(dense=_flat_dense) if self.flat_dense else PLAIN
+
+    def training_module(self, module):
+        """`module` computing with this plan's layer functions."""
+        return module.clone(functions=self.layer_functions())
 
     def describe(self) -> str:
         """One line for logs and benchmark reports."""
@@ -104,14 +109,10 @@ def _matmul_bwd(residuals, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _flat_dense(next_fun, args, kwargs, context):
-    """Method interceptor: a Dense layer over rows [N, features] whatever its input's rank, as `_matmul`."""
-    module = context.module
-    if not (isinstance(module, nn.Dense) and context.method_name == "__call__" and args and not kwargs):
-        return next_fun(*args, **kwargs)
-    params = module.variables["params"]
-    # What nn.Dense computes (all our Dense layers have a bias and the default precision).
-    x, kernel, bias = promote_dtype(args[0], params["kernel"], params["bias"], dtype=module.dtype)
+def _flat_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype, laid_out=None) -> jax.Array:
+    """A linear layer over rows [N, features] whatever its input's rank, as `_matmul` (what flax's `nn.Dense`
+    computes otherwise: default precision, bias added)."""
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
     y = _matmul(x.reshape(-1, x.shape[-1]), kernel) + bias
     return y.reshape(x.shape[:-1] + y.shape[-1:])
 
@@ -120,7 +121,7 @@ def requested_loss() -> str:
     """`BBSMALL_TRAIN_LOSS` if set, else "fused"."""
     loss = os.environ.get(LOSS_VARIABLE, "").strip().lower() or "fused"
     if loss not in LOSSES:
-        raise ValueError(f"{LOSS_VARIABLE}={os.environ[LOSS_VARIABLE]!r}: expected one of {', '.join(LOSSES)}")
+        raise UsageError(f"{LOSS_VARIABLE}={os.environ[LOSS_VARIABLE]!r}: expected one of {', '.join(LOSSES)}")
     return loss
 
 

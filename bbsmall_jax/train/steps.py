@@ -106,17 +106,15 @@ def _features(module, params, batch: dict, dropout_rng: Optional[jax.Array], pla
               method=_decoder_hidden):
     """The decoder's last hidden state of one batch (what `method` returns; packed rows have their own method);
     dropout on when a key is given."""
-    config = module.config
+    config, module = module.config, plan.training_module(module)
     rngs = {} if dropout_rng is None else {"dropout": plan.dropout_key(dropout_rng)}
     if is_packed(batch):
         inputs = packed_model_inputs(batch, config.pad_token_id, config.decoder_start_token_id)
-        with plan.trace_context():
-            return module.apply({"params": params}, batch["input_ids"], inputs, dropout_rng is None, rngs=rngs,
-                                method=_packed_decoder_hidden)
+        return module.apply({"params": params}, batch["input_ids"], inputs, dropout_rng is None, rngs=rngs,
+                            method=_packed_decoder_hidden)
     decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
-    with plan.trace_context():
-        return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
-                            dropout_rng is None, rngs=rngs, method=method)
+    return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
+                        dropout_rng is None, rngs=rngs, method=method)
 
 
 def _head_loss(module, params, hidden: jax.Array, labels: jax.Array, label_smoothing: float, plan: TrainingPlan,

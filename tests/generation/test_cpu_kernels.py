@@ -11,7 +11,8 @@ from flax import linen as nn
 from bbsmall_jax.generation import cpu_kernel as cpu_kernels
 from bbsmall_jax.generation import cpu_path
 from bbsmall_jax.generation import plan as plan_lib
-from bbsmall_jax.generation.plan import PATH_VARIABLE
+from bbsmall_jax.nn.layer_functions import KERNEL_LAYOUTS, LayerFunctions
+from bbsmall_jax.nn.layers import Linear
 from bbsmall_jax.testing.reference_models import assert_same
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernel not built or no AVX-512 here")
@@ -82,13 +83,14 @@ def test_pack_dense_kernels_mirrors_the_params_tree():
 
 @needs_kernel
 def test_dense_with_its_packed_kernel_equals_plain_dense():
-    layer = nn.Dense(70, kernel_init=jax.nn.initializers.normal(0.5))
+    layer = Linear(70, 0.5, functions=LayerFunctions(dense=cpu_path.dense))
     x = jax.random.normal(jax.random.PRNGKey(1), (10, 1, 33))
     params = layer.init(jax.random.PRNGKey(0), x)["params"]
     params = {"kernel": params["kernel"], "bias": jax.random.normal(jax.random.PRNGKey(2), (70,))}
-    plain = layer.apply({"params": params}, x)
-    with cpu_path.step_context(cpu_kernels.pack_dense_kernels(params)):
-        packed = layer.apply({"params": params}, x)
+    plain = nn.Dense(70).apply({"params": params}, x)
+    unpacked = layer.apply({"params": params}, x)  # no packed kernel given: the plain matmul
+    packed = layer.apply({"params": params, KERNEL_LAYOUTS: cpu_kernels.pack_dense_kernels(params)}, x)
+    np.testing.assert_array_equal(np.asarray(unpacked), np.asarray(plain))
     np.testing.assert_allclose(np.asarray(packed), np.asarray(plain), rtol=1e-5, atol=1e-5)
 
 
@@ -97,15 +99,14 @@ def test_generation_without_the_kernel_gives_the_same_tokens(models, prompts, mo
     """The CPU path with XLA's matmul (CPUs without AVX-512) against transformers, and the kernel's copies
     are not reused for it."""
     hf, ours = models
-    monkeypatch.setenv(PATH_VARIABLE, "cpu")
+    monkeypatch.setattr(ours, "decode_path", "cpu")
     for kwargs in (dict(num_beams=4, max_length=20, no_repeat_ngram_size=3, min_length=8),
                    dict(max_length=16, min_length=10)):
         assert ours.decoding_plan(4).cpu_kernel
         with_kernel = assert_same(hf, ours, *prompts, **kwargs)
-        monkeypatch.setattr(plan_lib, "_kernel_usable", lambda: False)
-        assert not ours.decoding_plan(4).cpu_kernel
-        without = assert_same(hf, ours, *prompts, **kwargs)
-        monkeypatch.undo()
-        monkeypatch.setenv(PATH_VARIABLE, "cpu")
+        with monkeypatch.context() as patched:
+            patched.setattr(plan_lib, "_kernel_usable", lambda: False)
+            assert not ours.decoding_plan(4).cpu_kernel
+            without = assert_same(hf, ours, *prompts, **kwargs)
         np.testing.assert_array_equal(with_kernel, without)
-        assert ours._decoding_weights(ours.params, ours.decoding_plan(4))[1] is not None
+        assert ours.sampler.decoding_weights(ours.params, ours.decoding_plan(4))[1] is not None

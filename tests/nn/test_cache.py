@@ -8,30 +8,21 @@ import pytest
 from bbsmall_jax import BlenderbotSmallConfig, BlenderbotSmallForCausalLM, BlenderbotSmallForConditionalGeneration
 from bbsmall_jax.generation.plan import PORTABLE, choose_plan
 from bbsmall_jax.nn.cache import KVCache
-from bbsmall_jax.testing import compilations
+from bbsmall_jax.compilations import CompilationCounter
 from bbsmall_jax.testing.shapes import TINY
 
 
 @pytest.fixture(params=["portable", "cpu"])
 def plan(request):
-    """Each decoding path's way of running a step (the CPU path's interceptors and cache writes)."""
+    """Each decoding path's way of running a step (its layer functions and cache layout)."""
     return PORTABLE if request.param == "portable" else choose_plan("cpu", jnp.float32, rows=2)
 
 
-def planned(plan, step):
-    """`step(tokens, cache)` jitted, traced in the plan's step context (on a cache from `plan_cache`)."""
-    def run(tokens, cache):
-        with plan.step_context(None):
-            return step(tokens, cache)
-    return jax.jit(run)
-
-
 def plan_cache(plan, cache: KVCache) -> KVCache:
-    """`cache` (empty so far) laid out, written and read as the plan's."""
+    """`cache` (empty so far) laid out as the plan's."""
     rows, length = cache.rows, cache.max_length
     empty = KVCache.empty(BlenderbotSmallConfig(**TINY), rows, length, cache.entries.dtype, plan.time_major_cache)
-    return cache.replace(entries=empty.entries, time_major=plan.time_major_cache,
-                         ordered_writes=plan.ordered_writes, **plan.cache_attention())
+    return cache.replace(entries=empty.entries, time_major=plan.time_major_cache)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def seq2seq():
 
 
 def test_step_by_step_with_cache_equals_full_decoder(seq2seq, plan):
-    module, variables = seq2seq.module, {"params": seq2seq.params}
+    module, variables = plan.decoding_module(seq2seq.module), {"params": seq2seq.params}
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(3, 101, (2, 7)), jnp.int32)
     mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3], jnp.int32)
@@ -59,7 +50,7 @@ def test_step_by_step_with_cache_equals_full_decoder(seq2seq, plan):
         out = module.apply(variables, decoder_input_ids=tokens, cache=cache, method="decode")
         return module.apply(variables, out.last_hidden_state, method="logits"), out.cache
 
-    step = planned(plan, decode)
+    step = jax.jit(decode)
 
     logits, cache = step(decoder_ids[:, :2], cache)  # a two-token prefill, then one token per step
     steps = [logits]
@@ -72,11 +63,11 @@ def test_step_by_step_with_cache_equals_full_decoder(seq2seq, plan):
 
 def test_decoder_only_step_by_step_with_cache_equals_full_decoder(plan):
     model = BlenderbotSmallForCausalLM(BlenderbotSmallConfig(**TINY), seed=4)
-    module, variables = model.module, {"params": model.params}
+    module, variables = plan.decoding_module(model.module), {"params": model.params}
     ids = jnp.asarray(np.random.default_rng(1).integers(3, 101, (2, 5)), jnp.int32)
     full = module.apply(variables, ids, method="decode").last_hidden_state
     cache = module.apply(variables, 2, 8, method="init_cache")
-    step = planned(plan, lambda tokens, cache: module.apply(variables, input_ids=tokens, cache=cache, method="decode"))
+    step = jax.jit(lambda tokens, cache: module.apply(variables, input_ids=tokens, cache=cache, method="decode"))
     hidden = []
     for t in range(5):
         out = step(ids[:, t:t + 1], cache)
@@ -87,14 +78,14 @@ def test_decoder_only_step_by_step_with_cache_equals_full_decoder(plan):
 
 def test_cached_attention_weights_match_the_full_decoder(seq2seq, plan):
     """One-token steps read the cache through growing windows; their weights still cover the whole buffer."""
-    module, variables = seq2seq.module, {"params": seq2seq.params}
+    module, variables = plan.decoding_module(seq2seq.module), {"params": seq2seq.params}
     rng = np.random.default_rng(2)
     encoded = jnp.asarray(rng.normal(size=(2, 3, 32)), jnp.float32)
     decoder_ids = jnp.asarray(rng.integers(3, 101, (2, 9)), jnp.int32)
     full = module.apply(variables, decoder_input_ids=decoder_ids, encoder_hidden_states=encoded,
                         method="decode", output_attentions=True).attentions  # per layer [B, H, T, T]
     cache = module.apply(variables, 2, 12, encoded, method="init_cache")
-    step = planned(plan, lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
+    step = jax.jit(lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
                                                       method="decode", output_attentions=True))
     for t in range(9):
         out = step(decoder_ids[:, t:t + 1], cache)
@@ -126,7 +117,7 @@ def test_history_reads_what_was_written(time_major):
     written = [rng.normal(size=(2, 2, 3, 1, 4, 8)).astype(np.float32) for _ in range(4)]  # [K/V, L, B, 1, H, Dh]
     rows = jnp.asarray([1, 1, 0])
     for step, new in enumerate(written):
-        cache = cache.write(jnp.asarray(new[0]), jnp.asarray(new[1]), jnp.zeros(()))
+        cache = cache.write(jnp.asarray(new[0]), jnp.asarray(new[1]))
         if step == 1:
             cache = cache.reorder(rows)
     for layer in range(2):
@@ -143,10 +134,10 @@ def test_history_reads_what_was_written(time_major):
 def test_reorder_through_origins_equals_moving_the_buffers(seq2seq, plan):
     """Beam search's cache keeps entries in place and follows `origins`; decoding must see the same history
     as with the buffers physically gathered, in the windowed one-token path and the multi-token path."""
-    module, variables = seq2seq.module, {"params": seq2seq.params}
+    module, variables = plan.decoding_module(seq2seq.module), {"params": seq2seq.params}
     rng = np.random.default_rng(5)
     encoded = jnp.asarray(rng.normal(size=(3, 4, 32)), jnp.float32)
-    step = planned(plan, lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
+    step = jax.jit(lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
                                                       method="decode"))
     moved = plan_cache(plan, module.apply(variables, 3, 12, encoded, method="init_cache"))
     tracked = moved.tracking_origins()
@@ -167,7 +158,7 @@ def test_reorder_through_origins_equals_moving_the_buffers(seq2seq, plan):
 
 def test_cross_entries_shared_by_groups_of_rows_equal_one_per_row(seq2seq, plan):
     """Generation keeps one cross-attention entry per batch element for all its beams."""
-    module, variables = seq2seq.module, {"params": seq2seq.params}
+    module, variables = plan.decoding_module(seq2seq.module), {"params": seq2seq.params}
     rng = np.random.default_rng(6)
     encoded = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
     mask = jnp.asarray([[1] * 5, [1] * 3 + [0] * 2], jnp.int32)
@@ -177,7 +168,7 @@ def test_cross_entries_shared_by_groups_of_rows_equal_one_per_row(seq2seq, plan)
     per_row = shared.replace(cross_key=jnp.repeat(shared.cross_key, 3, axis=1),
                              cross_value=jnp.repeat(shared.cross_value, 3, axis=1),
                              encoder_mask=jnp.repeat(shared.encoder_mask, 3, axis=0))
-    step = planned(plan, lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
+    step = jax.jit(lambda tokens, cache: module.apply(variables, decoder_input_ids=tokens, cache=cache,
                                                       method="decode", output_attentions=True))
     for length in (2, 1, 1):  # a prefill (the batched product), then one-token steps
         tokens = jnp.asarray(rng.integers(3, 101, (6, length)), jnp.int32)
@@ -193,16 +184,17 @@ def test_lengths_in_one_bucket_do_not_recompile(seq2seq):
     rng = np.random.default_rng(2)
     kwargs = dict(num_beams=2, max_new_tokens=6, no_repeat_ngram_size=2)
     seq2seq.generate(rng.integers(3, 101, (3, 5)), **kwargs)
-    before = compilations(seq2seq)
-    for batch, length in ((4, 9), (3, 16), (4, 12), (3, 11)):
-        ids = rng.integers(3, 101, (batch, length))
-        mask = np.ones_like(ids)
-        mask[0, length // 2:] = 0
-        seq2seq.generate(ids, attention_mask=mask, min_length=length % 5, length_penalty=0.5 + length / 10,
-                         **kwargs)
-    assert compilations(seq2seq) == before  # batch bucket 4, source bucket 16: one program
-    seq2seq.generate(rng.integers(3, 101, (3, 17)), **kwargs)  # the next source bucket compiles once
-    assert compilations(seq2seq) == before + 1
+    with CompilationCounter() as compiled:
+        for batch, length in ((4, 9), (3, 16), (4, 12), (3, 11)):
+            ids = rng.integers(3, 101, (batch, length))
+            mask = np.ones_like(ids)
+            mask[0, length // 2:] = 0
+            seq2seq.generate(ids, attention_mask=mask, min_length=length % 5, length_penalty=0.5 + length / 10,
+                             **kwargs)
+    assert compiled.count == 0  # batch bucket 4, source bucket 16: one program
+    with CompilationCounter() as compiled:
+        seq2seq.generate(rng.integers(3, 101, (3, 17)), **kwargs)  # the next source bucket compiles once
+    assert compiled.count == 1
 
 
 def test_padding_to_a_bucket_does_not_change_results(seq2seq):
