@@ -130,6 +130,8 @@ def compile_and_report(program: LoweredProgram) -> CompileReport:
     text = compiled.as_text()
     hlo = hlo_analysis.analyze(text)
     step, step_bytes, padded = "train step", hlo.per_step_bytes, hlo.per_step_padded_bytes
+    if program.name == "engine-step":  # one call: `steps` decoding steps of every slot
+        step = "engine step call"
     if program.name == "generate":
         loop = _decoding_loop(hlo)
         if loop is not None:

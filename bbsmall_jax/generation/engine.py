@@ -33,7 +33,8 @@ from bbsmall_jax.generation.prepare import MIN_BUCKET, Prepared, bucket_length, 
 from bbsmall_jax.generation.engine_programs import BEAM, GREEDY, SAMPLE, Admission, EngineSpec, SlotSettings
 
 TokenCallback = Callable[[int, int], None]  # (row of the request, token id)
-PREFILL_BATCH = 8  # contexts of one length bucket encoded in one prefill call (a lone one: by itself)
+PREFILL_BATCH = 8  # the most contexts of one length bucket encoded in one prefill call
+PREFILL_SIZES = (1, 2, 4, PREFILL_BATCH)  # prefill programs per bucket: fewer contexts are padded to the next
 
 
 @dataclasses.dataclass(eq=False)
@@ -80,7 +81,9 @@ class DecodeEngine:
         self.spec = engine_spec(model, self.generation_kwargs, slots=slots, group_width=group_width, steps=steps,
                                 max_length=max_length, max_context=max_context,
                                 devices=sharding.device_count(self.mesh))
-        self._programs = programs.compile_programs(model.module, self.spec)
+        self._programs = model.sampler.engine_programs(self.spec)
+        self.step_sizes = step_sizes(self.spec, sharding.device_count(self.mesh))
+        self.source_windows = source_windows(self.spec)
         self._params, self._weights = model.sampler.placed_weights(model.params, self.spec.plan, self.mesh)
         self.state = self._empty_state()
         self._owner: list[Optional[EngineRequest]] = [None] * self.spec.slots
@@ -168,18 +171,29 @@ class DecodeEngine:
         self._admit()
         if self.slots_in_use == 0:
             return
-        self.state, shown = self._run("step", self._weights, self.state)
+        self.state, shown = self._run("step", self._weights, self.state, **self._step_shape())
         shown, live = jax.device_get((shown, self.state.live))
         self._report(np.asarray(shown), np.asarray(live))
+
+    def _step_shape(self) -> dict:
+        """The `step` program for the requests in the slots: the smallest of `step_sizes` that holds every
+        occupied slot, and the smallest of `source_windows` that holds their contexts (None: all of them)."""
+        occupied = [(slot, owner) for slot, owner in enumerate(self._owner) if owner is not None]
+        highest = max(slot for slot, _ in occupied)
+        longest = max(owner.prepared.inputs["input_ids"].shape[1] for _, owner in occupied)  # its bucket
+        size = next(size for size in self.step_sizes if size > highest)
+        window = next(window for window in self.source_windows if window >= longest)
+        return dict(active=None if size == self.spec.slots else size,
+                    source=None if window == self.spec.source_length else window)
 
     def _empty_state(self) -> programs.EngineState:
         """Every slot free, laid out over the devices."""
         state = programs.empty_state(self.spec, self.model.module)
         return state if self.mesh is None else jax.device_put(state, programs.state_shardings(state, self.mesh))
 
-    def _run(self, name: str, *args):
+    def _run(self, name: str, *args, **options):
         """An engine program through the start-up cache (params first for prefill and step)."""
-        static = dict(spec=self.spec) if name == "prefill" else dict(spec=self.spec, mesh=self.mesh)
+        static = dict(spec=self.spec) if name == "prefill" else dict(spec=self.spec, mesh=self.mesh, **options)
         if name in ("prefill", "step"):
             args = (self._params,) + args
         return startup_cache.run_program(self._programs[name], args, static,
@@ -187,7 +201,7 @@ class DecodeEngine:
 
     def _admit(self) -> None:
         """Start waiting requests, oldest first, while their slots are free: their contexts encoded together
-        per length bucket (`PREFILL_BATCH` at a time; a lone one by itself), then each inserted."""
+        per length bucket (up to `PREFILL_BATCH` at a time), then each inserted."""
         admitted = []
         with self._lock:
             while self._waiting:
@@ -207,17 +221,17 @@ class DecodeEngine:
                 self._start(requests[start:start + PREFILL_BATCH])
 
     def _place(self, request: EngineRequest) -> Optional[tuple[tuple[int, ...], Optional[int]]]:
-        """(slots, lane) for a request, or None while they are taken. A group takes a free lane's first slots;
-        a single slot is taken from the lanes' ends first, to leave their first slots to groups."""
+        """(slots, lane) for a request, or None while they are taken: in the lowest lane that has room, so that
+        the slots in use stay at the front. A group takes a free lane's first slots; a single slot is taken
+        from a lane's end first, to leave its first slots to a group."""
         w = self.spec.group_width
-        if request.width > 1:
-            for lane, group in enumerate(self._groups):
+        for lane, group in enumerate(self._groups):
+            if request.width > 1:
                 slots = tuple(range(lane * w, lane * w + request.width))
                 if group is None and all(self._owner[s] is None for s in slots):
                     return slots, lane
-            return None
-        for position in reversed(range(w)):
-            for lane, group in enumerate(self._groups):
+                continue
+            for position in reversed(range(w)):
                 slot = lane * w + position
                 if self._owner[slot] is None and (group is None or position >= group.width):
                     return (slot,), None
@@ -231,9 +245,9 @@ class DecodeEngine:
             self._groups[lane] = request
 
     def _start(self, requests: list[EngineRequest]) -> None:
-        """Prefill requests of one context bucket in one call (padded to PREFILL_BATCH unless alone), then
-        insert each in the slots it took."""
-        rows = 1 if len(requests) == 1 else PREFILL_BATCH
+        """Prefill requests of one context bucket in one call (padded to a power of two), then insert each in
+        the slots it took."""
+        rows = 1 << (len(requests) - 1).bit_length()  # 1, 2, 4 or PREFILL_BATCH
         # [rows, bucket]: the requests' contexts, then copies of the first
         ids, mask = (np.concatenate([r.prepared.inputs[name] for r in requests]
                                     + [requests[0].prepared.inputs[name]] * (rows - len(requests)))
@@ -314,12 +328,12 @@ class DecodeEngine:
 
     def warm_up(self) -> None:
         """Compile (or load from the start-up cache) every program a request mix needs: `prefill` for each
-        context bucket, alone and `PREFILL_BATCH` at a time, `insert` after each, `step` and `release`, by
-        decoding one-token greedy requests."""
+        context bucket and each of `PREFILL_SIZES`, `insert` after each, `step` and `release`, by
+        decoding one-token greedy requests; then `step` over each of `step_sizes` and `source_windows`."""
         bucket = MIN_BUCKET
         while True:
             length = min(bucket, self.spec.source_length)
-            for count in (1, PREFILL_BATCH):
+            for count in PREFILL_SIZES:
                 for _ in range(count):
                     self.submit([self.spec.start_token_id] * length, num_beams=1, do_sample=False,
                                 num_return_sequences=1, max_length=2, min_length=0)
@@ -328,6 +342,11 @@ class DecodeEngine:
             if length >= self.spec.source_length:
                 break
             bucket *= 2
+        for size in self.step_sizes:  # on free slots: decodes nothing
+            for window in self.source_windows:
+                self.state, _ = self._run("step", self._weights, self.state,
+                                          active=None if size == self.spec.slots else size,
+                                          source=None if window == self.spec.source_length else window)
         self.state = self._run("release", self.state, np.full(self.spec.slots, self.spec.slots, np.int32))
 
 
@@ -335,6 +354,27 @@ def prepare_request(model, settings: dict, ids, prng_key=None) -> Prepared:
     """One context checked and laid out as `generate` would for it alone, with these keyword arguments."""
     cfg, default_max_length = model._resolve_generation_config(None, settings)
     return prepare(model.config, True, cfg, default_max_length, np.asarray([ids], np.int32), prng_key=prng_key)
+
+
+STEP_SHIFTS = (0, 2, 4)  # step programs over all the slots, a quarter and a sixteenth of them
+WINDOW_SHIFTS = (0, 2, 4)  # and over all encoder positions, a quarter and a sixteenth of them
+SMALLEST_WINDOW = 32  # encoder positions of the narrowest `step` program
+
+
+def step_sizes(spec: EngineSpec, devices: int) -> tuple[int, ...]:
+    """The numbers of leading slots a `step` program decodes, ascending, in whole lanes: all S, and on one
+    device also S / 4 and S / 16 (the slots are split over several devices, each decoding its own)."""
+    if devices > 1:
+        return (spec.slots,)
+    lane = spec.group_width
+    return tuple(sorted({max(lane, -(-(spec.slots >> shift) // lane) * lane) for shift in STEP_SHIFTS}))
+
+
+def source_windows(spec: EngineSpec) -> tuple[int, ...]:
+    """The encoder positions a `step` program's cross-attention reads, ascending: all of them, and a quarter
+    and a sixteenth of them where that is at least `SMALLEST_WINDOW`."""
+    return tuple(sorted({spec.source_length >> shift for shift in WINDOW_SHIFTS
+                         if shift == 0 or spec.source_length >> shift >= SMALLEST_WINDOW}))
 
 
 def engine_spec(model, generation_kwargs: dict, *, slots: int, group_width: Optional[int], steps: int,

@@ -2,8 +2,11 @@
 
 After JetStream's engine: `prefill` encodes contexts (one program per context-length bucket and prefill batch
 size), `insert` puts a prefilled request into free slots, and `step` runs `EngineSpec.steps` decoding steps
-for every slot in one jitted loop. Requests join and leave between `step` calls, so a slot freed by a short reply is reused
-at once, where a static batch would keep computing it until its longest row ends.
+for the slots in use in one jitted loop. Requests join and leave between `step` calls, so a slot freed by a
+short reply is reused at once, where a static batch would keep computing it until its longest row ends.
+Requests take the lowest free slots, and `step` decodes the smallest of a few prefixes of the slots that
+holds them all, over the smallest of a few prefixes of the encoder positions that holds their contexts, so a
+step costs what the slots in use and their contexts cost.
 
 Each slot has its own position (the cache's per-row index), length, settings and processor state, so every
 request gets the tokens `generate` gives it alone with the same settings, whatever its neighbours:
@@ -411,18 +414,68 @@ def release(state: EngineState, slots: Array, *, spec: EngineSpec, mesh: Optiona
     return constrain_state(_with_live(spec, state, state.live.at[slots].set(False, mode="drop")), mesh)
 
 
-def step(module, params, weights: tuple, state: EngineState, *, spec: EngineSpec,
-         mesh: Optional[Mesh] = None) -> tuple[EngineState, Array]:
-    """`spec.steps` decoding steps for every live slot: the state and each step's shown tokens [S, steps]."""
+def step(module, params, weights: tuple, state: EngineState, *, spec: EngineSpec, mesh: Optional[Mesh] = None,
+         active: Optional[int] = None, source: Optional[int] = None) -> tuple[EngineState, Array]:
+    """`spec.steps` decoding steps for every live slot: the state and each step's shown tokens [S, steps].
+
+    With `active` (a multiple of the lane width, on one device), only the first `active` slots are decoded
+    (every live slot must be among them); with `source`, cross-attention reads only the first `source`
+    encoder positions (every live slot's context must fit). A step then costs what the slots in use and
+    their contexts cost, not all S slots over the longest context the engine takes.
+    """
     step_fn = _step_function(module, {"params": params}, True, spec.plan, weights, None)
+    count = spec.slots if active is None else active
+    part_spec = dataclasses.replace(spec, slots=count)
 
     def body(i, carry):
-        state, shown = carry
-        state, tokens = _one_step(spec, step_fn, state)
-        return state, shown.at[:, i].set(tokens)
-    shown = jnp.full((spec.slots, spec.steps), -1, jnp.int32)
-    state, shown = jax.lax.fori_loop(0, spec.steps, body, (constrain_state(state, mesh), shown))
-    return constrain_state(state, mesh), shown
+        part, shown = carry
+        part, tokens = _one_step(part_spec, step_fn, part)
+        return part, shown.at[:, i].set(tokens)
+    whole = constrain_state(state if active is None else first_slots(state, count, spec), mesh)
+    shown = jnp.full((count, spec.steps), -1, jnp.int32)
+    part, shown = jax.lax.fori_loop(0, spec.steps, body, (_narrowed(whole, source), shown))
+    part = _with_encoder_of(part, whole)
+    if active is None:
+        return constrain_state(part, mesh), shown
+    everyone = jnp.full((spec.slots, spec.steps), -1, jnp.int32)
+    return with_first_slots(state, part, spec), jax.lax.dynamic_update_slice_in_dim(everyone, shown, 0, axis=0)
+
+
+def _narrowed(state: EngineState, source: Optional[int]) -> EngineState:
+    """The state with its encoder entries cut to the first `source` positions (None: as it is)."""
+    if source is None:
+        return state
+    cache = state.cache
+    return state.replace(
+        cache=cache.replace(cross_key=cache.cross_key[:, :, :source], cross_value=cache.cross_value[:, :, :source],
+                            encoder_mask=cache.encoder_mask[:, :source]),
+        settings=state.settings.replace(encoder_ids=state.settings.encoder_ids[:, :source]))
+
+
+def _with_encoder_of(state: EngineState, whole: EngineState) -> EngineState:
+    """`state` with the encoder entries of `whole` (decoding steps leave them as they were)."""
+    cache = whole.cache
+    return state.replace(
+        cache=state.cache.replace(cross_key=cache.cross_key, cross_value=cache.cross_value,
+                                  encoder_mask=cache.encoder_mask),
+        settings=state.settings.replace(encoder_ids=whole.settings.encoder_ids))
+
+
+def first_slots(state: EngineState, count: int, spec: EngineSpec) -> EngineState:
+    """The state of the first `count` slots (whole lanes) and of their lanes."""
+    axes = slot_axes(state)
+    part = jax.tree_util.tree_map(lambda x, axis: jax.lax.slice_in_dim(x, 0, count, axis=axis),
+                                  state.replace(lanes=None), axes.replace(lanes=None))
+    return part.replace(lanes=jax.tree_util.tree_map(lambda x: x[:count // spec.group_width], state.lanes))
+
+
+def with_first_slots(state: EngineState, part: EngineState, spec: EngineSpec) -> EngineState:
+    """`state` with its first slots and their lanes replaced by `part` (from `first_slots`)."""
+    axes = slot_axes(state)
+    put = lambda x, new, axis: jax.lax.dynamic_update_slice_in_dim(x, new, 0, axis=axis)  # noqa: E731
+    merged = jax.tree_util.tree_map(put, state.replace(lanes=None), part.replace(lanes=None),
+                                    axes.replace(lanes=None))
+    return merged.replace(lanes=jax.tree_util.tree_map(lambda x, new: put(x, new, 0), state.lanes, part.lanes))
 
 
 def slot_axes(state: EngineState) -> EngineState:
@@ -457,5 +510,5 @@ def compile_programs(module, spec: EngineSpec) -> dict:
         prefill=jax.jit(partial(prefill, module), static_argnames="spec", compiler_options=options),
         insert=jax.jit(insert, static_argnames=static, donate_argnames="state"),
         release=jax.jit(release, static_argnames=static, donate_argnames="state"),
-        step=jax.jit(partial(step, module), static_argnames=static, donate_argnames="state",
+        step=jax.jit(partial(step, module), static_argnames=static + ("active", "source"), donate_argnames="state",
                      compiler_options=options))

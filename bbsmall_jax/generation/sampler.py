@@ -11,20 +11,22 @@ from typing import Optional
 import jax
 
 from bbsmall_jax.generation import plan as plan_lib
+from bbsmall_jax.generation.engine_programs import compile_programs
 from bbsmall_jax.generation.program import compile_program
 from bbsmall_jax.generation.sharding import replicated
 
 
 class Sampler:
-    """The jitted generation program of each decoding plan used so far, and the plan's copies of the weights
-    (`DecodingPlan.decoding_weights`) for the params last decoded with, placed on the mesh last used.
+    """The jitted generation program of each decoding plan used so far, the decode engine's programs of each
+    engine setting, and the plan's copies of the weights (`DecodingPlan.decoding_weights`) for the params last
+    decoded with, placed on the mesh last used.
 
     The copies are remade when the params change (a different leaf) or the plan needs another layout.
     """
 
     def __init__(self, module, seq2seq: bool):
         self.module, self.seq2seq = module, seq2seq
-        self._programs: dict[plan_lib.DecodingPlan, object] = {}
+        self._programs: dict = {}  # DecodingPlan -> generate's program; EngineSpec -> the engine's programs
         self._weights: Optional[tuple] = None  # (the params' leaves, the LM-head layout, the decoding weights)
         # (key: the mesh, layout and ids of the leaves, placed (params, weights), the unplaced ones: kept alive
         # so that no other array takes their ids)
@@ -35,6 +37,13 @@ class Sampler:
         if plan not in self._programs:
             self._programs[plan] = compile_program(self.module, self.seq2seq, plan)
         return self._programs[plan]
+
+    def engine_programs(self, spec) -> dict:
+        """The decode engine's jitted programs for one `EngineSpec` (made on first use), so that every engine
+        made with the same settings reuses what an earlier one compiled."""
+        if spec not in self._programs:
+            self._programs[spec] = compile_programs(self.module, spec)
+        return self._programs[spec]
 
     def decoding_weights(self, params, plan: plan_lib.DecodingPlan) -> tuple:
         """The plan's copies of the weights of `params`, kept for later calls with the same params and layout."""

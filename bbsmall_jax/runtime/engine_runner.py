@@ -12,8 +12,8 @@ from bbsmall_jax.runtime.responder import Responder
 
 
 def resolve_scheduler(choice: str) -> str:
-    """`auto` -> the decode engine ("engine") on GPU and TPU, static batches ("batch") on the CPU, where a step
-    costs what its rows cost, so the engine's idle slots are not free (see the README's decode-engine figures)."""
+    """`bbsmall generate`'s `auto` -> the decode engine ("engine") on GPU and TPU, static batches ("batch") on
+    the CPU, where they write a corpus's replies at least as fast (the README's decode-engine figures)."""
     if choice != "auto":
         return choice
     import jax
@@ -62,8 +62,10 @@ class EngineRunner:
             if remaining[0] == 0:
                 future.set_result(results)
 
-        for index, ids in enumerate(contexts):
-            self.engine.submit(ids, on_finish=lambda request, index=index: finished(index, request))
+        # Shortest first, as static batches sort a window: the requests decoding together then have contexts of
+        # about one length, and the engine's steps read only as many encoder positions as the longest needs.
+        for index in sorted(range(len(contexts)), key=lambda i: len(contexts[i])):
+            self.engine.submit(contexts[index], on_finish=lambda request, index=index: finished(index, request))
         with self._cond:
             self._cond.notify()
         return future

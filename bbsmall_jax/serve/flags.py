@@ -18,8 +18,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model-name", help="the id clients pass as `model` (default: --model, or bbsmall-demo)")
     group.add_argument("--scheduler", choices=("auto", "engine", "batch"), default="auto",
                        help="engine: requests join decode slots between steps and stream their tokens; batch: "
-                            "queued requests grouped into whole generate calls; auto (default): engine on GPU and "
-                            "TPU, batch on the CPU, where every step pays for all slots")
+                            "queued requests grouped into whole generate calls, each reply sent whole; auto "
+                            "(default): engine")
     group.add_argument("--slots", type=int, default=32, help="engine: requests decoded together (default 32)")
     group.add_argument("--engine-steps", type=int, default=8,
                        help="engine: decoding steps per program call, between which requests join, leave and "

@@ -13,7 +13,6 @@ import uvicorn
 
 from bbsmall_jax.generation.engine import DecodeEngine
 from bbsmall_jax.generation.prepare import bucket_length
-from bbsmall_jax.runtime.engine_runner import resolve_scheduler
 from bbsmall_jax.runtime.models import DEMO_NAME
 from bbsmall_jax.runtime.responder import Responder
 from bbsmall_jax.serve.access import AccessPolicy, parse_origins
@@ -49,7 +48,7 @@ def build_service(args: argparse.Namespace, responder: Responder) -> Service:
                                 min(responder.max_reply_length(), positions), positions, args.strict_max_tokens)
     metrics = ServerMetrics()
     warmup_lengths = parse_sizes(args.warmup_lengths, "--warmup-lengths", allow_none=True)
-    if resolve_scheduler(args.scheduler) == "engine":
+    if args.scheduler in ("auto", "engine"):  # its steps cost what the slots in use cost, on any backend
         worker = EngineWorker(responder, metrics, _engine(args, responder, defaults), max_queue=args.max_queue,
                               seed=args.seed, warm_up=bool(warmup_lengths))
     else:
