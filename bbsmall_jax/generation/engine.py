@@ -65,7 +65,8 @@ class EngineRequest:
 class DecodeEngine:
     """A fixed set of decoding slots over one encoder-decoder model (see the module's docstring).
 
-    slots: decoded in every step (S, rounded up to a multiple of group_width times the devices);
+    slots: the most requests' rows decoded together (S, rounded up to a multiple of group_width times the
+    devices; a step decodes the smallest of `step_sizes` that holds the slots in use);
     group_width: the largest beam search or sampled `n` (a lane's slots; default: the settings' num_beams or
     num_return_sequences); steps: decoding steps per call; max_length: the longest reply (start token
     included) a request may ask for (default: the model's max_length setting); max_context: the longest
