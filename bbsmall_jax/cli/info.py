@@ -36,7 +36,7 @@ def report(dtype: str = "auto", decode_path: Optional[str] = None) -> list[tuple
         ("decoding path", decode_path or f"{plan.default_path(backend)} (the backend's)"),
         ("plan, 1 row", plan.choose_plan(backend, resolved, 1, path=decode_path).describe()),
         ("plan, several rows", plan.choose_plan(backend, resolved, 10, len(jax.local_devices()),
-                                                decode_path).describe()),
+                                                path=decode_path).describe()),
         ("CPU kernel", "built and usable" if reason is None else f"not used: {reason}"),
         ("compile cache", compilation_cache_dir()),
     ]

@@ -434,9 +434,8 @@ def step(module, params, weights: tuple, state: EngineState, *, spec: EngineSpec
     whole = constrain_state(state if active is None else first_slots(state, count, spec), mesh)
     shown = jnp.full((count, spec.steps), -1, jnp.int32)
     part, shown = jax.lax.fori_loop(0, spec.steps, body, (_narrowed(whole, source), shown))
-    part = _with_encoder_of(part, whole)
     if active is None:
-        return constrain_state(part, mesh), shown
+        return constrain_state(_with_encoder_of(part, state), mesh), shown
     everyone = jnp.full((spec.slots, spec.steps), -1, jnp.int32)
     return with_first_slots(state, part, spec), jax.lax.dynamic_update_slice_in_dim(everyone, shown, 0, axis=0)
 
@@ -461,6 +460,13 @@ def _with_encoder_of(state: EngineState, whole: EngineState) -> EngineState:
         settings=state.settings.replace(encoder_ids=whole.settings.encoder_ids))
 
 
+def _decoding_state(state: EngineState) -> EngineState:
+    """`state` without its encoder entries and lanes (None in their place): what decoding changes per slot."""
+    return state.replace(
+        cache=state.cache.replace(cross_key=None, cross_value=None, encoder_mask=None),
+        settings=state.settings.replace(encoder_ids=None), lanes=None)
+
+
 def first_slots(state: EngineState, count: int, spec: EngineSpec) -> EngineState:
     """The state of the first `count` slots (whole lanes) and of their lanes."""
     axes = slot_axes(state)
@@ -470,12 +476,13 @@ def first_slots(state: EngineState, count: int, spec: EngineSpec) -> EngineState
 
 
 def with_first_slots(state: EngineState, part: EngineState, spec: EngineSpec) -> EngineState:
-    """`state` with its first slots and their lanes replaced by `part` (from `first_slots`)."""
-    axes = slot_axes(state)
+    """`state` with the decoding state of its first slots and their lanes written from `part` (from
+    `first_slots`, decoded). The encoder entries, which decoding leaves as they were, are not written back."""
     put = lambda x, new, axis: jax.lax.dynamic_update_slice_in_dim(x, new, 0, axis=axis)  # noqa: E731
-    merged = jax.tree_util.tree_map(put, state.replace(lanes=None), part.replace(lanes=None),
-                                    axes.replace(lanes=None))
-    return merged.replace(lanes=jax.tree_util.tree_map(lambda x, new: put(x, new, 0), state.lanes, part.lanes))
+    merged = jax.tree_util.tree_map(put, _decoding_state(state), _decoding_state(part),
+                                    _decoding_state(slot_axes(state)))
+    lanes = jax.tree_util.tree_map(lambda x, new: put(x, new, 0), state.lanes, part.lanes)
+    return _with_encoder_of(merged, state).replace(lanes=lanes)
 
 
 def slot_axes(state: EngineState) -> EngineState:
